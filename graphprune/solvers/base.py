@@ -1,0 +1,112 @@
+"""The solver contract: calibration statistics in, pruned weight and mask out.
+
+Solvers are pure tensor functions (DESIGN.md): no modules, no graph nodes, no
+mutation of their inputs. Every solver has the signature::
+
+    solve(weight: Tensor [out, in], stats: LayerStats, spec: SparsitySpec, **options) -> SolveResult
+
+and is registered in :data:`graphprune.solvers.SOLVERS` with the statistics it needs,
+so the observer pass collects only those.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from graphprune.errors import SolverError
+from graphprune.solvers.spec import SparsitySpec
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one Linear's input ``X [tokens, in]`` (and optionally its gradients).
+
+    Attributes:
+        xtx: un-normalised Gram matrix ``XᵀX`` ``[in, in]`` (float64 accumulation), or None
+            when the solver only needs column norms.
+        col_sq: ``Σ_t x_tj²`` per input column ``[in]`` (the diagonal of ``XᵀX``).
+        count: number of tokens accumulated.
+        grad_sq: ``Σ_samples g²`` per weight ``[out, in]`` of the language-model loss
+            (GBLM-Pruner), or None.
+    """
+
+    col_sq: Tensor
+    count: int
+    xtx: Tensor | None = None
+    grad_sq: Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.col_sq.shape[0])
+
+    def col_norms(self) -> Tensor:
+        """``‖X_j‖₂`` per input column, float32."""
+        return self.col_sq.clamp_min(0).sqrt().float()
+
+    def hessian(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The mean Gram matrix ``XᵀX / count`` (the layer-wise Hessian up to a factor 2)."""
+        if self.xtx is None:
+            raise SolverError("this solver needs the input Hessian XᵀX, but only column norms were collected.")
+        return (self.xtx / max(self.count, 1)).to(dtype)
+
+    @classmethod
+    def from_inputs(cls, x: Tensor, with_hessian: bool = True) -> "LayerStats":
+        """Statistics of an explicit input matrix ``x [tokens, in]`` (tests, small cases)."""
+        x64 = x.reshape(-1, x.shape[-1]).double()
+        xtx = x64.T @ x64 if with_hessian else None
+        return cls(col_sq=(x64 * x64).sum(0), count=x64.shape[0], xtx=xtx)
+
+
+@dataclass
+class SolveResult:
+    """A pruned weight, its keep-mask (True = kept) and solver diagnostics."""
+
+    weight: Tensor
+    mask: Tensor
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Solver(Protocol):
+    def __call__(self, weight: Tensor, stats: LayerStats, spec: SparsitySpec, **options: Any) -> SolveResult: ...
+
+
+@dataclass(frozen=True)
+class SolverInfo:
+    """A registered solver and the statistics it needs."""
+
+    name: str
+    fn: Callable[..., SolveResult]
+    needs_hessian: bool = False
+    needs_grad: bool = False
+    description: str = ""
+
+
+def check_inputs(weight: Tensor, stats: LayerStats, spec: SparsitySpec, name: str = "weight") -> None:
+    """Shape and finiteness checks shared by every solver."""
+    if weight.dim() != 2:
+        raise SolverError(f"{name}: expected a 2-D weight [out, in], got shape {tuple(weight.shape)}.")
+    if stats.in_features != weight.shape[1]:
+        raise SolverError(
+            f"{name}: statistics are for {stats.in_features} inputs but the weight has {weight.shape[1]}."
+        )
+    spec.check_shape(weight.shape, name)
+    if not torch.isfinite(weight).all():
+        raise SolverError(f"{name}: weight contains NaN or Inf; the model is corrupt or was loaded wrongly.")
+    if not torch.isfinite(stats.col_sq).all() or (stats.xtx is not None and not torch.isfinite(stats.xtx).all()):
+        raise SolverError(
+            f"{name}: calibration statistics contain NaN or Inf; the activations overflowed, "
+            "check the calibration data and the model's dtype (use float32)."
+        )
+
+
+def reconstruction_error(weight: Tensor, pruned: Tensor, xtx: Tensor) -> tuple[float, float]:
+    """Layer-wise error ``‖WX − ŴX‖²`` from ``XᵀX``, absolute and relative to ``‖WX‖²``."""
+    w = weight.double()
+    delta = w - pruned.double()
+    h = xtx.double()
+    err = float(torch.einsum("oi,ij,oj->", delta, h, delta))
+    ref = float(torch.einsum("oi,ij,oj->", w, h, w))
+    return err, err / ref if ref > 0 else 0.0
