@@ -1,1 +1,4 @@
-"""graphprune.data."""
+"""Calibration and evaluation text."""
+from graphprune.data.text import TokenSplits, default_text, read_texts, tokenize
+
+__all__ = ["TokenSplits", "default_text", "read_texts", "tokenize"]

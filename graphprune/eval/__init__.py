@@ -1,1 +1,4 @@
-"""graphprune.eval."""
+"""Evaluation: perplexity and reconstruction error."""
+from graphprune.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

@@ -1,0 +1,74 @@
+"""Capture: trace a causal LM into a torch.fx graph with dynamic batch and sequence.
+
+We capture with ``torch.export.export(..., strict=False)`` and unlift the result
+(``ExportedProgram.module()``): a flat ``torch.fx.GraphModule`` of ATen operators whose
+weights are ``get_attr`` nodes *sharing storage with the original model's parameters*.
+Why torch.export rather than ``torch.fx.symbolic_trace``: transformers 5 no longer ships
+its fx tracer and plain symbolic tracing fails on Hugging Face decoder layers, while
+non-strict export handles them, keeps ``nn_module_stack`` metadata on every node (which
+module a node came from) and gives dynamic shapes. Every Linear becomes one
+``aten.linear`` node, which is what the passes rewrite.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.export import Dim
+
+from graphprune.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+#: Prefix of every parameter name in the captured graph (the wrapper's attribute).
+ROOT = "lm"
+
+
+class LogitsOnly(nn.Module):
+    """``input_ids [batch, seq] -> logits [batch, seq, vocab]`` (no cache, no dict)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.lm = model
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def example_tokens(vocab: int, batch: int = 2, seq: int = 16) -> Tensor:
+    gen = torch.Generator().manual_seed(1234)
+    return torch.randint(0, vocab, (batch, seq), generator=gen)
+
+
+def capture(model: nn.Module, example: Tensor | None = None) -> torch.fx.GraphModule:
+    """Trace ``model`` into a GraphModule computing logits from token ids.
+
+    Args:
+        model: a Hugging Face causal LM in eval mode.
+        example: example ``input_ids``; a random ``[2, 16]`` batch by default.
+
+    Raises:
+        CaptureError: naming the operator or construct that could not be traced.
+    """
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 256))
+    if example is None:
+        example = example_tokens(vocab)
+    wrapper = LogitsOnly(model).eval()
+    batch = Dim("batch", min=1, max=4096)
+    seq = Dim("seq", min=2, max=1 << 16)
+    t0 = time.perf_counter()
+    try:
+        with torch.no_grad():
+            program = torch.export.export(wrapper, (example,), dynamic_shapes=({0: batch, 1: seq},), strict=False)
+    except Exception as exc:  # torch raises many types here; all mean "cannot capture"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(
+            f"could not capture {type(model).__name__} into a graph: {type(exc).__name__}: {first}. "
+            "The model uses an operator or Python construct torch.export cannot trace; "
+            "check that it is a standard causal LM and that --trust-remote-code code is export-friendly."
+        ) from exc
+    gm = program.module()
+    log.info("captured %s in %.1fs: %d nodes", type(model).__name__, time.perf_counter() - t0, len(gm.graph.nodes))
+    return gm  # type: ignore[return-value]

@@ -1,0 +1,147 @@
+"""GraphModel: a captured graph, the model that owns its weights, and what passes learn.
+
+The captured ``GraphModule`` shares its parameters with the original Hugging Face
+module (torch.export unlifting keeps the same tensors), so there is one source of truth
+for every weight: a pass that prunes writes through :meth:`GraphModel.set_weight` and
+both the graph and the model (which the exporters save) see the change.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+
+from graphprune.errors import CaptureError, GraphPruneError
+from graphprune.graph import queries as q
+from graphprune.graph.capture import capture
+
+log = logging.getLogger(__name__)
+
+
+class GraphModel:
+    """A traced causal LM: ``GraphModel(ids) -> logits``.
+
+    Attributes:
+        model: the Hugging Face module owning the weights (saved by the exporters).
+        gm: the captured ``torch.fx.GraphModule``.
+        props: properties established by passes (see ``graphprune.passes.infra.Prop``).
+        meta: facts passes record for later passes and reports (masks, statistics...).
+    """
+
+    def __init__(self, model: nn.Module, gm: GraphModule, name: str = "model") -> None:
+        self.model = model
+        self.gm = gm
+        self.name = name
+        self.props: set[str] = set()
+        self.meta: dict[str, Any] = {}
+        self._cache: dict[str, Any] = {}
+
+    @classmethod
+    def capture(cls, model: nn.Module, example: Tensor | None = None, name: str = "model") -> "GraphModel":
+        gmod = cls(model, capture(model.eval(), example), name)
+        if not gmod.linears:
+            raise CaptureError(f"{name}: the captured graph has no aten.linear nodes on weights; nothing to prune.")
+        if not gmod.blocks:
+            raise CaptureError(
+                f"{name}: no decoder blocks found (no ModuleList of layers holding Linears); "
+                "graphprune supports decoder-only causal LMs."
+            )
+        return gmod
+
+    # ------------------------------------------------------------------ running
+    @torch.no_grad()
+    def __call__(self, input_ids: Tensor) -> Tensor:
+        return self.gm(input_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(getattr(getattr(self.model, "config", None), "vocab_size", 0))
+
+    # ------------------------------------------------------------------ queries (cached)
+    def _cached(self, key: str, fn: Any) -> Any:
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    def invalidate(self) -> None:
+        """Forget cached queries (call after changing the graph's structure)."""
+        self._cache.clear()
+
+    @property
+    def linears(self) -> list[q.LinearInfo]:
+        return self._cached("linears", lambda: q.find_linears(self.gm))
+
+    @property
+    def norms(self) -> list[q.NormInfo]:
+        return self._cached("norms", lambda: q.find_norms(self.gm))
+
+    @property
+    def blocks(self) -> list[q.BlockInfo]:
+        return self._cached("blocks", lambda: q.find_block_infos(self.gm))
+
+    @property
+    def lm_head(self) -> q.LinearInfo | None:
+        return self._cached("lm_head", lambda: q.find_lm_head(self.gm, self.linears))
+
+    @property
+    def embedding(self) -> tuple[Any, str] | None:
+        return self._cached("embedding", lambda: q.find_embedding(self.gm))
+
+    def block_linears(self) -> list[q.LinearInfo]:
+        """The Linears inside decoder blocks (the ones pruned by default)."""
+        return [li for li in self.linears if li.block is not None]
+
+    def networkx(self) -> nx.DiGraph:
+        return q.to_networkx(self.gm)
+
+    # ------------------------------------------------------------------ weights
+    def get_attr(self, target: str) -> Tensor:
+        obj: Any = self.gm
+        for part in target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def set_weight(self, target: str, value: Tensor) -> None:
+        """Overwrite a weight in place (same shape), visible to the graph and the model."""
+        param = self.get_attr(target)
+        if tuple(param.shape) != tuple(value.shape):
+            raise GraphPruneError(
+                f"{target}: new value has shape {tuple(value.shape)} but the weight is {tuple(param.shape)}; "
+                "shape-changing rewrites must replace the attribute, not overwrite it."
+            )
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+
+    def lint(self) -> None:
+        """Check the graph is well formed and regenerate its code."""
+        self.gm.graph.lint()
+        self.gm.recompile()
+
+    def summary(self) -> dict[str, Any]:
+        """Node counts, Linears grouped by shared input, blocks: what ``graphprune inspect`` prints."""
+        ops: dict[str, int] = {}
+        for node in self.gm.graph.nodes:
+            ops[node.op] = ops.get(node.op, 0) + 1
+        groups = [
+            {"input": n.name, "linears": [li.name for li in lis], "in_features": lis[0].in_features}
+            for n, lis in q.group_by_input(self.linears).items()
+        ]
+        head = self.lm_head
+        emb = self.embedding
+        return {
+            "model": self.name,
+            "nodes": len(self.gm.graph.nodes),
+            "ops": ops,
+            "linears": len(self.linears),
+            "block_linears": len(self.block_linears()),
+            "linear_groups": groups,
+            "norms": [{"name": n.name, "kind": n.kind, "block": n.block} for n in self.norms],
+            "blocks": [{"index": b.index, "name": b.name, "linears": len(b.linears), "nodes": len(b.nodes)} for b in self.blocks],
+            "embedding": q.strip_root(emb[1]) if emb else None,
+            "lm_head": head.name if head else None,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+        }

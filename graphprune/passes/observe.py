@@ -1,0 +1,135 @@
+"""InsertObserversPass / RemoveObserversPass: calibration observers on Linear input values.
+
+1. For every value read by at least one selected Linear, one identity ``call_module``
+   node is inserted right after it and those Linears read the observer's output instead:
+   q/k/v share one observer (and one Hessian), gate/up share one.
+2. Observers are off until a stage enables them; when on, they accumulate ``Σ xxᵀ``
+   (float32 per micro-batch, summed in float64) and ``Σ x²`` per column, with a token count.
+3. RemoveObserversPass rewires the Linears to the original values and deletes the nodes.
+"""
+from __future__ import annotations
+
+import fnmatch
+from typing import Iterable
+
+import torch
+from torch import Tensor, nn
+
+from graphprune.errors import SolverError
+from graphprune.graph import queries as q
+from graphprune.graph.model import GraphModel
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
+from graphprune.solvers.base import LayerStats
+
+OBSERVER_PREFIX = "gp_observer_"
+META_OBSERVERS = "observers"  # gm.meta key: linear name -> observer attribute
+
+
+class InputObserver(nn.Module):
+    """Identity module that accumulates statistics of its input when enabled."""
+
+    def __init__(self, name: str, in_features: int, hessian: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features = in_features
+        self.hessian = hessian
+        self.enabled = False
+        self.reset()
+
+    def reset(self) -> None:
+        self.count = 0
+        self.col_sq = torch.zeros(self.in_features, dtype=torch.float64)
+        self.xtx: Tensor | None = torch.zeros(self.in_features, self.in_features, dtype=torch.float64) if self.hessian else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.enabled:
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            self.col_sq += flat.pow(2).sum(0).double()
+            if self.xtx is not None:
+                self.xtx += (flat.T @ flat).double()
+            self.count += flat.shape[0]
+        return x
+
+    def stats(self) -> LayerStats:
+        if self.count == 0:
+            raise SolverError(f"observer {self.name} saw no calibration tokens; the stage was not calibrated.")
+        if not torch.isfinite(self.col_sq).all():
+            raise SolverError(
+                f"calibration statistics of {self.name} contain NaN/Inf: the activations overflowed; "
+                "check the model weights and use float32."
+            )
+        return LayerStats(col_sq=self.col_sq.clone(), count=self.count, xtx=None if self.xtx is None else self.xtx.clone())
+
+
+def select_linears(gm: GraphModel, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[q.LinearInfo]:
+    """Block Linears whose names match an ``include`` glob and no ``exclude`` glob."""
+    inc, exc = list(include), list(exclude)
+    return [
+        li
+        for li in gm.block_linears()
+        if any(fnmatch.fnmatchcase(li.name, p) for p in inc) and not any(fnmatch.fnmatchcase(li.name, p) for p in exc)
+    ]
+
+
+class InsertObserversPass(Pass):
+    """Insert one observer per distinct input value of the selected Linears."""
+
+    name = "insert_observers"
+    establishes = frozenset({Prop.OBSERVERS})
+    preserves_function = True
+
+    def __init__(self, hessian: bool = True, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> None:
+        self.hessian = hessian
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+
+    def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        linears = select_linears(gm, self.include, self.exclude)
+        mapping: dict[str, str] = dict(gm.meta.get(META_OBSERVERS, {}))
+        graph = gm.gm.graph
+        added = 0
+        for value, group in q.group_by_input(linears).items():
+            if all(li.name in mapping for li in group):
+                continue
+            attr = f"{OBSERVER_PREFIX}{len([n for n in gm.gm._modules if n.startswith(OBSERVER_PREFIX)])}"
+            gm.gm.add_submodule(attr, InputObserver(group[0].name, group[0].in_features, self.hessian))
+            with graph.inserting_after(value):
+                obs = graph.call_module(attr, (value,))
+            obs.meta = dict(value.meta)
+            for li in group:
+                li.node.replace_input_with(value, obs)
+                mapping[li.name] = attr
+            added += 1
+        gm.meta[META_OBSERVERS] = mapping
+        gm.lint()
+        gm.invalidate()
+        return PassResult(gm, modified=added > 0, stats={"observers": added, "linears": len(linears)})
+
+
+class RemoveObserversPass(Pass):
+    """Rewire Linears to the observed values and delete the observer nodes and modules."""
+
+    name = "remove_observers"
+    invalidates = frozenset({Prop.OBSERVERS})
+    preserves_function = True
+
+    def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        graph = gm.gm.graph
+        removed = 0
+        for node in list(graph.nodes):
+            if node.op == "call_module" and str(node.target).startswith(OBSERVER_PREFIX):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                gm.gm.delete_submodule(node.target)
+                removed += 1
+        gm.meta.pop(META_OBSERVERS, None)
+        gm.lint()
+        gm.invalidate()
+        return PassResult(gm, modified=removed > 0, stats={"removed": removed})
+
+
+def observer_for(gm: GraphModel, linear_name: str) -> InputObserver:
+    attr = gm.meta.get(META_OBSERVERS, {}).get(linear_name)
+    if attr is None:
+        raise SolverError(f"{linear_name} has no observer; run InsertObserversPass first.")
+    return getattr(gm.gm, attr)

@@ -1,0 +1,142 @@
+"""Scripted pipelines: the Python API behind ``graphprune prune`` and ``graphprune eval``.
+
+Example::
+
+    from graphprune.recipes.pipeline import PruneJob, run_prune
+
+    outcome = run_prune(PruneJob(model="smollm2-135m", method="sparsegpt", sparsity=0.5,
+                                 out="out/smollm2-sparsegpt50", evaluate=True))
+    print(outcome.report["ppl"], outcome.report["achieved_sparsity"])
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from graphprune.data import TokenSplits, read_texts
+from graphprune.eval import perplexity
+from graphprune.exporters.hf import check_output_dir, save_hf_folder
+from graphprune.graph.model import GraphModel
+from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
+from graphprune.passes.infra import PassContext, PassManager
+from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
+from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules, peak_rss_mb
+from graphprune.solvers import SparsitySpec, get_solver
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalJob:
+    model: str = DEFAULT_MODEL
+    text: Sequence[str] = ()
+    eval_len: int = 512
+    batch_size: int = 4
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PruneJob:
+    """Everything ``graphprune prune`` needs (also what a recipe's prune step holds)."""
+
+    model: str = DEFAULT_MODEL
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    refine_steps: int = 0
+    calib_samples: int = 64
+    calib_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    text: Sequence[str] = ()
+    out: str | None = None
+    overwrite: bool = False
+    evaluate: bool = False
+    eval_len: int = 512
+    trust_remote_code: bool = False
+
+    def spec(self) -> SparsitySpec:
+        return SparsitySpec.parse(self.sparsity, self.pattern)
+
+
+@dataclass
+class PruneOutcome:
+    gm: GraphModel
+    loaded: LoadedModel
+    report: dict[str, Any]
+
+
+def _splits(loaded: LoadedModel, text: Sequence[str]) -> TokenSplits:
+    return TokenSplits.from_text(loaded.tokenizer, read_texts(text) if text else None)
+
+
+def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
+    """Perplexity of a model per the protocol."""
+    t0 = time.perf_counter()
+    loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
+    splits = _splits(loaded, job.text)
+    model = loaded.model
+
+    def logits(ids: torch.Tensor) -> torch.Tensor:
+        return model(input_ids=ids, use_cache=False).logits
+
+    with torch.no_grad():
+        res = perplexity(logits, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+    return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
+
+
+def run_prune(job: PruneJob, progress: bool = True, on_stage: Callable[[int, int, dict[str, Any]], None] | None = None) -> PruneOutcome:
+    """Load, capture, calibrate and prune stage by stage, optionally evaluate and save."""
+    t0 = time.perf_counter()
+    spec = job.spec()
+    solver = get_solver(job.method)  # unknown method -> clear error before loading anything
+    rules = parse_rules(job.overrides, spec)
+    if job.out is not None:
+        check_output_dir(job.out, job.overwrite)
+    torch.manual_seed(job.seed)
+    loaded = load_model(job.model, trust_remote_code=job.trust_remote_code, seed=job.seed)
+    splits = _splits(loaded, job.text)
+    calib = splits.calibration(job.calib_samples, job.calib_len, job.seed)
+    t_load = time.perf_counter()
+    gm = GraphModel.capture(loaded.model, name=loaded.name)
+    t_capture = time.perf_counter()
+    config = PruneConfig(job.method, spec, rules, dict(job.options), job.refine_steps, job.batch_size)
+    ctx = PassContext(seed=job.seed, verify=True, progress=progress, data={CALIBRATION: calib})
+    passes = [
+        InsertObserversPass(hessian=True),
+        SequentialPrunePass(config, on_stage=on_stage),
+        RemoveObserversPass(),
+    ]
+    gm = PassManager(passes, ctx).run(gm)
+    t_prune = time.perf_counter()
+    report: dict[str, Any] = dict(gm.meta["prune_report"])
+    report.update(
+        {
+            "model": loaded.name,
+            "job": {k: v for k, v in asdict(job).items() if k not in ("overwrite",)},
+            "solver": solver.description,
+            "load_seconds": round(t_load - t0, 2),
+            "capture_seconds": round(t_capture - t_load, 2),
+            "prune_seconds": round(t_prune - t_capture, 2),
+        }
+    )
+    if job.evaluate:
+        res = perplexity(gm, splits.eval_windows(job.eval_len), batch_size=4, progress=progress)
+        report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
+    report["total_seconds"] = round(time.perf_counter() - t0, 2)
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if job.out is not None:
+        save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report})
+    return PruneOutcome(gm, loaded, report)
+
+
+def default_out_dir(job: PruneJob) -> Path:
+    tag = job.pattern.replace(":", "of") if ":" in job.pattern else f"{int(round((job.sparsity or 0) * 100))}"
+    return Path("out") / f"{Path(job.model).stem}-{job.method}-{tag}"
