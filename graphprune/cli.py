@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Any, Sequence
 
@@ -151,6 +152,9 @@ COMMANDS = {"inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune}
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.quiet:
+        # also silences progress bars of libraries (e.g. the GGUF loader); read when tqdm is imported
+        os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         import transformers

@@ -52,6 +52,16 @@ class GraphModel:
             )
         return gmod
 
+    def clone(self) -> "GraphModel":
+        """An independent copy: model and graph are copied together, so they still share weights."""
+        import copy
+
+        model, gm = copy.deepcopy((self.model, self.gm))
+        other = GraphModel(model, gm, self.name)
+        other.props = set(self.props)
+        other.meta = copy.deepcopy(self.meta)
+        return other
+
     # ------------------------------------------------------------------ running
     @torch.no_grad()
     def __call__(self, input_ids: Tensor) -> Tensor:

@@ -63,6 +63,7 @@ class PruneConfig:
         options: extra keyword arguments for the solver (blocksize, alpha, ...).
         refine_steps: masked gradient steps after the solver (0 = none).
         batch_size: calibration sequences per forward pass.
+        keep_stats: keep the statistics of every Linear in ``gm.meta["stats"]``.
     """
 
     method: str
@@ -71,6 +72,7 @@ class PruneConfig:
     options: dict[str, Any] = field(default_factory=dict)
     refine_steps: int = 0
     batch_size: int = 8
+    keep_stats: bool = False  # keep each observer's LayerStats in gm.meta["stats"] (tests, analysis)
 
     def spec_for(self, name: str) -> SparsitySpec | None:
         for rule in self.rules:
@@ -126,6 +128,9 @@ class SequentialPrunePass(Pass):
                 for o in obs.values():
                     o.enabled = False
             stats_cache = {attr: o.stats() for attr, o in obs.items()}
+            if self.config.keep_stats:
+                kept = gm.meta.setdefault("stats", {})
+                kept.update({li.name: stats_cache[observed[li.name]] for li in targets})
             for o in obs.values():
                 o.reset()
             for li in targets:
@@ -137,12 +142,10 @@ class SequentialPrunePass(Pass):
                     stats.grad_sq = gm.meta["grad_sq"][li.name]
                 weight = gm.get_attr(li.weight).detach().clone()  # set_weight writes in place
                 t1 = time.perf_counter()
-                try:
-                    res = self.solver.fn(weight, stats, spec, **self.config.options)
-                except SolverError as exc:
-                    raise SolverError(f"{li.name}: {exc}") from exc
+                res = self.solver.fn(weight, stats, spec, name=li.name, **self.config.options)
                 new = res.weight
-                if self.config.refine_steps > 0:
+                refined = self.config.refine_steps > 0
+                if refined:
                     from graphprune.solvers.proximal import masked_gd_refine
 
                     new = masked_gd_refine(weight, new, res.mask, stats, steps=self.config.refine_steps)
@@ -160,7 +163,10 @@ class SequentialPrunePass(Pass):
                     "sparsity": float((new == 0).sum()) / new.numel(),
                     "seconds": round(time.perf_counter() - t1, 4),
                 }
-                if stats.xtx is not None:
+                if "error" in res.info and not refined:  # the solver already measured it
+                    entry["error"] = res.info["error"] / max(stats.count, 1)
+                    entry["rel_error"] = res.info["rel_error"]
+                elif stats.xtx is not None:
                     err, rel = reconstruction_error(weight, new, stats.xtx)
                     entry["error"] = err / max(stats.count, 1)
                     entry["rel_error"] = rel

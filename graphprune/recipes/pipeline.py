@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from graphprune.data import TokenSplits, read_texts
+from graphprune.errors import ConfigError
 from graphprune.eval import perplexity
 from graphprune.exporters.hf import check_output_dir, save_hf_folder
 from graphprune.graph.model import GraphModel
@@ -73,6 +74,12 @@ class PruneOutcome:
     report: dict[str, Any]
 
 
+def check_length(loaded: LoadedModel, length: int, what: str) -> None:
+    limit = getattr(loaded.config, "max_position_embeddings", None)
+    if limit is not None and length > int(limit):
+        raise ConfigError(f"{what} {length} exceeds {loaded.name}'s context of {limit} tokens; use a length <= {limit}.")
+
+
 def _splits(loaded: LoadedModel, text: Sequence[str]) -> TokenSplits:
     return TokenSplits.from_text(loaded.tokenizer, read_texts(text) if text else None)
 
@@ -81,6 +88,7 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
     """Perplexity of a model per the protocol."""
     t0 = time.perf_counter()
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
+    check_length(loaded, job.eval_len, "--eval-len")
     splits = _splits(loaded, job.text)
     model = loaded.model
 
@@ -102,6 +110,9 @@ def run_prune(job: PruneJob, progress: bool = True, on_stage: Callable[[int, int
         check_output_dir(job.out, job.overwrite)
     torch.manual_seed(job.seed)
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code, seed=job.seed)
+    check_length(loaded, job.calib_len, "--calib-len")
+    if job.evaluate:
+        check_length(loaded, job.eval_len, "--eval-len")
     splits = _splits(loaded, job.text)
     calib = splits.calibration(job.calib_samples, job.calib_len, job.seed)
     t_load = time.perf_counter()

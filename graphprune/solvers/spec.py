@@ -52,6 +52,11 @@ class SparsitySpec:
                     f"invalid N:M pattern {self.n}:{self.m}: N (kept per group) must satisfy "
                     f"0 < N < M; use e.g. '2:4' or '4:8'."
                 )
+        if self.n is not None and abs(float(self.sparsity) - (1.0 - self.n / self.m)) > 1e-9:  # type: ignore[operator]
+            raise ConfigError(
+                f"pattern {self.n}:{self.m} means sparsity {1.0 - self.n / self.m:g}, not {self.sparsity}; "  # type: ignore[operator]
+                "use SparsitySpec.parse(None, 'N:M')."
+            )
         if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity):
             raise ConfigError(f"sparsity must be a number in [0, 1), got {self.sparsity!r}.")
         if not (0.0 <= float(self.sparsity) < 1.0):
@@ -115,7 +120,8 @@ class SparsitySpec:
 
     def prune_count(self, width: int) -> int:
         """Zeros per row of ``width`` inputs for unstructured pruning (rounded down)."""
-        return int(self.sparsity * width)
+        # round away float noise first: 0.29 * 100 is 28.999999999999996 and must prune 29
+        return int(math.floor(round(self.sparsity * width, 9)))
 
     # ------------------------------------------------------------------ masks
     def keep_mask(self, score: Tensor, per_row: bool = True) -> Tensor:
@@ -145,7 +151,7 @@ class SparsitySpec:
                 drop = torch.topk(score, k, dim=1, largest=False).indices
                 mask.scatter_(1, drop, False)
             return mask
-        k = int(self.sparsity * score.numel())
+        k = self.prune_count(score.numel())
         if k:
             drop = torch.topk(score.flatten(), k, largest=False).indices
             mask.view(-1)[drop] = False
@@ -157,5 +163,9 @@ class SparsitySpec:
             m, n = self.m, self.n
             assert m is not None
             per_group = mask.reshape(mask.shape[0], -1, m).sum(-1)
-            if (per_group > n).any():
-                raise ConfigError(f"{name}: mask keeps more than {n} of {m} in some group.")
+            if (per_group != n).any():
+                raise ConfigError(f"{name}: mask does not keep exactly {n} of every {m} weights.")
+        else:
+            k = self.prune_count(mask.shape[1])
+            if ((~mask).sum(1) < k).any():
+                raise ConfigError(f"{name}: some rows have fewer than {k} pruned weights for sparsity {self.sparsity:g}.")

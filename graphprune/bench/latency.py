@@ -1,0 +1,389 @@
+"""Latency harness: dense vs pruned models, side by side, in several runtimes.
+
+The measurement protocol defines three cases:
+
+* ``prefill`` -- batch 1, 128 tokens;
+* ``step`` -- batch 1, 1 token: one forward of a single token **without a KV cache**
+  (the exported graphs take ``input_ids`` only), so it measures the per-token cost of
+  the weights, not of attention over a cached context;
+* ``throughput`` -- batch 8, 512 tokens;
+
+each timed ``repeats`` times after ``warmup`` untimed runs. Within a case and runtime
+the targets are **interleaved**: repeat ``r`` runs every target once, in an order
+rotated by ``r``, so drift (thermal, other processes) hits all targets alike and
+per-repeat ratios are paired. Every record carries the median and the spread
+(quartiles, min, max) of its times and of its paired speedup against the baseline
+target (``baseline time / target time``; > 1 means faster than the baseline).
+
+Runtimes: ``eager`` (the nn.Module under ``torch.inference_mode``), ``torchscript``
+(a given file, else the module traced in memory) and ``onnxruntime``
+(CPUExecutionProvider; a given file, else exported to a temporary file, unchecked).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from graphprune.errors import ConfigError
+
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class Case:
+    """One input shape: ``batch`` sequences of ``seq`` tokens."""
+
+    name: str
+    batch: int
+    seq: int
+
+
+PROTOCOL_CASES = (Case("prefill", 1, 128), Case("step", 1, 1), Case("throughput", 8, 512))
+
+
+@dataclass
+class BenchTarget:
+    """A model to time, given as a module and/or exported files.
+
+    Attributes:
+        name: label in records, tables and plots.
+        model: the nn.Module (HF causal LM or ids -> logits); needed for ``eager``, and
+            used to make the TorchScript / ONNX artifact when no file is given.
+        onnx: an ONNX file with input ``input_ids`` and output ``logits``.
+        torchscript: a TorchScript file mapping ids to logits.
+    """
+
+    name: str
+    model: nn.Module | None = None
+    onnx: str | Path | None = None
+    torchscript: str | Path | None = None
+
+
+@dataclass
+class LatencyRecord:
+    """Times of one (target, runtime, case), and its paired speedup against the baseline."""
+
+    target: str
+    runtime: str
+    case: str
+    batch: int
+    seq: int
+    repeats: int
+    median_s: float
+    q1_s: float
+    q3_s: float
+    min_s: float
+    max_s: float
+    baseline: str
+    speedup: float
+    speedup_q1: float
+    speedup_q3: float
+    times_s: list[float] = field(repr=False, default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class BenchResult:
+    """All records of one :func:`bench_latency` run plus the machine they ran on."""
+
+    records: list[LatencyRecord]
+    machine: dict[str, Any]
+    baseline: str
+    repeats: int
+    warmup: int
+
+    def to_dicts(self) -> list[dict[str, Any]]:
+        return [r.to_dict() for r in self.records]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "machine": self.machine,
+            "baseline": self.baseline,
+            "repeats": self.repeats,
+            "warmup": self.warmup,
+            "records": self.to_dicts(),
+        }
+
+
+def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int | None = None) -> dict[str, Any]:
+    """Cores, CPU model, library versions and thread settings, for the record."""
+    info: dict[str, Any] = {
+        "cpu": _cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "onnxruntime": None,
+        "ort_provider": "CPUExecutionProvider",
+        "ort_intra_op_threads": threads if threads else "default",
+        "device": "cpu",
+    }
+    try:
+        import onnxruntime
+
+        info["onnxruntime"] = onnxruntime.__version__
+    except ImportError:
+        pass
+    return info
+
+
+Runner = Callable[[Tensor], Any]
+
+
+def _eager_runner(model: nn.Module) -> Runner:
+    from graphprune.exporters.common import LogitsOnly
+
+    wrapper = LogitsOnly(model)
+
+    def run(ids: Tensor) -> Any:
+        with torch.inference_mode():
+            return wrapper(ids)
+
+    return run
+
+
+def _torchscript_runner(target: BenchTarget, example: Tensor) -> Runner:
+    if target.torchscript is not None:
+        module = torch.jit.load(str(target.torchscript), map_location="cpu")  # type: ignore[no-untyped-call]
+    elif target.model is not None:
+        from graphprune.exporters.torchscript import trace_logits
+
+        module = trace_logits(target.model, example)
+    else:
+        raise ConfigError(f"target {target.name!r} has neither a TorchScript file nor a model to trace.")
+    module.eval()
+
+    def run(ids: Tensor) -> Any:
+        with torch.no_grad():
+            return module(ids)
+
+    return run
+
+
+def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | None, scratch: Path) -> Runner:
+    import onnxruntime as ort
+
+    path = target.onnx
+    if path is None:
+        if target.model is None:
+            raise ConfigError(f"target {target.name!r} has neither an ONNX file nor a model to export.")
+        from graphprune.exporters.onnx import export_onnx
+
+        path = export_onnx(target.model, scratch.with_suffix(".onnx"), example_tokens=example, check=False).path
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def run(ids: Tensor) -> Any:
+        return session.run(["logits"], {"input_ids": ids.numpy()})[0]
+
+    return run
+
+
+def _check_available(target: BenchTarget, runtime: str) -> None:
+    """Fail before any timing when a target cannot run in a runtime."""
+    if runtime == "eager" and target.model is None:
+        raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
+    if runtime == "torchscript" and target.model is None and target.torchscript is None:
+        raise ConfigError(f"target {target.name!r} has neither a TorchScript file nor a model to trace.")
+    if runtime == "onnxruntime" and target.model is None and target.onnx is None:
+        raise ConfigError(f"target {target.name!r} has neither an ONNX file nor a model to export.")
+
+
+def _make_runner(target: BenchTarget, runtime: str, example: Tensor, threads: int | None, scratch: Path) -> Runner:
+    if runtime == "eager":
+        if target.model is None:
+            raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
+        return _eager_runner(target.model)
+    if runtime == "torchscript":
+        return _torchscript_runner(target, example)
+    if runtime == "onnxruntime":
+        return _onnxruntime_runner(target, example, threads, scratch)
+    raise ConfigError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}.")
+
+
+def _normalise_targets(targets: Iterable[BenchTarget] | Mapping[str, nn.Module]) -> list[BenchTarget]:
+    if isinstance(targets, Mapping):
+        out = [BenchTarget(name, model=model) for name, model in targets.items()]
+    else:
+        out = list(targets)
+    if not out:
+        raise ConfigError("bench_latency needs at least one target.")
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"target names must be unique, got {names}.")
+    return out
+
+
+def _vocab(targets: list[BenchTarget], vocab_size: int | None) -> int:
+    if vocab_size:
+        return vocab_size
+    sizes = [getattr(getattr(t.model, "config", None), "vocab_size", None) for t in targets]
+    known = [int(s) for s in sizes if s]
+    if not known:
+        raise ConfigError("cannot tell the vocabulary size of file-only targets; pass vocab_size.")
+    return min(known)  # ids valid for every model
+
+
+def _seconds(run: Runner, ids: Tensor) -> float:
+    start = time.perf_counter()
+    run(ids)
+    return time.perf_counter() - start
+
+
+def bench_latency(
+    targets: Iterable[BenchTarget] | Mapping[str, nn.Module],
+    runtimes: Sequence[str] = RUNTIMES,
+    cases: Sequence[Case] = PROTOCOL_CASES,
+    *,
+    repeats: int = 20,
+    warmup: int = 3,
+    baseline: str | None = None,
+    threads: int | None = None,
+    vocab_size: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> BenchResult:
+    """Time every target in every runtime on every case, interleaving the targets.
+
+    Args:
+        targets: :class:`BenchTarget` list, or ``{name: model}``.
+        runtimes: any of ``"eager"``, ``"torchscript"``, ``"onnxruntime"``.
+        cases: input shapes; default the protocol's prefill / step / throughput.
+        repeats: timed runs per (target, runtime, case).
+        warmup: untimed runs before them.
+        baseline: name of the target speedups are measured against (default: the first).
+        threads: torch and onnxruntime intra-op threads for the run (default: unchanged).
+        vocab_size: token id range (default: from the models' configs).
+        seed: seed of the random token ids.
+        progress: show a tqdm bar.
+
+    Returns:
+        A :class:`BenchResult`: one :class:`LatencyRecord` per (case, runtime, target).
+    """
+    targets = _normalise_targets(targets)
+    baseline = baseline or targets[0].name
+    if baseline not in {t.name for t in targets}:
+        raise ConfigError(f"baseline {baseline!r} is not one of the targets {[t.name for t in targets]}.")
+    if repeats < 1 or warmup < 0:
+        raise ConfigError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}.")
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise ConfigError(f"unknown runtime(s) {unknown}; choose from {RUNTIMES}.")
+    for target in targets:
+        for runtime in runtimes:
+            _check_available(target, runtime)
+    vocab = _vocab(targets, vocab_size)
+    gen = torch.Generator().manual_seed(seed)
+    inputs = {c.name: torch.randint(0, vocab, (c.batch, c.seq), generator=gen) for c in cases}
+    example = torch.randint(0, vocab, (2, 16), generator=gen)
+
+    old_threads = torch.get_num_threads()
+    records: list[LatencyRecord] = []
+    with ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="graphprune-bench-")))
+        if threads:
+            torch.set_num_threads(threads)
+            stack.callback(torch.set_num_threads, old_threads)
+        models = [t.model for t in targets if t.model is not None]
+        for model in models:
+            was_training = model.training
+            model.eval()
+            stack.callback(model.train, was_training)
+        machine = machine_info(threads)
+        bar = stack.enter_context(
+            tqdm(
+                total=len(runtimes) * len(cases) * len(targets) * (repeats + warmup),
+                desc="latency",
+                unit="run",
+                disable=not progress,
+            )
+        )
+        for runtime in runtimes:
+            bar.set_postfix_str(f"{runtime}: preparing")
+            runners = {
+                t.name: _make_runner(t, runtime, example, threads, tmp / f"target{i}") for i, t in enumerate(targets)
+            }
+            for case in cases:
+                bar.set_postfix_str(f"{runtime} / {case.name}")
+                ids = inputs[case.name]
+                for run in runners.values():
+                    for _ in range(warmup):
+                        run(ids)
+                        bar.update(1)
+                times: dict[str, list[float]] = {t.name: [] for t in targets}
+                for r in range(repeats):
+                    shift = r % len(targets)
+                    for target in targets[shift:] + targets[:shift]:
+                        times[target.name].append(_seconds(runners[target.name], ids))
+                        bar.update(1)
+                records.extend(_records(times, baseline, runtime, case))
+            del runners
+    return BenchResult(records=records, machine=machine, baseline=baseline, repeats=repeats, warmup=warmup)
+
+
+def _records(times: dict[str, list[float]], baseline: str, runtime: str, case: Case) -> list[LatencyRecord]:
+    base = times[baseline]
+    out = []
+    for name, values in times.items():
+        q1, median, q3 = _quartiles(values)
+        ratios = [b / t if t > 0 else float("inf") for b, t in zip(base, values, strict=True)]
+        r1, rmed, r3 = _quartiles(ratios)
+        out.append(
+            LatencyRecord(
+                target=name,
+                runtime=runtime,
+                case=case.name,
+                batch=case.batch,
+                seq=case.seq,
+                repeats=len(values),
+                median_s=median,
+                q1_s=q1,
+                q3_s=q3,
+                min_s=min(values),
+                max_s=max(values),
+                baseline=baseline,
+                speedup=rmed,
+                speedup_q1=r1,
+                speedup_q3=r3,
+                times_s=list(values),
+            )
+        )
+    return out

@@ -1,0 +1,202 @@
+"""The latency harness on tiny models with tiny repeats: structure of records, table, PNG (never timings)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+import graphprune.bench.latency as latency
+import graphprune.exporters.onnx as onnx_exporter
+from graphprune.bench import (
+    BenchResult,
+    BenchTarget,
+    Case,
+    bench_latency,
+    machine_info,
+    to_markdown,
+    write_json,
+    write_markdown,
+    write_plot,
+)
+from graphprune.errors import ConfigError
+from graphprune.exporters import ExportReport
+from graphprune.kernels import CSRLinear
+from graphprune.testing.tiny import tiny_llama
+
+CASES = [Case("prefill", 1, 8), Case("step", 1, 1)]
+VOCAB = 256
+
+
+def _pruned(model: torch.nn.Module) -> torch.nn.Module:
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and ".layers." in name:
+                groups = p.view(p.shape[0], -1, 4)
+                groups.scatter_(-1, groups.abs().argsort(dim=-1)[..., :2], 0.0)
+    mlp = model.model.layers[0].mlp
+    mlp.down_proj = CSRLinear.from_module(mlp.down_proj)
+    return model
+
+
+def _handmade_onnx(path: Path) -> Path:
+    """A minimal ``input_ids -> logits`` ONNX model (embedding Gather + MatMul), no torch export."""
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "input_ids"], ["h"]),
+            helper.make_node("MatMul", ["h", "head"], ["logits"]),
+        ],
+        "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((VOCAB, 16)).astype(np.float32), "emb"),
+            numpy_helper.from_array(rng.standard_normal((16, VOCAB)).astype(np.float32), "head"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, torch.nn.Module]:
+    dense = tiny_llama()
+    return {"dense": dense, "pruned": _pruned(dense)}
+
+
+@pytest.fixture(scope="module")
+def result(models) -> BenchResult:
+    return bench_latency(
+        models, runtimes=("eager", "torchscript"), cases=CASES, repeats=3, warmup=1, threads=1, progress=False
+    )
+
+
+def test_one_record_per_case_runtime_target(result: BenchResult) -> None:
+    keys = [(r.case, r.runtime, r.target) for r in result.records]
+    assert len(keys) == len(set(keys)) == 2 * 2 * 2
+    for r in result.records:
+        assert r.repeats == len(r.times_s) == 3 and all(t > 0 for t in r.times_s)
+        assert r.min_s <= r.q1_s <= r.median_s <= r.q3_s <= r.max_s
+        assert r.speedup_q1 <= r.speedup <= r.speedup_q3
+        assert (r.batch, r.seq) == {"prefill": (1, 8), "step": (1, 1)}[r.case]
+        assert r.baseline == "dense"
+        if r.target == "dense":
+            assert r.speedup == r.speedup_q1 == r.speedup_q3 == 1.0
+
+
+def test_records_serialise(result: BenchResult, tmp_path: Path) -> None:
+    data = json.loads(write_json(result, tmp_path / "latency.json").read_text())
+    assert len(data["records"]) == len(result.records)
+    assert data["baseline"] == "dense" and data["repeats"] == 3
+    assert {"cpu", "logical_cores", "torch", "onnxruntime", "torch_threads"} <= set(data["machine"])
+
+
+def test_markdown_table(result: BenchResult, tmp_path: Path) -> None:
+    text = to_markdown(result)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 2 + len(result.records)
+    assert "speedup vs dense" in table[0] and "ms" not in table[0]  # CPU: ratios only (protocol)
+    assert "Machine:" in text and "1 threads" in text
+    absolute = to_markdown(result, absolute=True)
+    assert "median ms" in absolute.splitlines()[2]
+    assert write_markdown(result, tmp_path / "t.md").read_text() == text
+
+
+def test_png_plot(result: BenchResult, tmp_path: Path) -> None:
+    path = write_plot(result, tmp_path / "plots" / "latency.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+    assert [p.name for p in path.parent.iterdir()] == ["latency.png"]
+
+
+def test_targets_are_interleaved_with_rotation(models, monkeypatch: pytest.MonkeyPatch) -> None:
+    order: list[str] = []
+    runners = {}
+
+    def fake_make_runner(target, runtime, example, threads, scratch):
+        runners[target.name] = lambda ids, name=target.name: order.append(name)
+        return runners[target.name]
+
+    monkeypatch.setattr(latency, "_make_runner", fake_make_runner)
+    targets = {**models, "third": models["dense"]}
+    res = bench_latency(targets, runtimes=("eager",), cases=[Case("c", 1, 2)], repeats=3, warmup=0, progress=False)
+    assert order == ["dense", "pruned", "third", "pruned", "third", "dense", "third", "dense", "pruned"]
+    assert len(res.records) == 3
+
+
+def test_file_targets_and_onnxruntime(models, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    onnx_file = _handmade_onnx(tmp_path / "lm.onnx")
+    exported = []
+
+    def fake_export(model, path, *, example_tokens, check):
+        exported.append((tuple(example_tokens.shape), check))
+        return ExportReport(path=_handmade_onnx(Path(path)), format="onnx", bytes=0, max_abs_diff=None, seconds=0.0)
+
+    monkeypatch.setattr(onnx_exporter, "export_onnx", fake_export)
+    targets = [BenchTarget("file", onnx=onnx_file), BenchTarget("model", model=models["dense"])]
+    res = bench_latency(
+        targets, runtimes=("onnxruntime",), cases=CASES, repeats=2, warmup=0, vocab_size=VOCAB, progress=False
+    )
+    assert exported == [((2, 16), False)]  # the model-only target was exported once, unchecked
+    assert {(r.target, r.case) for r in res.records} == {(t, c.name) for t in ("file", "model") for c in CASES}
+    assert res.machine["ort_provider"] == "CPUExecutionProvider"
+
+
+def test_progress_bar_can_be_shown(models, capsys: pytest.CaptureFixture[str]) -> None:
+    bench_latency({"dense": models["dense"]}, runtimes=("eager",), cases=[Case("c", 1, 2)], repeats=1, warmup=0)
+    assert "latency" in capsys.readouterr().err
+    bench_latency(
+        {"dense": models["dense"]}, runtimes=("eager",), cases=[Case("c", 1, 2)], repeats=1, warmup=0, progress=False
+    )
+    assert capsys.readouterr().err == ""
+
+
+def test_threads_are_restored(models) -> None:
+    before = torch.get_num_threads()
+    res = bench_latency(
+        {"d": models["dense"]},
+        runtimes=("eager",),
+        cases=[Case("c", 1, 2)],
+        repeats=1,
+        warmup=0,
+        threads=1,
+        progress=False,
+    )
+    assert res.machine["torch_threads"] == 1 and torch.get_num_threads() == before
+
+
+def test_machine_info() -> None:
+    info = machine_info()
+    assert info["logical_cores"] >= 1 and info["torch"] == torch.__version__ and info["cpu"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"runtimes": ("tvm",)}, "unknown runtime"),
+        ({"baseline": "nope"}, "baseline"),
+        ({"repeats": 0}, "repeats"),
+    ],
+)
+def test_bad_arguments(models, kwargs, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        bench_latency(models, cases=CASES, progress=False, **kwargs)
+
+
+def test_bad_targets(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        bench_latency([BenchTarget("a", tiny_llama()), BenchTarget("a", tiny_llama())], progress=False)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        bench_latency([BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("onnxruntime",), progress=False)
+    with pytest.raises(ConfigError, match="needs a model"):
+        bench_latency(
+            [BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("eager",), vocab_size=VOCAB, progress=False
+        )

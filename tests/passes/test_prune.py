@@ -1,0 +1,103 @@
+"""Sequential pruning through the graph: exact patterns, forward propagation of pruned outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphprune.errors import ConfigError, DataError
+from graphprune.graph.model import GraphModel
+from graphprune.passes.infra import PassContext, PassManager
+from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
+from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules
+from graphprune.solvers import SparsitySpec
+from graphprune.testing.tiny import random_tokens
+
+
+def _prune(gm, method="magnitude", spec=SparsitySpec(0.5), keep_stats=False, calib=None, rules=()):
+    calib = random_tokens(8, 24, seed=11) if calib is None else calib
+    config = PruneConfig(method, spec, list(rules), batch_size=3, keep_stats=keep_stats)
+    ctx = PassContext(progress=False, data={CALIBRATION: calib})
+    return PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(gm), calib
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_exact_patterns_on_every_weight(tiny_gm, method, pattern) -> None:
+    spec = SparsitySpec.parse(0.6 if pattern == "unstructured" else None, pattern)
+    gm, _ = _prune(tiny_gm, method, spec)
+    report = gm.meta["prune_report"]
+    assert len(report["layers"]) == len(gm.block_linears())
+    for li in gm.block_linears():
+        w = gm.model.get_submodule(li.name).weight.detach()
+        mask = gm.meta["masks"][li.name]
+        assert torch.equal(w != 0, mask) or ((w == 0) | mask).all()  # pruned weights are exactly zero
+        assert not w[~mask].any()
+        if spec.is_nm:
+            groups = (w.reshape(w.shape[0], -1, spec.m) != 0).sum(-1)
+            assert (groups <= spec.n).all()
+            assert int((~mask).sum()) == w.numel() * (spec.m - spec.n) // spec.m
+        elif method == "sparsegpt":
+            assert int((~mask).sum()) >= int(0.6 * w.numel()) - w.shape[1]  # per-block counting
+        else:
+            assert int((~mask).sum()) == w.shape[0] * int(0.6 * w.shape[1])
+    assert abs(report["achieved_sparsity"] - spec.sparsity) < 0.01
+
+
+def test_pruned_outputs_feed_the_next_stage() -> None:
+    from graphprune.testing.tiny import tiny_llama
+
+    model = tiny_llama()
+    gm, calib = _prune(GraphModel.capture(model), "magnitude", SparsitySpec(0.7), keep_stats=True)
+    # Recompute block 1's q/k/v input statistics from the final (all pruned) model.
+    captured = []
+    layer1 = model.model.layers[1].self_attn.q_proj
+    handle = layer1.register_forward_hook(lambda m, i, o: captured.append(i[0].detach().reshape(-1, i[0].shape[-1])))
+    with torch.no_grad():
+        for ids in calib.split(3):
+            model(input_ids=ids, use_cache=False)
+    handle.remove()
+    x = torch.cat(captured).double()
+    used = gm.meta["stats"]["model.layers.1.self_attn.q_proj"]
+    assert used.count == x.shape[0]
+    expected = x.T @ x  # float32 micro-batch products summed in float64 vs a float64 product
+    torch.testing.assert_close(used.xtx, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
+    # ...and they differ from the statistics a dense block 0 would have produced
+    dense = tiny_llama()
+    captured.clear()
+    handle = dense.model.layers[1].self_attn.q_proj.register_forward_hook(
+        lambda m, i, o: captured.append(i[0].detach().reshape(-1, i[0].shape[-1]))
+    )
+    with torch.no_grad():
+        dense(input_ids=calib, use_cache=False)
+    handle.remove()
+    xd = torch.cat(captured).double()
+    assert (used.xtx - xd.T @ xd).abs().max() > 1e-2 * (xd.T @ xd).abs().max()
+
+
+def test_sparsegpt_beats_wanda_beats_magnitude_on_layer_error(tiny_gm) -> None:
+    errs = {}
+    for method in ("magnitude", "wanda", "sparsegpt"):
+        gm, _ = _prune(tiny_gm.clone(), method, SparsitySpec(0.5))
+        errs[method] = sum(e["error"] for e in gm.meta["prune_report"]["layers"])
+    assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"]
+
+
+def test_overrides_and_skip(tiny_gm) -> None:
+    rules = parse_rules({"*.down_proj": "skip", "*.fc2": "skip", "*.q_proj": 0.25, "*.k_proj": "2:4"}, SparsitySpec(0.5))
+    gm, _ = _prune(tiny_gm, "wanda", SparsitySpec(0.5), rules=rules)
+    by_name = {e["name"]: e for e in gm.meta["prune_report"]["layers"]}
+    assert not any(n.endswith(("down_proj", "fc2")) for n in by_name)
+    q = next(e for n, e in by_name.items() if n.endswith("q_proj"))
+    k = next(e for n, e in by_name.items() if n.endswith("k_proj"))
+    assert q["sparsity"] == pytest.approx(0.25) and k["pattern"] == "2:4"
+
+
+def test_bad_inputs(tiny_gm) -> None:
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        _prune(tiny_gm.clone(), "magnitude", SparsitySpec.parse(None, "1:3"))
+    gm = tiny_gm
+    pm = PassManager([InsertObserversPass(), SequentialPrunePass(PruneConfig("wanda", SparsitySpec(0.5)))], PassContext(progress=False))
+    with pytest.raises(DataError, match="calibration token ids"):
+        pm.run(gm)
+    with pytest.raises(ConfigError, match="must be a sparsity"):
+        parse_rules({"*": [1]}, SparsitySpec(0.5))
