@@ -85,7 +85,21 @@ def _load_gguf(path: Path, name: str, source: str) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(f"could not load the GGUF file {path}: {exc}") from exc
+    _forget_gguf_quantization(model)
     return LoadedModel(model.eval(), tok, name, source)
+
+
+def _forget_gguf_quantization(model: nn.Module) -> None:
+    """GGUF weights arrive dequantized to float32, but transformers still marks the model as
+    GGUF-quantized and then refuses ``save_pretrained``. The weights are plain float32, so
+    drop the marker: the saved folder is an ordinary float32 model."""
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
+    config = getattr(model, "config", None)
+    if config is not None:
+        for attr in ("quantization_config", "_is_quantized"):
+            if attr in vars(config):
+                delattr(config, attr)
 
 
 def _load_hf_folder(path: Path, trust_remote_code: bool) -> LoadedModel:
@@ -146,3 +160,17 @@ def load_model(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, se
         f"model {spec!r} not found: give {DEFAULT_MODEL}, tiny-llama, tiny-opt, a Hugging Face model "
         "folder or a .gguf file (models are not downloaded)."
     )
+
+
+def check_finite(model: nn.Module, name: str = "model") -> None:
+    """Refuse a model with NaN/Inf in any parameter, naming the first bad tensor.
+
+    Buffers are not checked: some architectures keep -inf attention-mask constants there.
+    """
+    for pname, tensor in model.named_parameters():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ModelLoadError(
+                f"{name}: {pname} has {bad} NaN/Inf value(s) of {tensor.numel()}; the weights are corrupt "
+                "(re-download or re-convert the model)."
+            )

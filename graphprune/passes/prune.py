@@ -7,6 +7,8 @@
    each Linear in the stage (Linears sharing an input share one Hessian); the pruned
    weights are written back; the stage runs again so the next stage sees pruned outputs.
 3. Memory holds one stage's activations for the calibration set plus its statistics.
+4. With a :class:`~graphprune.passes.checkpoint.StageCheckpoint`, each finished stage is
+   saved; on resume, the finished prefix of stages is restored and only run forward.
 
 The report records, per Linear, the achieved sparsity (zeros counted in the final
 weight), the pattern, the layer-wise reconstruction error, and the solver's seconds;
@@ -28,6 +30,7 @@ from tqdm.auto import tqdm
 from graphprune.errors import ConfigError, DataError, SolverError
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageRunner
+from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 from graphprune.passes.observe import META_OBSERVERS, observer_for
 from graphprune.solvers import SparsitySpec, get_solver, reconstruction_error
@@ -89,9 +92,17 @@ class SequentialPrunePass(Pass):
     establishes = frozenset({Prop.CALIBRATED, Prop.PRUNED})
     preserves_function = False
 
-    def __init__(self, config: PruneConfig, on_stage: Callable[[int, int, dict[str, Any]], None] | None = None) -> None:
+    def __init__(
+        self,
+        config: PruneConfig,
+        on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
+        checkpoint: StageCheckpoint | None = None,
+    ) -> None:
         self.config = config
         self.solver = get_solver(config.method)
+        self.checkpoint = checkpoint  # saves each finished stage; restores finished stages on resume
+        if self.solver.needs_grad:
+            self.requires = self.requires | {Prop.GRADIENTS}
         self.on_stage = on_stage
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
@@ -104,8 +115,6 @@ class SequentialPrunePass(Pass):
             if spec is not None:
                 li = next(li for li in gm.linears if li.name == name)
                 spec.check_shape((li.out_features, li.in_features), name)
-        if self.solver.needs_grad and "grad_sq" not in gm.meta:
-            raise ConfigError(f"method {self.config.method} needs gradient statistics; run the gradient pass first.")
 
         staged = StagedGraph(gm)
         batches = list(tokens.split(self.config.batch_size))
@@ -114,10 +123,25 @@ class SequentialPrunePass(Pass):
         stages: list[dict[str, Any]] = []
         bar = tqdm(total=len(staged.block_stages), desc=f"prune {self.config.method}", unit="block", disable=not ctx.progress)
 
+        resuming = [self.checkpoint is not None]  # only a prefix of finished stages is reused
+
         def prune_stage(stage: Stage, forward: Callable[[], list[Any]]) -> None:
             t0 = time.perf_counter()
             block = gm.blocks[stage.block]  # type: ignore[index]
             targets = [li for li in block.linears if li.name in observed]
+            if resuming[0]:
+                rec = self.checkpoint.load(stage.block)  # type: ignore[union-attr]
+                if rec is not None:
+                    restore_stage(gm, targets, rec, masks)
+                    layers.extend(rec.layers)
+                    forward()  # recompute the (already pruned) outputs for the next stage
+                    stages.append({**rec.stage, "resumed": True})
+                    log.info("block %d: restored %d Linears from %s", stage.block, len(rec.weights), self.checkpoint.dir)  # type: ignore[union-attr]
+                    bar.update(1)
+                    return
+                resuming[0] = False
+            first_layer = len(layers)
+            pruned: dict[str, Tensor] = {}
             obs = {observed[li.name]: observer_for(gm, li.name) for li in targets}
             for o in obs.values():
                 o.reset()
@@ -141,6 +165,10 @@ class SequentialPrunePass(Pass):
                 if self.solver.needs_grad:
                     stats.grad_sq = gm.meta["grad_sq"][li.name]
                 weight = gm.get_attr(li.weight).detach().clone()  # set_weight writes in place
+                if not torch.isfinite(weight).all():
+                    bad = int((~torch.isfinite(weight)).sum())
+                    raise SolverError(f"{li.name}: the weight has {bad} NaN/Inf value(s) before pruning; the model file is corrupt.")
+                bar.set_postfix_str(li.name, refresh=False)  # the solver's progress within the block
                 t1 = time.perf_counter()
                 res = self.solver.fn(weight, stats, spec, name=li.name, **self.config.options)
                 new = res.weight
@@ -154,6 +182,7 @@ class SequentialPrunePass(Pass):
                     raise SolverError(f"{li.name}: solver {self.config.method} produced NaN/Inf weights.")
                 gm.set_weight(li.weight, new)
                 masks[li.name] = res.mask.clone()
+                pruned[li.name] = new
                 entry: dict[str, Any] = {
                     "name": li.name,
                     "block": stage.block,
@@ -175,6 +204,9 @@ class SequentialPrunePass(Pass):
             forward()  # pruned outputs feed the next stage
             info = {"stage": stage.index, "block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
             stages.append(info)
+            log.info("block %d: %d Linears pruned in %.2fs", stage.block, len(pruned), info["seconds"])
+            if self.checkpoint is not None:
+                self.checkpoint.save(StageRecord(stage.block, pruned, {n: masks[n] for n in pruned}, layers[first_layer:], info))
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(stage.block, len(staged.block_stages), info)  # type: ignore[arg-type]
@@ -197,6 +229,20 @@ class SequentialPrunePass(Pass):
         }
         gm.meta[META_PRUNE_REPORT] = report
         return PassResult(gm, modified=bool(layers), stats={"achieved_sparsity": report["achieved_sparsity"], "layers": len(layers)})
+
+
+def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: dict[str, Tensor]) -> None:
+    """Write a checkpointed stage's weights and masks back (names and shapes must match)."""
+    by_name = {li.name: li for li in targets}
+    for name, weight in rec.weights.items():
+        li = by_name.get(name)
+        if li is None or tuple(weight.shape) != (li.out_features, li.in_features):
+            raise ConfigError(
+                f"the checkpoint's block {rec.block} holds {name}, which this model's block does not have "
+                "with that shape; delete the checkpoint folder or run without --resume."
+            )
+        gm.set_weight(li.weight, weight)
+        masks[name] = rec.masks[name].clone()
 
 
 def parse_rules(overrides: Mapping[str, Any] | None, default: SparsitySpec) -> list[LayerRule]:

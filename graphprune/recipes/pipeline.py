@@ -24,9 +24,12 @@ from graphprune.eval import perplexity
 from graphprune.exporters.hf import check_output_dir, save_hf_folder
 from graphprune.graph.model import GraphModel
 from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
+from graphprune.models.loader import check_finite
+from graphprune.passes.gradients import GradientStatsPass
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules, peak_rss_mb
+from graphprune.recipes.resume import open_checkpoint
 from graphprune.solvers import SparsitySpec, get_solver
 
 log = logging.getLogger(__name__)
@@ -62,6 +65,9 @@ class PruneJob:
     evaluate: bool = False
     eval_len: int = 512
     trust_remote_code: bool = False
+    checkpoint: bool = True  # save each finished stage (in checkpoint_dir or <out>.ckpt) until the output is written
+    checkpoint_dir: str | None = None
+    resume: bool = False  # continue from the checkpoint of an interrupted run of the same job
 
     def spec(self) -> SparsitySpec:
         return SparsitySpec.parse(self.sparsity, self.pattern)
@@ -100,8 +106,17 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
     return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
 
 
-def run_prune(job: PruneJob, progress: bool = True, on_stage: Callable[[int, int, dict[str, Any]], None] | None = None) -> PruneOutcome:
-    """Load, capture, calibrate and prune stage by stage, optionally evaluate and save."""
+def run_prune(
+    job: PruneJob,
+    progress: bool = True,
+    on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
+    finish: Callable[[Path, "PruneOutcome"], None] | None = None,
+) -> PruneOutcome:
+    """Load, capture, calibrate and prune stage by stage, optionally evaluate and save.
+
+    ``finish(staging_folder, outcome)`` may add files (exports, benchmarks) to the output
+    folder before it is renamed into place; the checkpoint is deleted only after that.
+    """
     t0 = time.perf_counter()
     spec = job.spec()
     solver = get_solver(job.method)  # unknown method -> clear error before loading anything
@@ -110,19 +125,22 @@ def run_prune(job: PruneJob, progress: bool = True, on_stage: Callable[[int, int
         check_output_dir(job.out, job.overwrite)
     torch.manual_seed(job.seed)
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code, seed=job.seed)
+    check_finite(loaded.model, loaded.name)
     check_length(loaded, job.calib_len, "--calib-len")
     if job.evaluate:
         check_length(loaded, job.eval_len, "--eval-len")
     splits = _splits(loaded, job.text)
     calib = splits.calibration(job.calib_samples, job.calib_len, job.seed)
+    checkpoint = open_checkpoint(job, calib)
     t_load = time.perf_counter()
     gm = GraphModel.capture(loaded.model, name=loaded.name)
     t_capture = time.perf_counter()
     config = PruneConfig(job.method, spec, rules, dict(job.options), job.refine_steps, job.batch_size)
     ctx = PassContext(seed=job.seed, verify=True, progress=progress, data={CALIBRATION: calib})
     passes = [
+        *([GradientStatsPass()] if solver.needs_grad else []),
         InsertObserversPass(hessian=True),
-        SequentialPrunePass(config, on_stage=on_stage),
+        SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint),
         RemoveObserversPass(),
     ]
     gm = PassManager(passes, ctx).run(gm)
@@ -143,9 +161,13 @@ def run_prune(job: PruneJob, progress: bool = True, on_stage: Callable[[int, int
         report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    outcome = PruneOutcome(gm, loaded, report)
     if job.out is not None:
-        save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report})
-    return PruneOutcome(gm, loaded, report)
+        extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
+        save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
+    if checkpoint is not None:
+        checkpoint.remove()
+    return outcome
 
 
 def default_out_dir(job: PruneJob) -> Path:

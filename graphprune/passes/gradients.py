@@ -1,0 +1,77 @@
+"""GradientStatsPass: per-weight gradient statistics of the language-modelling loss (GBLM-Pruner).
+
+For every calibration sequence, one forward and backward pass of the *dense* model through
+the captured graph gives the gradient ``g_n`` of the mean next-token loss with respect to
+each observed block Linear weight; the pass accumulates ``Σ_n g_n²`` in float32 (the
+solver takes the square root: the per-weight ℓ2 norm of the gradients over samples).
+
+Sequences are processed one at a time, so memory holds one sample's activations plus one
+gradient and one accumulator per weight, whatever the number of samples.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from graphprune.errors import DataError, SolverError
+from graphprune.graph.model import GraphModel
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
+from graphprune.passes.observe import select_linears
+
+log = logging.getLogger(__name__)
+
+META_GRAD_SQ = "grad_sq"  # gm.meta key: linear name -> Σ g² [out, in]
+CALIBRATION = "calibration"
+
+
+class GradientStatsPass(Pass):
+    """Accumulate squared LM-loss gradients of the selected block Linears' weights."""
+
+    name = "gradient_stats"
+    establishes = frozenset({Prop.GRADIENTS})
+    preserves_function = True  # weights are read, never written
+
+    def __init__(self, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> None:
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+
+    def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        tokens = ctx.data.get(CALIBRATION)
+        if tokens is None or tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+            raise DataError("the gradient pass needs calibration token ids [N, L>=2] in ctx.data['calibration'].")
+        linears = select_linears(gm, self.include, self.exclude)
+        params = {li.name: gm.get_attr(li.weight) for li in linears}
+        every = list(gm.gm.parameters())
+        saved = [p.requires_grad for p in every]
+        acc = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
+        t0 = time.perf_counter()
+        try:
+            for p in every:
+                p.requires_grad_(False)
+            for p in params.values():
+                p.requires_grad_(True)
+            for ids in tqdm(tokens.split(1), desc="gradients", unit="seq", disable=not ctx.progress, leave=False):
+                for p in params.values():
+                    p.grad = None
+                with torch.enable_grad():
+                    logits = gm.gm(ids)
+                    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                    loss.backward()
+                for name, p in params.items():
+                    if p.grad is None:
+                        raise SolverError(f"{name}: no gradient reached this weight; is it used by the model?")
+                    acc[name] += p.grad.detach().float().pow(2)
+        finally:
+            for p, flag in zip(every, saved):
+                p.requires_grad_(flag)
+                p.grad = None
+        for name, a in acc.items():
+            if not torch.isfinite(a).all():
+                raise SolverError(f"{name}: gradient statistics contain NaN/Inf; the loss overflowed.")
+        gm.meta[META_GRAD_SQ] = acc
+        return PassResult(gm, modified=False, stats={"linears": len(acc), "samples": int(tokens.shape[0]), "seconds": round(time.perf_counter() - t0, 2)})
