@@ -13,11 +13,12 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from torch import nn
 
 from graphprune.errors import ExportError
+from graphprune.kernels import kernels_lowered
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,13 @@ def save_hf_folder(
     *,
     overwrite: bool = False,
     extra_json: Mapping[str, Any] | None = None,
+    extra: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``model`` (a transformers PreTrainedModel) as a loadable folder.
+
+    Sparse kernels (``graphprune.kernels``) are lowered to ``nn.Linear`` while saving, so
+    the folder holds plain dense weights (zeros where pruned) that ``transformers`` loads
+    unchanged; the model keeps its kernels afterwards.
 
     Args:
         model: the model; its weights are what the pipeline pruned.
@@ -72,13 +78,18 @@ def save_hf_folder(
         out: the folder.
         overwrite: replace an existing folder.
         extra_json: more files to write, name -> JSON-serialisable data (e.g. ``report.json``).
+        extra: called with the staging folder after the model is written and before
+            ``extra_json``, to add files (exports, benchmarks) that appear with the model or not at all.
     """
     if not hasattr(model, "save_pretrained"):
         raise ExportError(f"{type(model).__name__} is not a transformers model; cannot write a model folder.")
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        with kernels_lowered(model) as lowered:
+            lowered.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         for name, data in (extra_json or {}).items():
             write_json(tmp / name, data)
     log.info("wrote %s", out)

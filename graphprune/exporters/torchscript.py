@@ -42,7 +42,7 @@ from graphprune.kernels import kernels_lowered
 _CHECK_SCRIPT = """
 import json, sys, torch
 module = torch.jit.load(sys.argv[1], map_location="cpu")
-probe = torch.load(sys.argv[2])
+probe = torch.load(sys.argv[2], weights_only=True)
 diffs = []
 with torch.no_grad():
     for ids, ref in zip(probe["inputs"], probe["expected"]):

@@ -12,7 +12,9 @@ module a node came from) and gives dynamic shapes. Every Linear becomes one
 from __future__ import annotations
 
 import logging
+import os
 import time
+import traceback
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +44,47 @@ def example_tokens(vocab: int, batch: int = 2, seq: int = 16) -> Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=gen)
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _op_name(fn: object) -> str:
+    if isinstance(fn, torch._ops.OpOverload):
+        return str(fn)
+    name = getattr(fn, "__name__", None) or type(fn).__name__
+    owner = getattr(fn, "__objclass__", None)
+    if owner is not None and issubclass(owner, torch._C.TensorBase):
+        return f"Tensor.{name}"
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if module else name
+
+
+def _where_it_failed(exc: BaseException, model: nn.Module) -> str:
+    """`` in <module path> (<class>), operator <op>, at <file>:<line> `<code>``` from the traceback.
+
+    The module is the innermost frame whose ``self`` is a submodule of ``model`` (its
+    ``nn_module_stack`` path), the operator the innermost ``func`` torch was dispatching
+    (``Tensor.__bool__``, ``aten.nonzero.default``...), the line the last frame outside torch.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    module = op = line = None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            module = f"{names[id(owner)] or '<root>'} ({type(owner).__name__})"
+        fn = frame.f_locals.get("func")
+        if fn is not None and frame.f_code.co_name in ("__torch_function__", "__torch_dispatch__", "proxy_call", "dispatch"):
+            op = _op_name(fn)
+        if not frame.f_code.co_filename.startswith(_TORCH_DIR):
+            summary = traceback.extract_tb(tb, limit=1)[0]
+            code = (summary.line or "").strip()
+            line = f"{os.path.basename(summary.filename)}:{summary.lineno}" + (f" `{code}`" if code else "")
+        tb = tb.tb_next
+    parts = [f" in {module}" if module else "", f", operator {op}" if op else "", f", at {line}" if line else ""]
+    return "".join(parts)
+
+
 def capture(model: nn.Module, example: Tensor | None = None) -> torch.fx.GraphModule:
     """Trace ``model`` into a GraphModule computing logits from token ids.
 
@@ -65,7 +108,7 @@ def capture(model: nn.Module, example: Tensor | None = None) -> torch.fx.GraphMo
     except Exception as exc:  # torch raises many types here; all mean "cannot capture"
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(
-            f"could not capture {type(model).__name__} into a graph: {type(exc).__name__}: {first}. "
+            f"could not capture {type(model).__name__} into a graph{_where_it_failed(exc, model)}: {type(exc).__name__}: {first}. "
             "The model uses an operator or Python construct torch.export cannot trace; "
             "check that it is a standard causal LM and that --trust-remote-code code is export-friendly."
         ) from exc

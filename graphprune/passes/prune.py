@@ -253,8 +253,18 @@ def parse_rules(overrides: Mapping[str, Any] | None, default: SparsitySpec) -> l
             rules.append(LayerRule(pattern, None))
         elif isinstance(value, (int, float)):
             rules.append(LayerRule(pattern, SparsitySpec.parse(float(value), "unstructured")))
-        elif isinstance(value, str):
-            rules.append(LayerRule(pattern, SparsitySpec.parse(None, value) if ":" in value else SparsitySpec.parse(float(value))))
+        elif isinstance(value, str) and ":" in value:
+            rules.append(LayerRule(pattern, SparsitySpec.parse(None, value)))
+        elif isinstance(value, str) and _is_number(value):
+            rules.append(LayerRule(pattern, SparsitySpec.parse(float(value))))
         else:
             raise ConfigError(f"override for {pattern!r} must be a sparsity, an 'N:M' pattern or 'skip', got {value!r}.")
     return rules
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
