@@ -1,0 +1,384 @@
+"""ALPS (Meng, Behdin, Wang, Mazumder 2024, "ALPS: Improved Optimization for Highly
+Sparse One-Shot Pruning").
+
+Problem: for a Linear ``W [out, in]`` with inputs ``X`` and ``H = XᵀX / n``, find ``Ŵ``
+in the sparsity pattern minimising ``Σ_r (ŵ_r − w_r) H (ŵ_r − w_r)ᵀ`` (the layer-wise
+error ``‖WX − ŴX‖² / n``), an ℓ0-constrained least-squares problem.
+
+Method, in three parts:
+
+1. **Preconditioning.** ``H`` is damped by ``damp · mean(diag H)`` on the diagonal
+   (default 1 %, as in the paper's code; it keeps ``H`` invertible when inputs are
+   collinear or dead) and scaled to unit diagonal: with ``d = sqrt(diag H_damped)``,
+   ``Ĥ = H_damped / (d dᵀ)`` and the variables are ``B = W · diag(d)``. The problem is
+   unchanged, but ρ now has a scale-free meaning, and ``|B_ij| = |W_ij| · ‖X_j‖`` (up to
+   damping), so the projection ranks weights by the Wanda score.
+2. **ADMM** on the split ``B = D`` with ``D`` in the pattern (scaled dual ``V``)::
+
+       B ← (B₀Ĥ − V + ρD)(Ĥ + ρI)⁻¹     one eigendecomposition Ĥ = QΛQᵀ serves every ρ:
+                                          B = [(B₀Q)Λ + (ρD − V)Q] / (Λ + ρ) · Qᵀ
+       D ← Π(B + V/ρ)                     projection: keep the largest |·| (pattern)
+       V ← V + ρ(B − D)
+
+   Every ``update_every`` (3) iterations the support of ``D`` is compared with the one 3
+   iterations earlier; with ``s`` = flipped positions / kept weights, ρ follows the
+   paper's reference schedule: ``s > 0.1`` → ρ·1.3; ``s > 0.005`` → ρ·1.2; some change
+   → ρ·1.1 once the support has started moving, otherwise (ρ too large to let the
+   support move at all) ρ/5 and restart from the initial point; no change → stop once
+   the support has moved before, otherwise ρ/5. ρ is capped at 1e6. After
+   ``switch_iter`` iterations the run also stops when ``s < 3e-4``. Unlike the reference
+   code, the ρ/5 back-off is applied at most ``_MAX_BACKOFFS`` times: when the
+   magnitude support is already stationary (e.g. uncorrelated inputs) the reference
+   would shrink ρ until ``max_iter``; here the support is then accepted as final.
+3. **PCG refinement.** The final support is that of the projected ``B``; on it the
+   layer loss is minimised exactly by batched preconditioned conjugate gradients
+   (:func:`pcg_refit`, Jacobi preconditioner, every row at once, no inverse).
+
+Unstructured sparsity is a per-layer budget (the paper's ℓ0 constraint: rows may keep
+different counts); ``per_row=True`` gives every row the same count instead. ``N:M``
+projects within each group of ``M`` inputs.
+
+Numerics: the eigendecomposition is float64; ADMM runs in float32 (float64 for a
+float64 weight) because only its support matters; the PCG refinement runs in float64.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from graphprune.errors import ConfigError, SolverError
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, reconstruction_error
+from graphprune.solvers.spec import SparsitySpec
+
+log = logging.getLogger(__name__)
+
+_RHO_MAX = 1e6
+# How often ρ may be divided by 5 because the support does not move, before the
+# support is accepted as it is.
+_MAX_BACKOFFS = 4
+
+# (max_iter, pcg_iters, pcg_tol, switch_iter, stop_change) for default and fast mode.
+_DEFAULTS = {False: (300, 50, 1e-6, 30, 3e-4), True: (90, 10, 1e-4, 12, 3e-3)}
+
+
+def alps_prune(
+    weight: Tensor,
+    stats: LayerStats,
+    spec: SparsitySpec,
+    rho0: float = 0.1,
+    fast: bool = False,
+    max_iter: int | None = None,
+    pcg_iters: int | None = None,
+    *,
+    damp: float = 0.01,
+    update_every: int = 3,
+    pcg_tol: float | None = None,
+    per_row: bool = False,
+    name: str = "weight",
+    **options: Any,
+) -> SolveResult:
+    """Prune ``weight [out, in]`` with ALPS (ADMM with a ρ schedule, then PCG).
+
+    Args:
+        weight: the Linear's weight ``[out, in]``; not modified.
+        stats: calibration statistics; ``stats.xtx [in, in]`` is required.
+        spec: sparsity target and pattern.
+        rho0: initial ADMM penalty, relative to the unit-diagonal Hessian.
+        fast: fewer ADMM iterations, a looser support-stability stop and a short PCG
+            (10 iterations, tolerance 1e-4, as in the paper's code).
+        max_iter: ADMM iteration cap (default 300; 90 when ``fast``).
+        pcg_iters: PCG iteration cap (default 50; 10 when ``fast``; 0 skips PCG and
+            keeps the ADMM weights on the final support).
+        damp: Hessian damping as a fraction of ``mean(diag H)``.
+        update_every: iterations between support checks / ρ updates.
+        pcg_tol: PCG stop when every row's residual is below ``pcg_tol`` times its
+            right-hand side (default 1e-6; 1e-4 when ``fast``).
+        per_row: unstructured only; same count per row instead of a layer budget.
+        name: how errors refer to this weight (e.g. the module path).
+        **options: none other are accepted; an unknown option is a :class:`ConfigError`.
+
+    Returns:
+        ``SolveResult`` with the pruned weight (dtype and device of ``weight``, exactly
+        zero off the mask), the boolean keep-mask, and ``info``: ``iterations`` (ADMM),
+        ``rho`` (final), ``support_change`` (last measured fraction), ``backoffs``,
+        ``pcg_iterations``, ``pcg_residual`` (max relative), ``damp`` (absolute),
+        ``sparsity`` (achieved), ``error`` / ``rel_error`` (undamped ``‖WX − ŴX‖²``).
+
+    Raises:
+        ConfigError: bad option values or an unknown option.
+        SolverError: missing or malformed ``XᵀX``, or inputs that are all zero.
+    """
+    if options:
+        raise ConfigError(
+            f"{name}: alps_prune got unknown option(s) {sorted(options)}; it takes rho0, fast, max_iter, "
+            "pcg_iters, damp, update_every, pcg_tol and per_row."
+        )
+    check_inputs(weight, stats, spec, name)
+    d_iter, d_pcg, d_tol, switch_iter, stop_change = _DEFAULTS[bool(fast)]
+    max_iter = d_iter if max_iter is None else max_iter
+    pcg_iters = d_pcg if pcg_iters is None else pcg_iters
+    pcg_tol = d_tol if pcg_tol is None else pcg_tol
+    _check_positive(name, "rho0", rho0)
+    _check_positive(name, "pcg_tol", pcg_tol)
+    _check_nonneg(name, "damp", damp)
+    _check_int(name, "max_iter", max_iter, 1)
+    _check_int(name, "pcg_iters", pcg_iters, 0)
+    _check_int(name, "update_every", update_every, 1)
+
+    cols = weight.shape[1]
+    h = _hessian(stats, cols, name, weight.device)
+    mean_diag = float(h.diagonal().mean())
+    if mean_diag <= 0:
+        raise SolverError(
+            f"{name}: every input of this layer was zero during calibration, so XᵀX carries no information "
+            "to prune by; use magnitude pruning for it or check the calibration data."
+        )
+    damp_abs = damp * mean_diag
+    h.diagonal().add_(damp_abs)
+    if damp_abs == 0 and bool((h.diagonal() == 0).any()):
+        raise SolverError(f"{name}: some inputs are always zero and damp=0 leaves H singular; use damp > 0.")
+    scale = h.diagonal().sqrt()
+    hn = h / scale[:, None] / scale[None, :]
+
+    with torch.no_grad():
+        compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        w64 = weight.detach().to(torch.float64)
+        b0 = w64 * scale  # B = W·diag(d)
+        evals, evecs = torch.linalg.eigh(hn)
+        evals = evals.clamp_min(0)
+        b_admm, admm_info = _admm(
+            b0.to(compute), evals.to(compute), evecs.to(compute), spec, per_row,
+            rho0, max_iter, update_every, switch_iter, stop_change,
+        )
+        mask = _project_mask(b_admm.abs(), spec, per_row, None)[0]
+        if pcg_iters > 0:
+            b, pcg_info = _pcg(hn, b0, mask, b_admm.to(torch.float64), pcg_tol, pcg_iters)
+        else:
+            b, pcg_info = b_admm.to(torch.float64) * mask, {"iterations": 0, "residual": float("nan")}
+        pruned = (b / scale).masked_fill(~mask, 0).to(weight.dtype)
+
+    err, rel = reconstruction_error(weight.detach(), pruned, stats.xtx.to(weight.device))  # type: ignore[union-attr]
+    info: dict[str, Any] = {
+        **admm_info,
+        "pcg_iterations": pcg_info["iterations"],
+        "pcg_residual": pcg_info["residual"],
+        "damp": damp_abs,
+        "sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1),
+        "error": err,
+        "rel_error": rel,
+    }
+    log.debug("%s: ALPS %s", name, info)
+    return SolveResult(weight=pruned, mask=mask, info=info)
+
+
+def pcg_refit(
+    weight: Tensor,
+    mask: Tensor,
+    h: Tensor,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 100,
+    init: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
+    """Least-squares refit of ``weight`` on a fixed support by batched PCG.
+
+    For every row ``r`` solves ``min_x (x − w_r) H (x − w_r)ᵀ`` over ``x`` supported on
+    ``mask[r]``, i.e. the normal equations ``H_SS x_S = (H w_r)_S``, with conjugate
+    gradients preconditioned by ``diag(H)`` (Jacobi), all rows at once. No inverse.
+
+    Args:
+        weight: reference weight ``[out, in]``.
+        mask: boolean keep-mask ``[out, in]``.
+        h: symmetric positive (semi-)definite ``[in, in]``; positive definite on every
+            row's support for a unique answer.
+        tol: stop when every row's residual norm is at most ``tol`` times its
+            right-hand side's.
+        max_iter: iteration cap.
+        init: starting point (default ``weight * mask``).
+
+    Returns:
+        The refitted weight (dtype of ``weight``, zero off the mask) and ``info`` with
+        ``iterations`` and ``residual`` (max relative residual reached).
+    """
+    if weight.dim() != 2 or mask.shape != weight.shape or mask.dtype != torch.bool:
+        raise SolverError(
+            f"pcg_refit needs a 2-D weight and a boolean mask of the same shape, got {tuple(weight.shape)} "
+            f"and {tuple(mask.shape)} ({mask.dtype})."
+        )
+    if h.shape != (weight.shape[1], weight.shape[1]):
+        raise SolverError(f"pcg_refit: H has shape {tuple(h.shape)}, expected ({weight.shape[1]}, {weight.shape[1]}).")
+    _check_positive("pcg_refit", "tol", tol)
+    _check_int("pcg_refit", "max_iter", max_iter, 0)
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    start = (weight if init is None else init).to(dtype)
+    x, info = _pcg(h.to(dtype), weight.to(dtype), mask, start, tol, max_iter)
+    return x.to(weight.dtype), info
+
+
+# ---------------------------------------------------------------------------- internals
+
+
+def _admm(
+    b0: Tensor,
+    evals: Tensor,
+    q: Tensor,
+    spec: SparsitySpec,
+    per_row: bool,
+    rho: float,
+    max_iter: int,
+    update_every: int,
+    switch_iter: int,
+    stop_change: float,
+) -> tuple[Tensor, dict[str, Any]]:
+    """ADMM with the support-driven ρ schedule; returns the last ``B`` and diagnostics."""
+    b0q_l = (b0 @ q) * evals  # (B₀Ĥ)Q = (B₀Q)Λ, fixed
+    mask_init, thr = _project_mask(b0.abs(), spec, per_row, None)
+    d_init = b0 * mask_init
+    d, v, b = d_init.clone(), torch.zeros_like(b0), b0.clone()
+    prev = mask_init
+    kept = max(int(prev.sum()), 1)
+    started, backoffs, change, it = False, 0, float("nan"), 0
+    for it in range(1, max_iter + 1):
+        b = ((b0q_l + (rho * d - v) @ q) / (evals + rho)) @ q.T
+        target = b + v / rho
+        support, thr = _project_mask(target.abs(), spec, per_row, thr)
+        d = target * support
+        v += rho * (b - d)
+        if it % update_every:
+            continue
+        flips = int((support ^ prev).sum())
+        prev = support
+        change = flips / kept
+        stop = False
+        if change > 0.1:
+            rho, started = rho * 1.3, True
+        elif change > 0.005:
+            rho, started = rho * 1.2, True
+        elif started:
+            if flips:
+                rho *= 1.1
+            else:
+                stop = True
+        elif backoffs < _MAX_BACKOFFS:
+            # ρ is so large that the support cannot leave the initial one: restart smaller.
+            backoffs += 1
+            rho /= 5
+            if flips:
+                d, v, b = d_init.clone(), torch.zeros_like(b0), b0.clone()
+                prev = mask_init
+        else:
+            started = True  # the initial support is stationary; accept it
+            stop = not flips
+        rho = min(rho, _RHO_MAX)
+        if stop or (it >= switch_iter and started and change < stop_change):
+            break
+    return b, {"iterations": it, "rho": rho, "support_change": change, "backoffs": backoffs}
+
+
+def _project_mask(score: Tensor, spec: SparsitySpec, per_row: bool, hint: float | None) -> tuple[Tensor, float | None]:
+    """Support of the Euclidean projection onto the pattern: the largest ``score = |x|``."""
+    if spec.is_nm or per_row:
+        return spec.keep_mask(score, per_row=True), None
+    keep = score.numel() - int(spec.sparsity * score.numel())
+    return _global_top(score, keep, hint)
+
+
+def _global_top(score: Tensor, keep: int, hint: float | None) -> tuple[Tensor, float | None]:
+    """Mask of the ``keep`` largest entries of ``score`` (ties: lowest flat index first).
+
+    Same rule as ``SparsitySpec.keep_mask(per_row=False)`` up to ties, but fast when
+    ``hint`` (the previous threshold) is close: only the entries in a window around it
+    are selected from, instead of partially sorting the whole tensor every iteration.
+    """
+    flat = score.reshape(-1)
+    n = flat.numel()
+    if keep >= n:
+        return torch.ones_like(score, dtype=torch.bool), None
+    if keep <= 0:
+        return torch.zeros_like(score, dtype=torch.bool), None
+    thr: Tensor | None = None
+    if hint is not None and hint > 0:
+        lo, hi = hint * 0.9, hint * 1.1
+        above = int((flat > hi).sum())
+        window = flat[(flat >= lo) & (flat <= hi)]
+        need = keep - above
+        if 0 < need <= window.numel():
+            thr = torch.kthvalue(window, window.numel() - need + 1).values
+    if thr is None:
+        thr = torch.kthvalue(flat, n - keep + 1).values
+    mask = flat > thr
+    short = keep - int(mask.sum())
+    if short > 0:
+        ties = torch.nonzero(flat == thr).flatten()[:short]
+        mask[ties] = True
+    return mask.view_as(score), float(thr)
+
+
+def _pcg(h: Tensor, w: Tensor, mask: Tensor, init: Tensor, tol: float, max_iter: int) -> tuple[Tensor, dict[str, Any]]:
+    """Batched Jacobi-PCG for ``(H x)_S = (H w)_S`` per row; dtype of ``h``."""
+    dtype = h.dtype
+    m = mask.to(dtype)
+    rhs = (w.to(dtype) @ h) * m
+    x = init.to(dtype) * m
+    diag = h.diagonal()
+    pinv = torch.where(diag > 0, 1.0 / diag, torch.ones_like(diag))
+    r = rhs - (x @ h) * m
+    z = r * pinv
+    p = z.clone()
+    rz = (r * z).sum(1)
+    rhs_norm = rhs.norm(dim=1)
+    limit = tol * rhs_norm
+    res = r.norm(dim=1)
+    it = 0
+    for it in range(1, max_iter + 1):
+        if bool((res <= limit).all()):
+            it -= 1
+            break
+        active = res > limit  # converged rows stop moving (and avoid 0/0)
+        ap = (p @ h) * m
+        pap = (p * ap).sum(1)
+        alpha = torch.where(active & (pap > 0), rz / torch.where(pap > 0, pap, torch.ones_like(pap)), 0.0)
+        x += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        z = r * pinv
+        rz_new = (r * z).sum(1)
+        beta = torch.where(rz > 0, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), 0.0)
+        p = torch.where(active[:, None], z + beta[:, None] * p, torch.zeros_like(p))
+        rz = rz_new
+        res = r.norm(dim=1)
+    rel = res / torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
+    return x * m, {"iterations": it, "residual": float(rel.max()) if rel.numel() else 0.0}
+
+
+def _hessian(stats: LayerStats, cols: int, name: str, device: torch.device) -> Tensor:
+    h = stats.hessian(torch.float64).to(device)
+    if h.shape != (cols, cols):
+        raise SolverError(
+            f"{name}: the input Hessian XᵀX has shape {tuple(h.shape)}, expected ({cols}, {cols}); "
+            "the statistics belong to a different layer."
+        )
+    if bool((h.diagonal() < 0).any()):
+        raise SolverError(
+            f"{name}: the input Hessian XᵀX has negative diagonal entries, so it is not a Gram matrix; "
+            "the calibration statistics are corrupt, recollect them."
+        )
+    return h.clone()
+
+
+def _check_positive(name: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}: {key} must be a finite number > 0, got {value!r}.")
+
+
+def _check_nonneg(name: str, key: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{name}: {key} must be a finite number >= 0, got {value!r}.")
+
+
+def _check_int(name: str, key: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}: {key} must be an integer >= {low}, got {value!r}.")
