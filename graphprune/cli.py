@@ -1,4 +1,4 @@
-"""Command line: ``graphprune inspect | eval | prune``.
+"""Command line: ``graphprune inspect | eval | prune | export | bench | run``.
 
 User errors (any :class:`graphprune.errors.GraphPruneError`) print one clear line and
 exit with status 2; no traceback. ``-v`` shows progress details, ``-q`` hides progress bars.
@@ -62,6 +62,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-len", type=int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--out", default=None, help="output model folder (default out/<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job from its checkpoint")
+    p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="checkpoint folder (default <out>.ckpt)")
+    p.add_argument("--rotate", choices=["pca", "hadamard", "learned"], default=None, help="rotate the residual stream first (norms folded), then prune in the rotated space")
+    p.add_argument("--rotate-option", action="append", default=[], metavar="KEY=VALUE", help="learned rotation: init, steps, lr, momentum, blocks_per_step")
+    p.add_argument("--slice", type=float, default=0.0, metavar="FRACTION", help="drop this fraction of the rotated stream (SliceGPT; implies --rotate pca)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("export", parents=[common], help="export a model folder to ONNX or TorchScript, check parity")
+    p.add_argument("model", metavar="DIR", help="model folder (or a built-in model name / .gguf file)")
+    p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx / .pt file to write")
+    p.add_argument("--sparse-initializers", action="store_true", help="ONNX: store mostly-zero weights compactly")
+    p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logits difference| vs PyTorch (default 1e-3)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("bench", parents=[common], help="latency of models side by side (first = baseline)")
+    p.add_argument("targets", nargs="+", metavar="TARGET", help="model folders (or built-in names); the first is the baseline")
+    p.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime"], help="eager, torchscript, onnxruntime")
+    p.add_argument("--cases", nargs="+", default=["prefill", "step", "throughput"], help="prefill, step, throughput or NAME=BxS")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per model, runtime and case")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: unchanged)")
+    p.add_argument("--names", nargs="+", default=[], help="labels for the targets (default: folder names)")
+    p.add_argument("--out", default="out/bench", metavar="DIR", help="folder for latency.md, latency.json, latency.png")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("run", parents=[common], help="run a YAML recipe: prune, evaluate, export, bench")
+    p.add_argument("recipe", metavar="RECIPE", help="recipe file (see docs/RECIPES.md)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value, e.g. prune.sparsity=0.6")
+    p.add_argument("--out", default=None, help="output folder (overrides output.dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same recipe from its checkpoint")
+    p.add_argument("--check", action="store_true", help="validate and print the recipe with its defaults; run nothing")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
@@ -131,8 +167,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         evaluate=args.eval,
         eval_len=args.eval_len,
         trust_remote_code=args.trust_remote_code,
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
+        rotation=args.rotate,
+        slicing=args.slice,
+        rotation_options=_kv(args.rotate_option, "--rotate-option"),
     )
-    job.spec()  # validate before loading anything
+    job.rotation_source()  # validate before loading anything
+    if job.prunes():
+        job.spec()
     job.out = args.out or str(default_out_dir(job))
     outcome = run_prune(job, progress=not args.quiet)
     rep = outcome.report
@@ -144,10 +187,71 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}; "
             f"prune {rep['prune_seconds']:.1f}s, peak RSS {rep['peak_rss_mb']:.0f} MiB; wrote {job.out}"
         )
+        if "rotation" in rep:
+            sl = rep.get("slicing")
+            width = f", stream {sl['width']} -> {sl['sliced_width']}" if sl else ""
+            print(f"  rotation {rep['rotation']['source']}{width}; parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}")
     return 0
 
 
-COMMANDS = {"inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune}
+def _quiet_onnx_exporter(args: argparse.Namespace) -> None:
+    # torch's ONNX exporter warns about optional packages (torchvision) on every export;
+    # its logging is set up when torch is imported, so this runs after that import.
+    if not args.verbose:
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from graphprune.recipes.export_bench import ExportJob, export_line, run_export
+
+    _quiet_onnx_exporter(args)
+    job = ExportJob(args.model, args.format, args.out, args.sparse_initializers, args.overwrite, args.trust_remote_code, args.atol)
+    res = run_export(job)
+    print(json.dumps(res, indent=2) if args.json else export_line(res))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from graphprune.recipes.export_bench import BenchJob, run_bench
+
+    _quiet_onnx_exporter(args)
+    job = BenchJob(
+        args.targets, args.runtimes, args.cases, repeats=args.repeats, warmup=args.warmup, out=args.out,
+        threads=args.threads, names=args.names, trust_remote_code=args.trust_remote_code,
+    )
+    res = run_bench(job, progress=not args.quiet)
+    res.pop("result")
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        print(res["table"] + "\n".join(f"wrote {f}" for f in res["files"].values()))
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from graphprune.recipes.recipe import Recipe, parse_settings, run_recipe
+
+    settings = parse_settings(args.set)
+    if args.out is not None:
+        settings["output.dir"] = args.out
+    if args.overwrite:
+        settings["output.overwrite"] = True
+    recipe = Recipe.load(args.recipe, settings)
+    if args.check:
+        print(recipe.to_yaml(), end="")
+        return 0
+    outcome = run_recipe(recipe, progress=not args.quiet, resume=args.resume)
+    rep = outcome.report
+    if args.json:
+        print(json.dumps({k: v for k, v in rep.items() if k != "layers"}, indent=2, default=str))
+    else:
+        ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
+        steps = "".join(f"; {name} done" for name in rep.get("steps", {}))
+        print(f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}{steps}; wrote {rep['out']}")
+    return 0
+
+
+COMMANDS = {"inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune, "export": _cmd_export, "bench": _cmd_bench, "run": _cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -156,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # also silences progress bars of libraries (e.g. the GGUF loader); read when tqdm is imported
         os.environ.setdefault("TQDM_DISABLE", "1")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO if args.verbose else logging.WARNING)  # also when a host already configured logging
     if not args.verbose:
         import transformers
 
@@ -167,7 +272,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graphprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"graphprune {args.command}: interrupted", file=sys.stderr)
+        hint = "; finished stages are checkpointed: rerun with --resume to continue" if args.command in ("prune", "run") else ""
+        print(f"graphprune {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 from graphprune.bench.latency import BenchResult, LatencyRecord
 
 
-def _atomic_write(path: str | Path, data: bytes) -> Path:
+def atomic_write(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to a temporary file next to ``path`` and rename it into place."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
@@ -32,7 +33,7 @@ def _atomic_write(path: str | Path, data: bytes) -> Path:
 
 def write_json(result: BenchResult, path: str | Path) -> Path:
     """All records and the machine description as JSON."""
-    return _atomic_write(path, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
+    return atomic_write(path, (json.dumps(result.to_dict(), indent=2) + "\n").encode())
 
 
 def _show_absolute(result: BenchResult, absolute: bool | None) -> bool:
@@ -78,7 +79,7 @@ def to_markdown(result: BenchResult, *, absolute: bool | None = None) -> str:
 
 
 def write_markdown(result: BenchResult, path: str | Path, *, absolute: bool | None = None) -> Path:
-    return _atomic_write(path, to_markdown(result, absolute=absolute).encode())
+    return atomic_write(path, to_markdown(result, absolute=absolute).encode())
 
 
 def write_plot(result: BenchResult, path: str | Path, *, title: str | None = None) -> Path:

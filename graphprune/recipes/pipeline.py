@@ -19,16 +19,20 @@ from typing import Any, Callable, Sequence
 import torch
 
 from graphprune.data import TokenSplits, read_texts
-from graphprune.errors import ConfigError
+from graphprune.errors import ConfigError, ExportError
 from graphprune.eval import perplexity
 from graphprune.exporters.hf import check_output_dir, save_hf_folder
 from graphprune.graph.model import GraphModel
+from graphprune.graph.stream import export_blockers, parameter_count
 from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
 from graphprune.models.loader import check_finite
 from graphprune.passes.gradients import GradientStatsPass
+from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules, peak_rss_mb
+from graphprune.passes.rotate import META_ROTATION, LearnConfig, RotatePass
+from graphprune.passes.slice import META_SLICING, SlicePass
 from graphprune.recipes.resume import open_checkpoint
 from graphprune.solvers import SparsitySpec, get_solver
 
@@ -68,9 +72,32 @@ class PruneJob:
     checkpoint: bool = True  # save each finished stage (in checkpoint_dir or <out>.ckpt) until the output is written
     checkpoint_dir: str | None = None
     resume: bool = False  # continue from the checkpoint of an interrupted run of the same job
+    rotation: str | None = None  # rotate the residual stream first: None, "pca", "hadamard" or "learned"
+    slicing: float = 0.0  # fraction of the rotated stream to drop (SliceGPT); implies rotation "pca"
+    rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
+    rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
 
     def spec(self) -> SparsitySpec:
         return SparsitySpec.parse(self.sparsity, self.pattern)
+
+    def prunes(self) -> bool:
+        """False for a rotate/slice-only job (no sparsity and no N:M pattern given)."""
+        return not (self.sparsity is None and self.pattern.strip().lower() == "unstructured" and (self.rotation or self.slicing))
+
+    def rotation_source(self) -> str | None:
+        """The rotation to apply (slicing implies PCA), validated."""
+        from graphprune.passes.rotate import SOURCES
+        from graphprune.passes.slice import sliced_width
+
+        source = self.rotation or ("pca" if self.slicing else None)
+        if source is not None and source not in SOURCES:
+            raise ConfigError(f"unknown rotation {source!r}; choose one of: {', '.join(SOURCES)}.")
+        sliced_width(64, self.slicing)  # validates the fraction
+        if self.slicing and source == "hadamard":
+            raise ConfigError("slicing needs a rotation ordered by importance; use --rotate pca or learned with --slice.")
+        if source == "learned" and not self.prunes():
+            raise ConfigError("a learned rotation is learned for a sparsity target; give --sparsity or --pattern.")
+        return source
 
 
 @dataclass
@@ -118,7 +145,9 @@ def run_prune(
     folder before it is renamed into place; the checkpoint is deleted only after that.
     """
     t0 = time.perf_counter()
-    spec = job.spec()
+    rotation = job.rotation_source()
+    prunes = job.prunes()
+    spec = job.spec() if prunes else SparsitySpec(0.0)
     solver = get_solver(job.method)  # unknown method -> clear error before loading anything
     rules = parse_rules(job.overrides, spec)
     if job.out is not None:
@@ -133,29 +162,39 @@ def run_prune(
     calib = splits.calibration(job.calib_samples, job.calib_len, job.seed)
     checkpoint = open_checkpoint(job, calib)
     t_load = time.perf_counter()
+    parameters_before = parameter_count(loaded.model)
     gm = GraphModel.capture(loaded.model, name=loaded.name)
     t_capture = time.perf_counter()
+    rotate_passes = _rotation_passes(job, rotation, spec, gm)
     config = PruneConfig(job.method, spec, rules, dict(job.options), job.refine_steps, job.batch_size)
     ctx = PassContext(seed=job.seed, verify=True, progress=progress, data={CALIBRATION: calib})
     passes = [
-        *([GradientStatsPass()] if solver.needs_grad else []),
-        InsertObserversPass(hessian=True),
-        SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint),
-        RemoveObserversPass(),
+        *rotate_passes,
+        *([GradientStatsPass()] if solver.needs_grad and prunes else []),
+        *(
+            [InsertObserversPass(hessian=True), SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint), RemoveObserversPass()]
+            if prunes
+            else []
+        ),
     ]
-    gm = PassManager(passes, ctx).run(gm)
+    manager = PassManager(passes, ctx)
+    gm = manager.run(gm)
     t_prune = time.perf_counter()
-    report: dict[str, Any] = dict(gm.meta["prune_report"])
+    report: dict[str, Any] = dict(gm.meta["prune_report"]) if prunes else {"method": "none", "pattern": "dense", "achieved_sparsity": 0.0}
     report.update(
         {
             "model": loaded.name,
             "job": {k: v for k, v in asdict(job).items() if k not in ("overwrite",)},
-            "solver": solver.description,
+            "solver": solver.description if prunes else "none",
             "load_seconds": round(t_load - t0, 2),
             "capture_seconds": round(t_capture - t_load, 2),
             "prune_seconds": round(t_prune - t_capture, 2),
+            "parameters_before": parameters_before,
+            "parameters_after": parameter_count(loaded.model),
         }
     )
+    if rotate_passes:
+        report.update(_rotation_report(gm, manager))
     if job.evaluate:
         res = perplexity(gm, splits.eval_windows(job.eval_len), batch_size=4, progress=progress)
         report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
@@ -163,6 +202,7 @@ def run_prune(
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     outcome = PruneOutcome(gm, loaded, report)
     if job.out is not None:
+        _check_exportable(gm)
         extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
         save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
     if checkpoint is not None:
@@ -170,6 +210,44 @@ def run_prune(
     return outcome
 
 
+def _rotation_passes(job: PruneJob, rotation: str | None, spec: SparsitySpec, gm: GraphModel) -> list[Any]:
+    """Fold, rotate and slice passes for ``job`` (none without a rotation)."""
+    if rotation is None:
+        return []
+    if job.out is not None and any(n.kind == "layernorm" for n in gm.norms):
+        raise ExportError(
+            f"{gm.name} uses LayerNorm: a rotated LayerNorm stream needs RMSNorm, which transformers' "
+            f"{type(gm.model).__name__} cannot express, so the result cannot be saved as a model folder. "
+            "Rotate this model through the Python API (graph only), or rotate a RMSNorm (LLaMA-family) model."
+        )
+    learn = LearnConfig.from_options(spec, job.method, dict(job.rotation_options)) if rotation == "learned" else None
+    if job.rotation_options and rotation != "learned":
+        raise ConfigError(f"rotation options {sorted(job.rotation_options)} only apply to --rotate learned.")
+    passes: list[Any] = [FoldNormsPass(), RotatePass(rotation, learn=learn, samples=job.rotation_samples, batch_size=job.batch_size)]
+    if job.slicing:
+        passes.append(SlicePass(job.slicing))
+    return passes
+
+
+def _rotation_report(gm: GraphModel, manager: PassManager) -> dict[str, Any]:
+    rot = {k: v for k, v in (gm.meta.get(META_ROTATION) or {}).items() if k != "importance"}
+    seconds = {name: round(sec, 2) for name, _, sec in manager.history if name in ("fold_norms", "rotate", "slice")}
+    out: dict[str, Any] = {"rotation": rot, "rotation_seconds": round(sum(seconds.values()), 2)}
+    if META_SLICING in gm.meta:
+        out["slicing"] = gm.meta[META_SLICING]
+    return out
+
+
+def _check_exportable(gm: GraphModel) -> None:
+    blockers = export_blockers(gm)
+    if blockers:
+        raise ExportError(f"{gm.name} cannot be saved as a Hugging Face folder: {'; '.join(blockers)}.")
+
+
 def default_out_dir(job: PruneJob) -> Path:
     tag = job.pattern.replace(":", "of") if ":" in job.pattern else f"{int(round((job.sparsity or 0) * 100))}"
-    return Path("out") / f"{Path(job.model).stem}-{job.method}-{tag}"
+    if not job.prunes():
+        return Path("out") / f"{Path(job.model).stem}-{job.rotation or 'pca'}" + (f"-slice{int(round(job.slicing * 100))}" if job.slicing else "")
+    rot = f"-{job.rotation}" if job.rotation else ""
+    sl = f"-slice{int(round(job.slicing * 100))}" if job.slicing else ""
+    return Path("out") / f"{Path(job.model).stem}{rot}{sl}-{job.method}-{tag}"

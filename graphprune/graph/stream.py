@@ -1,0 +1,321 @@
+"""Residual-stream discovery, and the weight surgery that stream rewrites need.
+
+The residual stream is the value that runs from the embedding through every decoder
+block to the final norm: each block *reads* it through a norm and *writes* back into it
+with a residual add. Rotations and slicing act on it as one vector space, so they need
+every weight on either side of it:
+
+* **stream values**: the weakly connected component, in the dataflow graph (networkx),
+  of the norm inputs through residual adds and shape-only operators (dtype conversion,
+  view/reshape that keep the last axis, eval-mode dropout, alias);
+* **embeddings**: ``aten.embedding`` lookups on a table that feed a stream value (tokens,
+  and learned positions in OPT);
+* **writers**: Linears whose output feeds a stream value (o_proj/down_proj, out_proj/fc2);
+* **norms** and their **readers**: every Linear that reads a norm's output (q/k/v,
+  gate/up, fc1, and the LM head behind the final norm).
+
+Anything else touching the stream (a Linear reading it without a norm, a norm output
+read by something other than a Linear, an unknown operand of a residual add) raises a
+:class:`~graphprune.errors.ConfigError` naming the node: rotating such a graph would be
+silently wrong.
+
+The helpers at the end change parameters *shared* by the graph and the Hugging Face
+model: :func:`replace_parameter` swaps a tensor of a new shape into every module slot
+that holds it (both module trees), :func:`add_linear_bias` gives a bias-less Linear a
+bias, :func:`own_weight_target` names the attribute of the module a node came from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor, nn
+from torch.fx import Node
+
+from graphprune.errors import ConfigError
+from graphprune.graph import queries as q
+from graphprune.graph.capture import ROOT
+from graphprune.graph.model import GraphModel
+
+aten = torch.ops.aten
+
+#: gm.meta key: reasons why the graph can no longer be saved as a Hugging Face folder.
+META_EXPORT_BLOCKERS = "export_blockers"
+
+#: Operators that carry the stream value unchanged along its last axis.
+STREAM_OPS = frozenset(
+    {
+        aten.add.Tensor,  # the residual add
+        aten.to.dtype,
+        aten.to.dtype_layout,
+        aten._to_copy.default,
+        aten.clone.default,
+        aten.alias.default,
+        aten.view.default,
+        aten.reshape.default,
+        aten._unsafe_view.default,
+        aten.dropout.default,  # eval mode: identity
+    }
+)
+_SHAPE_ONLY = frozenset({aten.sym_size.int, aten._assert_tensor_metadata.default})
+# ops inside a norm that read its input: RMSNorm's pow and x*rsqrt, LayerNorm itself
+_NORM_READS = frozenset({aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.layer_norm.default})
+
+
+@dataclass
+class StreamNorm:
+    """A norm on the stream and the Linears that read its output."""
+
+    norm: q.NormInfo
+    readers: list[q.LinearInfo] = field(default_factory=list)
+
+
+@dataclass
+class ResidualStream:
+    """Everything that reads or writes the residual stream of one graph.
+
+    Attributes:
+        width: the stream's width ``d`` (the embedding's columns).
+        nodes: the stream values, in graph order.
+        embeddings: ``(embedding node, table target)`` pairs writing the stream.
+        writers: Linears whose output is added into the stream (``out_features == d``).
+        norms: the norms reading the stream, each with its reader Linears.
+        lm_head: the Linear computing the logits (a reader of the final norm).
+    """
+
+    width: int
+    nodes: list[Node]
+    embeddings: list[tuple[Node, str]]
+    writers: list[q.LinearInfo]
+    norms: list[StreamNorm]
+    lm_head: q.LinearInfo | None
+
+    @property
+    def readers(self) -> list[q.LinearInfo]:
+        return [li for sn in self.norms for li in sn.readers]
+
+    @property
+    def final_norm(self) -> StreamNorm | None:
+        """The norm in front of the LM head."""
+        if self.lm_head is None:
+            return None
+        return next((sn for sn in self.norms if any(li.node is self.lm_head.node for li in sn.readers)), None)
+
+    @property
+    def kinds(self) -> set[str]:
+        return {sn.norm.kind for sn in self.norms}
+
+
+def _through(node: Node) -> Node:
+    """Follow conversions and aliases back to the value they carry."""
+    while node.op == "call_function" and node.target in q._TRANSPARENT and isinstance(node.args[0], Node):
+        node = node.args[0]
+    return node
+
+
+def _is_tensor(node: Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor) or node.op == "get_attr"
+
+
+def find_stream(gm: GraphModel) -> ResidualStream:
+    """Discover the residual stream of ``gm``'s graph (see the module docstring).
+
+    Raises:
+        ConfigError: the graph has no norms, or something reads or writes the stream in a
+            way a rotation cannot pass through (the message names the node).
+    """
+    norms = gm.norms
+    if not norms:
+        raise ConfigError(f"{gm.name}: no RMSNorm/LayerNorm found; rotations need a pre-norm decoder.")
+    graph = gm.gm.graph
+    by_name = {n.name: n for n in graph.nodes}
+    dataflow = gm.networkx()
+    candidates = {n.name for n in graph.nodes if n.op == "call_function" and n.target in STREAM_OPS}
+    candidates |= {ni.input.name for ni in norms}
+    view = dataflow.subgraph(candidates)
+    starts = {ni.input.name for ni in norms}
+    members: set[str] = set()
+    for comp in nx.weakly_connected_components(view):
+        if comp & starts:
+            members |= comp
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    nodes = sorted((by_name[n] for n in members), key=order.__getitem__)
+
+    linears = {li.node: li for li in gm.linears}
+    writers: list[q.LinearInfo] = []
+    embeddings: list[tuple[Node, str]] = []
+
+    def source(src: Node, into: Node) -> None:
+        if src in linears:
+            if all(w.node is not src for w in writers):
+                writers.append(linears[src])
+        elif src.target is aten.embedding.default and isinstance(src.args[0], Node) and src.args[0].op == "get_attr":
+            if all(e is not src for e, _ in embeddings):
+                embeddings.append((src, src.args[0].target))  # type: ignore[arg-type]
+        else:
+            raise ConfigError(
+                f"{gm.name}: {src.format_node()} ({q.module_path(src) or 'no module'}) feeds the residual stream "
+                f"at {into.name} but is neither a Linear nor an embedding; this architecture cannot be rotated."
+            )
+
+    for node in nodes:
+        if node.target not in STREAM_OPS:  # a norm input that is itself a source (the first embedding)
+            source(node, node)
+            continue
+        for src in node.all_input_nodes:
+            if src.name not in members and _is_tensor(src):
+                source(src, node)
+    if not embeddings:
+        raise ConfigError(f"{gm.name}: no embedding lookup writes the residual stream; cannot rotate it.")
+    width = int(gm.get_attr(embeddings[0][1]).shape[1])
+    for li in writers:
+        if li.out_features != width:
+            raise ConfigError(f"{li.name} writes the stream with {li.out_features} outputs, but the stream is {width} wide.")
+
+    stream_norms: list[StreamNorm] = []
+    reader_nodes: set[Node] = set()
+    for ni in norms:
+        sn = StreamNorm(ni)
+        frontier = list(ni.output.users)
+        while frontier:
+            user = frontier.pop()
+            if user in linears and _through(user.args[0]) is ni.output:  # type: ignore[arg-type]
+                sn.readers.append(linears[user])
+                reader_nodes.add(user)
+            elif user.op == "call_function" and user.target in q._TRANSPARENT:
+                frontier.extend(user.users)
+            elif user.op == "call_function" and user.target in _SHAPE_ONLY:
+                continue
+            else:
+                raise ConfigError(
+                    f"{gm.name}: the output of norm {ni.name} is read by {user.format_node()}, which is not a Linear; "
+                    "rotations need every norm output to feed Linears only."
+                )
+        sn.readers.sort(key=lambda li: order[li.node])
+        stream_norms.append(sn)
+
+    for node in nodes:
+        for user in node.users:
+            if user.name in members or user.op == "output":
+                continue
+            if user.op == "call_function" and (user.target in _SHAPE_ONLY or user.target in _NORM_READS):
+                continue
+            raise ConfigError(
+                f"{gm.name}: stream value {node.name} is read by {user.format_node()} "
+                f"({q.module_path(user) or 'no module'}) outside a norm; this architecture cannot be rotated."
+            )
+    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head)
+
+
+# ---------------------------------------------------------------------------- weight surgery
+def own_weight_target(gm: GraphModel, node: Node, leaf: str = "weight") -> str:
+    """``lm.<module of node>.<leaf>``: the attribute of the module ``node`` was traced from."""
+    path = q.module_path(node)
+    target = f"{ROOT}.{path}.{leaf}" if path else ""
+    try:
+        gm.get_attr(target)
+    except AttributeError as exc:
+        raise ConfigError(f"{node.name}: its module {path!r} has no parameter {leaf!r}.") from exc
+    return target
+
+
+def get_attr_node(gm: GraphModel, target: str) -> Node:
+    """The graph's ``get_attr`` node for ``target`` (created before the first use when missing)."""
+    graph = gm.gm.graph
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target == target:
+            return node
+    first = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(first):
+        return graph.get_attr(target)
+
+
+def _sync_module_shape(mod: nn.Module) -> None:
+    """Keep a module's size attributes in step with its (re-shaped) parameters."""
+    w = getattr(mod, "weight", None)
+    if not isinstance(w, torch.Tensor):
+        return
+    if isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = int(w.shape[0]), int(w.shape[1])
+    elif isinstance(mod, nn.Embedding):
+        mod.embedding_dim = int(w.shape[1])
+    elif isinstance(mod, nn.LayerNorm):
+        mod.normalized_shape = (int(w.shape[0]),)
+
+
+def replace_parameter(gm: GraphModel, target: str, value: Tensor) -> nn.Parameter:
+    """Put ``value`` (any shape) in place of the parameter at ``target``, everywhere it is held.
+
+    The graph's module tree and the Hugging Face model hold the same parameter objects; the
+    new parameter replaces the old one in every slot of both trees (so tied weights stay
+    tied) and module size attributes (``in_features``, ``embedding_dim``...) follow.
+    """
+    return replace_tensor(gm, gm.get_attr(target), value)
+
+
+def replace_tensor(gm: GraphModel, old: Tensor, value: Tensor) -> nn.Parameter:
+    """:func:`replace_parameter` for a parameter object (e.g. one the graph no longer reads)."""
+    new = nn.Parameter(value.detach().to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+    for mod in list(gm.gm.modules()) + list(gm.model.modules()):
+        hit = False
+        for key, p in mod._parameters.items():
+            if p is old:
+                mod._parameters[key] = new
+                hit = True
+        if hit:
+            _sync_module_shape(mod)
+    return new
+
+
+def set_module_parameter(gm: GraphModel, module_path: str, leaf: str, value: Tensor) -> nn.Parameter:
+    """Register a new parameter ``leaf`` on the module at ``module_path`` in both trees (unties it)."""
+    new = nn.Parameter(value.detach().contiguous(), requires_grad=False)
+    for root, path in ((gm.gm, f"{ROOT}.{module_path}"), (gm.model, module_path)):
+        mod = root.get_submodule(path)
+        if leaf in mod._parameters:
+            mod._parameters[leaf] = new
+        else:
+            mod.register_parameter(leaf, new)
+    return new
+
+
+def add_linear_bias(gm: GraphModel, li: q.LinearInfo, value: Tensor) -> str:
+    """Give the bias-less Linear ``li`` the bias ``value`` (graph node and HF module); returns its target."""
+    if li.bias is not None:
+        raise ConfigError(f"{li.name} already has a bias.")
+    set_module_parameter(gm, li.name, "bias", value.to(gm.get_attr(li.weight).dtype))
+    target = f"{ROOT}.{li.name}.bias"
+    node = get_attr_node(gm, target)
+    li.node.args = (li.node.args[0], li.node.args[1], node)
+    return target
+
+
+def add_export_blocker(gm: GraphModel, reason: str) -> None:
+    """Record why ``gm`` can no longer be written as a Hugging Face folder."""
+    blockers: list[str] = gm.meta.setdefault(META_EXPORT_BLOCKERS, [])
+    if reason not in blockers:
+        blockers.append(reason)
+
+
+def export_blockers(gm: GraphModel) -> list[str]:
+    return list(gm.meta.get(META_EXPORT_BLOCKERS, []))
+
+
+def set_config(model: nn.Module, **values: Any) -> None:
+    """Set config attributes on the model's config and its text config (multimodal wrappers)."""
+    cfg = getattr(model, "config", None)
+    getter = getattr(cfg, "get_text_config", None)
+    configs = [cfg, getter() if callable(getter) else None]
+    for c in {id(c): c for c in configs if c is not None}.values():
+        for key, value in values.items():
+            setattr(c, key, value)
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Distinct parameters' elements (a tied table counts once)."""
+    seen: dict[int, Any] = {}
+    for p in model.parameters():
+        seen[id(p)] = p
+    return sum(p.numel() for p in seen.values())

@@ -1,0 +1,192 @@
+"""FoldNormsPass: make every norm on the residual stream a plain, scale-free RMSNorm.
+
+A rotation ``Q`` of the stream commutes with ``x / rms(x)`` but not with a per-channel
+scale or a mean subtraction, so both move into the neighbouring Linears first:
+
+1. **LayerNorm family (OPT)**: centring. Every stream writer -- embedding tables (token
+   and position) and the Linears adding into the stream -- gets its outputs' mean removed
+   (``E -> E - mean_row(E)``, ``W -> (I - 11ᵀ/d) W``, ``b -> b - mean(b)``). The stream then
+   has zero mean everywhere, so each LayerNorm's mean subtraction is a no-op and the norm
+   equals ``x·rsqrt(mean(x²) + eps)``: the graph's ``aten.layer_norm`` nodes are rewritten
+   into that RMSNorm pattern (the Hugging Face LayerNorm modules keep weight 1 / bias 0,
+   so the saved model computes the same thing up to float rounding).
+2. ``norm(x)·g + β`` feeding ``W, b`` -> ``norm(x)`` feeding ``W·diag(g)``, ``b + Wβ``; the norm's
+   weight becomes ones (the model stays a standard Hugging Face model). A reader without a
+   bias gets one only when ``β ≠ 0`` (OPT's LM head behind the final LayerNorm): that
+   bias exists in the graph and the in-memory model, but transformers' OPT cannot load
+   it, which is recorded as an export blocker.
+3. The final norm folds into the LM head. When the head shares its table with the token
+   embedding (tied, like SmolLM2), the head is untied first -- it gets its own copy of the
+   table and the config says ``tie_word_embeddings = False`` -- since ``E`` and
+   ``E·diag(g)`` differ. This adds ``vocab × d`` parameters.
+
+Computed in float64, written back in the weights' dtype. The pass preserves the logits.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from graphprune.errors import ConfigError
+from graphprune.graph import queries as q
+from graphprune.graph.model import GraphModel
+from graphprune.graph.stream import (
+    ResidualStream,
+    add_export_blocker,
+    add_linear_bias,
+    find_stream,
+    get_attr_node,
+    own_weight_target,
+    set_config,
+    set_module_parameter,
+)
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+#: gm.meta key: True when the stream's norms were LayerNorms turned into RMSNorms by centring.
+META_CENTRED = "stream_centred"
+
+
+def _w64(gm: GraphModel, target: str) -> Tensor:
+    return gm.get_attr(target).detach().double()
+
+
+def untie_lm_head(gm: GraphModel, stream: ResidualStream) -> bool:
+    """Give the LM head its own copy of a table it shares with an embedding; False if not shared.
+
+    Every embedding lookup then reads its own module's attribute, the head a fresh parameter,
+    and the config says ``tie_word_embeddings = False`` so a saved model loads both.
+    """
+    head = stream.lm_head
+    if head is None:
+        return False
+    table = gm.get_attr(head.weight)
+    if not any(gm.get_attr(t) is table for _, t in stream.embeddings):
+        return False
+    for node, _ in stream.embeddings:
+        own = own_weight_target(gm, node)
+        node.replace_input_with(node.args[0], get_attr_node(gm, own))  # type: ignore[arg-type]
+    set_module_parameter(gm, head.name, "weight", table.detach().clone())
+    own_head = own_weight_target(gm, head.node)
+    head.node.replace_input_with(head.node.args[1], get_attr_node(gm, own_head))  # type: ignore[arg-type]
+    head.weight = own_head
+    set_config(gm.model, tie_word_embeddings=False)
+    gm.lint()
+    gm.invalidate()
+    log.info("%s: untied the LM head from the embedding", gm.name)
+    return True
+
+
+class FoldNormsPass(Pass):
+    """Fold norm scales and biases into the Linears that read them (LayerNorm centred first)."""
+
+    name = "fold_norms"
+    establishes = frozenset({Prop.NORMS_FOLDED})
+    preserves_function = True
+
+    def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        stream = find_stream(gm)
+        kinds = stream.kinds
+        if len(kinds) > 1:
+            raise ConfigError(f"{gm.name}: the stream mixes {sorted(kinds)}; folding needs one norm kind.")
+        centred = 0
+        if kinds == {"layernorm"}:
+            centred = self._centre(gm, stream)
+        untied = self._untie_head(gm, stream)
+        folded = 0
+        for sn in stream.norms:
+            folded += self._fold(gm, sn.norm, sn.readers)
+        rewritten = self._layernorm_to_rms(gm, stream) if kinds == {"layernorm"} else 0
+        if kinds == {"layernorm"}:
+            gm.meta[META_CENTRED] = True
+        gm.lint()
+        gm.invalidate()
+        stats = {"norms": len(stream.norms), "folded": folded, "centred": centred, "untied": untied, "layernorms_to_rms": rewritten}
+        return PassResult(gm, modified=bool(folded or centred or untied or rewritten), stats=stats)
+
+    # -------------------------------------------------------------- 1. centring (LayerNorm only)
+    @staticmethod
+    def _centre(gm: GraphModel, stream: ResidualStream) -> int:
+        done: set[int] = set()
+        for _, target in stream.embeddings:
+            param = gm.get_attr(target)
+            if id(param) not in done:
+                e = param.detach().double()
+                gm.set_weight(target, e - e.mean(1, keepdim=True))
+                done.add(id(param))
+        for li in stream.writers:
+            w = _w64(gm, li.weight)
+            gm.set_weight(li.weight, w - w.mean(0, keepdim=True))
+            if li.bias is not None:
+                b = _w64(gm, li.bias)
+                gm.set_weight(li.bias, b - b.mean())
+            done.add(id(gm.get_attr(li.weight)))
+        return len(done)
+
+    # -------------------------------------------------------------- 3. untie a tied LM head
+    @staticmethod
+    def _untie_head(gm: GraphModel, stream: ResidualStream) -> bool:
+        final = stream.final_norm
+        if final is None or final.norm.weight is None:
+            return False
+        if bool((gm.get_attr(final.norm.weight) == 1).all()) and final.norm.bias is None:
+            return False  # nothing to fold into the head
+        return untie_lm_head(gm, stream)
+
+    # -------------------------------------------------------------- 2. fold scale and bias
+    @staticmethod
+    def _fold(gm: GraphModel, norm: q.NormInfo, readers: list[q.LinearInfo]) -> int:
+        g = _w64(gm, norm.weight) if norm.weight is not None else None
+        beta = _w64(gm, norm.bias) if norm.bias is not None else None
+        if beta is not None and not beta.any():
+            beta = None
+        if g is None and beta is None:
+            return 0
+        for li in readers:
+            w = _w64(gm, li.weight)
+            if beta is not None:
+                shift = w @ beta
+                if li.bias is not None:
+                    gm.set_weight(li.bias, _w64(gm, li.bias) + shift)
+                else:
+                    li.bias = add_linear_bias(gm, li, shift)
+                    add_export_blocker(
+                        gm, f"{li.name} got a bias from folding {norm.name}'s bias; transformers' {type(gm.model).__name__} cannot load it"
+                    )
+            if g is not None:
+                gm.set_weight(li.weight, w * g)
+        if norm.weight is not None:
+            gm.set_weight(norm.weight, torch.ones_like(gm.get_attr(norm.weight)))
+        if norm.bias is not None:
+            gm.set_weight(norm.bias, torch.zeros_like(gm.get_attr(norm.bias)))
+        return 1
+
+    # -------------------------------------------------------------- 1b. LayerNorm -> RMSNorm
+    @staticmethod
+    def _layernorm_to_rms(gm: GraphModel, stream: ResidualStream) -> int:
+        graph = gm.gm.graph
+        count = 0
+        for sn in stream.norms:
+            ln = sn.norm.output
+            if ln.target is not aten.layer_norm.default:
+                continue
+            x = ln.args[0]
+            meta = {k: v for k, v in ln.meta.items() if k != "val"}
+            with graph.inserting_before(ln):
+                pw = graph.call_function(aten.pow.Tensor_Scalar, (x, 2))
+                mean = graph.call_function(aten.mean.dim, (pw, [-1], True))
+                add = graph.call_function(aten.add.Tensor, (mean, sn.norm.eps))
+                rs = graph.call_function(aten.rsqrt.default, (add,))
+                out = graph.call_function(aten.mul.Tensor, (x, rs))
+            for node in (pw, mean, add, rs, out):
+                node.meta = dict(meta)
+            if "val" in ln.meta:
+                out.meta["val"] = ln.meta["val"]
+            ln.replace_all_uses_with(out)
+            graph.erase_node(ln)
+            count += 1
+        return count

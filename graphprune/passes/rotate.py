@@ -1,0 +1,348 @@
+"""RotatePass: absorb one orthonormal ``Q`` into every weight around the residual stream.
+
+With the norms folded (:class:`~graphprune.passes.fold_norms.FoldNormsPass`), every norm is
+``x / rms(x)``, which commutes with an orthogonal ``Q``. A single global ``Q`` (QuaRot
+style) is absorbed as
+
+1. embeddings (token, position): ``E -> E·Q`` (the stream becomes ``x·Q``);
+2. writers: ``W -> Qᵀ·W``, ``b -> Qᵀ·b`` (they add ``Qᵀ``-rotated outputs);
+3. readers, including the LM head: ``W -> W·Q`` (``(xQ)(WQ)ᵀ = xWᵀ``).
+
+No new nodes and no new modules: the graph and the Hugging Face model keep their
+architecture, only weight values change, and the logits do not (checked by the manager).
+For a LayerNorm model the folded graph computes RMSNorm on a zero-mean stream; after a
+rotation the stream is no longer zero-mean, which transformers' LayerNorm would undo, so
+the model becomes graph-only (an export blocker is recorded).
+
+Sources of ``Q`` (all float64, :mod:`graphprune.solvers.rotation`):
+
+* ``"hadamard"`` -- a random Hadamard matrix (QuaRot), seeded by ``ctx.seed``.
+* ``"pca"`` -- SliceGPT: eigenvectors of ``C = Σ_norms XᵀX/n`` where ``X`` is each block
+  norm's *output* on the calibration set -- the stream with every token scaled to unit
+  RMS. We use the normalised stream rather than the raw norm inputs because it is what the
+  readers see and what the norm denominator measures, and because the raw stream grows
+  with depth, which would let the last blocks dominate the sum. Columns are sorted by
+  eigenvalue, so the first rotated dimensions carry the most energy (what slicing keeps).
+* ``"learned"`` -- RotPruner: ``Q0`` (PCA, Hadamard or identity) refined with Cayley SGD on
+  the orthogonal group to minimise the layer-wise reconstruction error of the *pruned*
+  rotated Linears (mask of the target method recomputed every step, passed straight
+  through), base weights frozen. We optimise this layer-wise objective instead of the
+  language-model loss through the pruned network because a full forward/backward of the
+  default model costs tens of seconds per step on two CPU cores, while the layer-wise
+  objective needs only the calibration statistics collected once (one dense pass) and
+  matrix products on them; its columns are then re-ordered by PCA energy so the result
+  can also be sliced.
+
+Calibration statistics come from identity observers on the norm outputs (and, for
+``"learned"``, on the writers' inputs), executed stage by stage with the
+:class:`~graphprune.graph.stages.StageRunner` (no logits are computed). The observers are
+removed again before the pass returns.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from graphprune.errors import ConfigError, DataError
+from graphprune.graph import queries as q
+from graphprune.graph.model import GraphModel
+from graphprune.graph.stages import StagedGraph, StageRunner
+from graphprune.graph.stream import ResidualStream, add_export_blocker, find_stream
+from graphprune.passes.fold_norms import META_CENTRED
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
+from graphprune.passes.observe import InputObserver
+from graphprune.passes.prune import CALIBRATION
+from graphprune.solvers.rotation import (
+    ReaderSet,
+    RotationProblem,
+    WriterSet,
+    learn_rotation,
+    orthonormality_error,
+    pca_rotation,
+    random_hadamard,
+)
+from graphprune.solvers.spec import SparsitySpec
+
+log = logging.getLogger(__name__)
+
+META_ROTATION = "rotation"  # gm.meta key: what RotatePass did (source, importance, ...)
+SOURCES = ("pca", "hadamard", "learned")
+_OBS_PREFIX = "gp_stream_observer_"
+
+
+@dataclass
+class LearnConfig:
+    """Settings of the learned (RotPruner) rotation.
+
+    Attributes:
+        spec: the sparsity the rotation is learned for (the pruning that follows).
+        method: the pruning method; its mask is approximated by Wanda's ``|W|·‖X_j‖``
+            (``"magnitude"``: ``|W|``), cheap enough to recompute every step.
+        init: ``"pca"``, ``"hadamard"`` or ``"identity"``.
+        steps, lr, momentum: Cayley SGD (``lr`` is the rotation angle of a step).
+        blocks_per_step: blocks whose Linears enter each stochastic step.
+    """
+
+    spec: SparsitySpec
+    method: str = "wanda"
+    init: str = "pca"
+    steps: int = 40
+    lr: float = 0.05
+    momentum: float = 0.9
+    blocks_per_step: int = 6
+
+    @classmethod
+    def from_options(cls, spec: SparsitySpec, method: str, options: dict[str, Any]) -> "LearnConfig":
+        known = {"init", "steps", "lr", "momentum", "blocks_per_step"}
+        unknown = set(options) - known
+        if unknown:
+            raise ConfigError(f"unknown learned-rotation options {sorted(unknown)}; known: {sorted(known)}.")
+        return cls(spec=spec, method=method, **options)
+
+
+@dataclass
+class StreamStats:
+    """Calibration statistics around the stream: per block, norm outputs and writer inputs."""
+
+    norm_cov: dict[str, Tensor] = field(default_factory=dict)  # norm name -> XᵀX / n  [d, d]
+    writer_cov: dict[str, Tensor] = field(default_factory=dict)  # writer name -> ZᵀZ / n
+    tokens: int = 0
+
+    def pca_cov(self) -> Tensor:
+        return torch.stack(list(self.norm_cov.values())).sum(0)
+
+
+def collect_stream_stats(gm: GraphModel, stream: ResidualStream, tokens: Tensor, batch_size: int = 8, writers: bool = False) -> StreamStats:
+    """Run the calibration tokens stage by stage with observers on the block norms' outputs
+    (and the block writers' inputs); return mean Gram matrices in float64."""
+    graph = gm.gm.graph
+    observers: dict[str, tuple[str, InputObserver]] = {}  # key -> (attr, module)
+
+    def observe(key: str, value: Any, width: int) -> None:
+        attr = f"{_OBS_PREFIX}{len(observers)}"
+        mod = InputObserver(key, width, hessian=True)
+        gm.gm.add_submodule(attr, mod)
+        with graph.inserting_after(value):
+            node = graph.call_module(attr, (value,))
+        node.meta = dict(value.meta)
+        value.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+        mod.enabled = True
+        observers[key] = (attr, mod)
+
+    for sn in stream.norms:
+        if sn.norm.block is not None:
+            observe(f"norm:{sn.norm.name}", sn.norm.output, stream.width)
+    if writers:
+        for li in stream.writers:
+            if li.block is not None:
+                observe(f"writer:{li.name}", li.node.args[0], li.in_features)
+    gm.lint()
+    gm.invalidate()
+    try:
+        StageRunner(StagedGraph(gm), list(tokens.split(batch_size))).run()
+        stats = StreamStats()
+        for key, (_, mod) in observers.items():
+            st = mod.stats()
+            cov = st.xtx / max(st.count, 1)  # type: ignore[operator]
+            kind, name = key.split(":", 1)
+            (stats.norm_cov if kind == "norm" else stats.writer_cov)[name] = cov
+            stats.tokens = st.count
+    finally:
+        for node in list(graph.nodes):
+            if node.op == "call_module" and str(node.target).startswith(_OBS_PREFIX):
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+                gm.gm.delete_submodule(node.target)
+        gm.lint()
+        gm.invalidate()
+    return stats
+
+
+def build_problem(gm: GraphModel, stream: ResidualStream, stats: StreamStats) -> RotationProblem:
+    """Stack, over blocks, the readers of each norm and each writer with their statistics (float32)."""
+    readers: dict[int, list[tuple[Tensor, list[Tensor]]]] = {}
+    writers: dict[int, list[tuple[Tensor, Tensor]]] = {}
+    for block in gm.blocks:
+        norms = [sn for sn in stream.norms if sn.norm.block == block.index and sn.norm.name in stats.norm_cov]
+        for j, sn in enumerate(norms):
+            ws = [gm.get_attr(li.weight).detach().float() for li in sn.readers]
+            readers.setdefault(j, []).append((stats.norm_cov[sn.norm.name].float(), ws))
+        outs = [li for li in stream.writers if li.block == block.index and li.name in stats.writer_cov]
+        for j, li in enumerate(outs):
+            writers.setdefault(j, []).append((gm.get_attr(li.weight).detach().float(), stats.writer_cov[li.name].float()))
+    problem = RotationProblem()
+    try:
+        for groups in readers.values():
+            weights = torch.stack([torch.cat(ws) for _, ws in groups])
+            problem.readers.append(ReaderSet(torch.stack([c for c, _ in groups]), weights, [w.shape[0] for w in groups[0][1]]))
+        for pairs in writers.values():
+            problem.writers.append(WriterSet(torch.stack([w for w, _ in pairs]), torch.stack([c for _, c in pairs])))
+    except RuntimeError as exc:  # torch.stack of different shapes
+        raise ConfigError(f"{gm.name}: learned rotation needs decoder blocks of identical shapes ({exc}).") from exc
+    if len({len(g) for g in readers.values()} | {len(g) for g in writers.values()}) > 1:
+        raise ConfigError(f"{gm.name}: learned rotation needs every block to have the same norms and writers.")
+    return problem
+
+
+def check_folded(gm: GraphModel, stream: ResidualStream) -> None:
+    for sn in stream.norms:
+        n = sn.norm
+        if n.weight is not None and not bool((gm.get_attr(n.weight) == 1).all()):
+            raise ConfigError(f"norm {n.name} still has a non-trivial scale; run FoldNormsPass before rotating.")
+        if n.bias is not None and bool(gm.get_attr(n.bias).any()):
+            raise ConfigError(f"norm {n.name} still has a bias; run FoldNormsPass before rotating.")
+        if n.kind != "rmsnorm":
+            raise ConfigError(f"norm {n.name} is a {n.kind}; run FoldNormsPass to turn it into an RMSNorm first.")
+
+
+def apply_rotation(gm: GraphModel, stream: ResidualStream, rot: Tensor) -> int:
+    """Absorb the orthogonal ``rot [d, d]`` into the stream's weights; returns how many tensors changed."""
+    d = stream.width
+    if tuple(rot.shape) != (d, d):
+        raise ConfigError(f"rotation has shape {tuple(rot.shape)}, but the residual stream is {d} wide.")
+    if orthonormality_error(rot) > 1e-6:
+        raise ConfigError(f"rotation is not orthonormal (max |QᵀQ - I| = {orthonormality_error(rot):.2g}).")
+    r = rot.double()
+    done: dict[int, str] = {}
+
+    def update(target: str, role: str, fn: Any) -> None:
+        param = gm.get_attr(target)
+        seen = done.get(id(param))
+        if seen is not None:
+            if seen != role:
+                raise ConfigError(f"{q.strip_root(target)} is used as both {seen} and {role} of the stream; cannot rotate it.")
+            return
+        gm.set_weight(target, fn(param.detach().double()))
+        done[id(param)] = role
+
+    for _, target in stream.embeddings:
+        update(target, "in", lambda e: e @ r)  # an embedding and a (tied) reader both map E -> EQ
+    for li in stream.readers:
+        update(li.weight, "in", lambda w: w @ r)
+    for li in stream.writers:
+        update(li.weight, "out", lambda w: r.T @ w)
+        if li.bias is not None:
+            update(li.bias, "out", lambda b: b @ r)
+    return len(done)
+
+
+class RotatePass(Pass):
+    """Rotate the residual stream by a PCA, random-Hadamard, learned or given ``Q``.
+
+    Args:
+        source: ``"pca"``, ``"hadamard"``, ``"learned"``, or ``"given"`` with ``rotation``.
+        rotation: a precomputed orthonormal ``Q [d, d]``; ``source`` then only labels it.
+        importance: per rotated dimension, descending (what slicing needs) for ``rotation``.
+        learn: settings of the learned rotation.
+        samples: calibration sequences used for the statistics (None: all).
+        batch_size: calibration sequences per forward.
+    """
+
+    name = "rotate"
+    requires = frozenset({Prop.NORMS_FOLDED})
+    establishes = frozenset({Prop.ROTATED})
+    invalidates = frozenset({Prop.CALIBRATED})
+    preserves_function = True
+
+    def __init__(
+        self,
+        source: str = "hadamard",
+        *,
+        rotation: Tensor | None = None,
+        importance: Tensor | None = None,
+        learn: LearnConfig | None = None,
+        samples: int | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        if source not in SOURCES + ("given",):
+            raise ConfigError(f"unknown rotation {source!r}; choose one of: {', '.join(SOURCES)}.")
+        if rotation is None and source == "given":
+            raise ConfigError("source 'given' needs the rotation matrix.")
+        if source == "learned" and learn is None and rotation is None:
+            raise ConfigError("a learned rotation needs a LearnConfig (the sparsity it is learned for).")
+        if learn is not None and learn.init not in ("pca", "hadamard", "identity"):
+            raise ConfigError(f"unknown learned-rotation init {learn.init!r}; use pca, hadamard or identity.")
+        if importance is not None and (rotation is None or importance.shape != rotation.shape[:1]):
+            raise ConfigError("importance needs a given rotation and one value per rotated dimension.")
+        self.source = source
+        self.rotation = rotation
+        self.importance = importance
+        self.learn = learn
+        self.samples = samples
+        self.batch_size = batch_size
+
+    def _tokens(self, ctx: PassContext) -> Tensor:
+        tokens = ctx.data.get(CALIBRATION)
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[0] == 0:
+            raise DataError(f"a {self.source} rotation needs calibration token ids [N, L] in ctx.data['calibration'].")
+        return tokens[: self.samples] if self.samples else tokens
+
+    def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        stream = find_stream(gm)
+        check_folded(gm, stream)
+        d = stream.width
+        info: dict[str, Any] = {"source": self.source, "width": d}
+        t0 = time.perf_counter()
+        importance: Tensor | None = None
+        if self.rotation is not None:  # computed elsewhere (e.g. shared by several runs); source is a label
+            rot, importance = self.rotation.double(), self.importance
+        elif self.source == "hadamard":
+            rot = random_hadamard(d, torch.Generator().manual_seed(ctx.seed))
+        else:
+            stats = collect_stream_stats(gm, stream, self._tokens(ctx), self.batch_size, writers=self.source == "learned")
+            info["calibration_tokens"] = stats.tokens
+            info["stats_seconds"] = round(time.perf_counter() - t0, 2)
+            cov = stats.pca_cov()
+            rot, importance = pca_rotation(cov)
+            if self.source == "learned":
+                assert self.learn is not None
+                rot = self._learn(gm, stream, stats, rot, ctx, info)
+                # order the learned basis by energy so it can be sliced like a PCA basis
+                importance = (rot * (cov @ rot)).sum(0)
+                order = torch.argsort(importance, descending=True)
+                rot, importance = rot[:, order], importance[order]
+        changed = apply_rotation(gm, stream, rot)
+        if gm.meta.get(META_CENTRED):
+            add_export_blocker(gm, "the stream of a LayerNorm model was rotated; transformers' LayerNorm would subtract its (now non-zero) mean")
+        info["seconds"] = round(time.perf_counter() - t0, 2)
+        info["orthonormality_error"] = orthonormality_error(rot)
+        gm.meta[META_ROTATION] = {**info, "importance": importance}
+        gm.invalidate()
+        return PassResult(gm, modified=changed > 0, stats={k: v for k, v in info.items()})
+
+    def _learn(self, gm: GraphModel, stream: ResidualStream, stats: StreamStats, pca: Tensor, ctx: PassContext, info: dict[str, Any]) -> Tensor:
+        cfg = self.learn
+        assert cfg is not None
+        d = stream.width
+        if cfg.init == "pca":
+            q0 = pca
+        elif cfg.init == "hadamard":
+            q0 = random_hadamard(d, torch.Generator().manual_seed(ctx.seed))
+        else:
+            q0 = torch.eye(d, dtype=torch.float64)
+        problem = build_problem(gm, stream, stats)
+        score = "magnitude" if cfg.method == "magnitude" else "wanda"
+        res = learn_rotation(
+            q0, problem, cfg.spec, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum,
+            blocks_per_step=cfg.blocks_per_step, score=score, seed=ctx.seed,
+        )
+        info.update(
+            {
+                "init": cfg.init,
+                "target": str(cfg.spec),
+                "mask_score": score,
+                "steps": cfg.steps,
+                "objective_initial": round(res.initial_loss, 6),
+                "objective_final": round(res.final_loss, 6),
+                "kept_initial": res.kept_initial,
+            }
+        )
+        if not math.isfinite(res.final_loss):
+            raise ConfigError("learned rotation diverged (non-finite objective); lower lr.")
+        return res.q

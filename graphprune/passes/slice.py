@@ -1,0 +1,178 @@
+"""SlicePass: drop the least important rotated dimensions of the residual stream (SliceGPT).
+
+After a PCA (or learned) rotation the stream's coordinates are ordered by energy, so
+keeping the first ``d' = round((1 − f)·d / 8)·8`` of them (``f`` the slicing fraction; the
+multiple of 8 keeps matmuls aligned, and ``f = 0`` keeps ``d``) turns every weight around
+the stream into a smaller dense matrix:
+
+1. embeddings ``E[:, :d']``; writers ``W[:d', :]``, ``b[:d']``; readers ``W[:, :d']``;
+   norm weights ``[:d']``;
+2. the norms now average ``x²`` over ``d'`` instead of ``d`` channels. SliceGPT's intent is
+   the original-width RMS of the truncated stream, ``x / sqrt(Σ_{i<d'} x_i² / d + ε)``. We get
+   it *exactly* in a standard RMSNorm: with ``ε' = ε·d/d'``,
+   ``x / sqrt(Σ x²/d' + ε') = sqrt(d/d')⁻¹ · x / sqrt(Σ x²/d + ε)``, so the readers are scaled
+   by ``sqrt(d/d')`` and every norm's ``eps`` (graph constant, module attribute and config) by ``d/d'``;
+3. the graph's shape constants on the stream (OPT reshapes to ``[-1, d]``) become ``d'``,
+   and the Hugging Face config gets ``hidden_size = d'`` with ``head_dim`` kept explicit, so
+   ``save_pretrained`` writes a loadable smaller model (LLaMA family). A sliced model
+   whose stream was a LayerNorm stream is graph-only (recorded by RotatePass).
+
+The only change in function is the removed low-energy subspace: the sliced model equals
+the rotated model with the writers' rows and the embeddings' columns beyond ``d'`` set to
+zero (tested). Masks recorded by an earlier prune pass are sliced along.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from graphprune.errors import ConfigError
+from graphprune.graph import queries as q
+from graphprune.graph.model import GraphModel
+from graphprune.graph.stream import ResidualStream, find_stream, parameter_count, replace_parameter, replace_tensor, set_config
+from graphprune.passes.fold_norms import untie_lm_head
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
+from graphprune.passes.prune import META_MASKS
+from graphprune.passes.rotate import META_ROTATION
+
+log = logging.getLogger(__name__)
+aten = torch.ops.aten
+
+META_SLICING = "slicing"
+
+
+def sliced_width(width: int, fraction: float, multiple: int = 8) -> int:
+    """``round((1 − fraction)·width / multiple)·multiple``, at least ``multiple``; ``width`` when ``fraction == 0``."""
+    if not (0.0 <= fraction < 1.0) or not math.isfinite(fraction):
+        raise ConfigError(f"slicing fraction must be in [0, 1), got {fraction}; e.g. --slice 0.25 drops a quarter of the stream.")
+    if fraction == 0.0:
+        return width
+    return max(multiple, min(width, int(round((1.0 - fraction) * width / multiple)) * multiple))
+
+
+class SlicePass(Pass):
+    """Keep the first ``d'`` rotated dimensions of the residual stream."""
+
+    name = "slice"
+    requires = frozenset({Prop.ROTATED})
+    establishes = frozenset({Prop.SLICED})
+    invalidates = frozenset({Prop.CALIBRATED})
+    preserves_function = False
+
+    def __init__(self, fraction: float, multiple: int = 8) -> None:
+        sliced_width(8 * multiple, fraction, multiple)  # validate early
+        self.fraction = fraction
+        self.multiple = multiple
+
+    def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        stream = find_stream(gm)
+        d = stream.width
+        keep = sliced_width(d, self.fraction, self.multiple)
+        before = parameter_count(gm.model)
+        stats: dict[str, Any] = {"width": d, "sliced_width": keep, "parameters_before": before}
+        if keep == d:
+            stats["parameters_after"] = before
+            return PassResult(gm, modified=False, stats=stats)
+        rotation = gm.meta.get(META_ROTATION) or {}
+        if rotation.get("importance") is None:
+            raise ConfigError(
+                f"slicing needs a rotation whose dimensions are ordered by importance (pca or learned), "
+                f"but the stream was rotated by {rotation.get('source', 'nothing')!r}; use --rotate pca."
+            )
+        importance = rotation["importance"].double().clamp_min(0)
+        if untie_lm_head(gm, stream):  # the head's columns are scaled, the embedding's are not
+            stream = find_stream(gm)
+        self._slice(gm, stream, keep)
+        rotation["importance"] = rotation["importance"][:keep]
+        stats["parameters_after"] = parameter_count(gm.model)
+        stats["kept_energy"] = round(float(importance[:keep].sum() / importance.sum().clamp_min(1e-30)), 6)
+        gm.meta[META_SLICING] = dict(stats, fraction=self.fraction)
+        gm.lint()
+        gm.invalidate()
+        log.info("%s: sliced the stream %d -> %d, parameters %d -> %d", gm.name, d, keep, before, stats["parameters_after"])
+        return PassResult(gm, modified=True, stats=stats)
+
+    @staticmethod
+    def _slice(gm: GraphModel, stream: ResidualStream, keep: int) -> None:
+        d = stream.width
+        scale = math.sqrt(d / keep)
+        done: set[int] = set()
+
+        def cut(target: str, fn: Any) -> None:
+            """Replace the parameter at ``target`` by ``fn(it)`` unless it was already cut (shared)."""
+            if id(gm.get_attr(target)) not in done:
+                done.add(id(replace_parameter(gm, target, fn(gm.get_attr(target).detach()))))
+
+        masks: dict[str, torch.Tensor] = gm.meta.get(META_MASKS, {})
+        for _, target in stream.embeddings:
+            cut(target, lambda e: e[:, :keep])
+        for li in stream.writers:
+            cut(li.weight, lambda w: w[:keep, :])
+            if li.bias is not None:
+                cut(li.bias, lambda b: b[:keep])
+            if li.name in masks:
+                masks[li.name] = masks[li.name][:keep, :]
+        for li in stream.readers:
+            cut(li.weight, lambda w: w[:, :keep] * scale)
+            if li.name in masks:
+                masks[li.name] = masks[li.name][:, :keep]
+        eps_scale = d / keep
+        for sn in stream.norms:
+            norm = sn.norm
+            for target in (norm.weight, norm.bias):
+                if target is not None:
+                    cut(target, lambda v: v[:keep])
+            add = _eps_node(norm.input)
+            add.args = (add.args[0], float(add.args[1]) * eps_scale)  # type: ignore[arg-type]
+        # Hugging Face norm modules: eps attribute; parameters the graph no longer reads
+        # (LayerNorms rewritten into RMSNorm by FoldNormsPass) are sliced too
+        for mod in list(gm.model.modules()):
+            if "Norm" not in type(mod).__name__:
+                continue
+            for attr in ("variance_epsilon", "eps"):
+                if isinstance(getattr(mod, attr, None), float):
+                    setattr(mod, attr, getattr(mod, attr) * eps_scale)
+            for p in list(mod._parameters.values()):
+                if p is not None and p.dim() == 1 and p.shape[0] == d and id(p) not in done:
+                    done.add(id(p))
+                    replace_tensor(gm, p, p.detach()[:keep])
+        # stream shape constants: view/reshape to [..., d]
+        for node in stream.nodes:
+            if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+                shape = list(node.args[1])  # type: ignore[arg-type]
+                if shape and shape[-1] == d:
+                    shape[-1] = keep
+                    node.args = (node.args[0], shape)
+        cfg = getattr(gm.model, "config", None)
+        values: dict[str, Any] = {"hidden_size": keep}
+        if cfg is not None:
+            heads = getattr(cfg, "num_attention_heads", None)
+            if getattr(cfg, "head_dim", None) is None and heads:
+                values["head_dim"] = d // int(heads)
+            elif getattr(cfg, "head_dim", None) is not None:
+                values["head_dim"] = int(cfg.head_dim)
+            for key in ("rms_norm_eps", "layer_norm_eps"):
+                if isinstance(getattr(cfg, key, None), float):
+                    values[key] = getattr(cfg, key) * eps_scale
+            if getattr(cfg, "word_embed_proj_dim", None) == d:  # OPT
+                values["word_embed_proj_dim"] = keep
+        set_config(gm.model, **values)
+
+
+def _eps_node(x: torch.fx.Node) -> torch.fx.Node:
+    """The ``mean(x²) + eps`` node of the RMSNorm reading the stream value ``x``."""
+    frontier = [x]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.target in q._TRANSPARENT:
+                frontier.append(user)
+            elif user.target is aten.pow.Tensor_Scalar and user.args[1] == 2:
+                mean = next(iter(user.users))
+                add = next(iter(mean.users))
+                if mean.target is aten.mean.dim and add.target in (aten.add.Tensor, aten.add.Scalar):
+                    return add
+    raise ConfigError(f"no RMSNorm reads the stream value {x.name}; run FoldNormsPass before slicing.")

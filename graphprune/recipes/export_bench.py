@@ -1,0 +1,331 @@
+"""Scripted pipelines behind ``graphprune export`` and ``graphprune bench``.
+
+Example::
+
+    from graphprune.recipes.export_bench import BenchJob, ExportJob, run_bench, run_export
+
+    rep = run_export(ExportJob("out/sgpt50", "onnx", "out/sgpt50.onnx", sparse_initializers=True))
+    print(rep["bytes"], rep["dense_bytes"], rep["max_abs_diff"])
+    res = run_bench(BenchJob(["smollm2-135m", "out/sgpt50"], out="out/bench"))
+    print(res["summary"])
+
+``run_export`` loads a model (folder, built-in name or GGUF file), exports it and
+proves the file matches PyTorch (ONNX in onnxruntime, TorchScript in a fresh Python
+process). ``run_bench`` times several models side by side with
+:func:`graphprune.bench.bench_latency` and writes ``latency.md`` (speedups against the
+first model, median and interquartile range), ``latency.json`` (every time, the
+machine, the load average) and ``latency.png``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+
+from graphprune.bench import PROTOCOL_CASES, RUNTIMES, BenchResult, BenchTarget, Case, bench_latency, to_markdown
+from graphprune.bench.report import atomic_write, write_plot
+from graphprune.errors import ConfigError, ExportError, ModelLoadError
+from graphprune.kernels import KernelLinear
+from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torchscript")
+_CASES = {c.name: c for c in PROTOCOL_CASES}
+_CUSTOM_CASE = re.compile(r"^([A-Za-z_][\w-]*)=(\d+)x(\d+)$")
+
+
+# ---------------------------------------------------------------------------- export
+@dataclass
+class ExportJob:
+    """Everything ``graphprune export`` needs."""
+
+    model: str
+    format: str
+    out: str
+    sparse_initializers: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    #: logits of a real LM are O(10); float32 reassociation over many layers reaches ~1e-4 absolute
+    atol: float = 1e-3
+
+    def validate(self) -> None:
+        """Check the job before loading anything (cheap errors first)."""
+        if not self.atol > 0:
+            raise ConfigError(f"--atol must be > 0, got {self.atol}.")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}.")
+        if self.sparse_initializers and self.format != "onnx":
+            raise ConfigError("--sparse-initializers applies to --format onnx only (TorchScript stores the weights as they are).")
+        out = Path(self.out)
+        if out.is_dir():
+            raise ExportError(f"output {out} is a folder; give a file name, e.g. {out / ('model.onnx' if self.format == 'onnx' else 'model.pt')}.")
+        if out.exists() and not self.overwrite:
+            raise ExportError(f"output {out} already exists; choose another --out or pass --overwrite.")
+        check_model_spec(self.model)
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail fast (before loading anything) on a model that is neither built in nor on disk."""
+    from graphprune.testing.tiny import TINY_MODELS
+
+    if spec.strip().lower() in {DEFAULT_MODEL, "default", *TINY_MODELS}:
+        return
+    if not Path(spec).expanduser().exists():
+        raise ModelLoadError(
+            f"model {spec!r} not found: give a model folder (e.g. one written by `graphprune prune --out`), "
+            f"a .gguf file, {DEFAULT_MODEL}, tiny-llama or tiny-opt."
+        )
+
+
+def linear_sparsity(model: nn.Module) -> dict[str, float | int]:
+    """Fraction of zeros over the weights of the ``nn.Linear`` modules (LM head excluded).
+
+    Counted from the weights themselves (the protocol's accounting), so it works for any
+    folder, pruned by graphprune or not.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    zeros = total = 0
+    for module in model.modules():
+        if module is head:
+            continue
+        if isinstance(module, nn.Linear):
+            w = module.weight
+        elif isinstance(module, KernelLinear):  # a Linear rewritten by RewriteKernelsPass
+            w = module.dense_weight()
+        else:
+            continue
+        zeros += int((w == 0).sum())
+        total += w.numel()
+    return {"sparsity": zeros / total if total else 0.0, "linear_weights": total}
+
+
+def run_export(job: ExportJob) -> dict[str, Any]:
+    """Load, export, check parity; return the export report as a dict (plus model facts)."""
+    from graphprune.exporters import export_onnx, export_torchscript
+
+    job.validate()
+    t0 = time.perf_counter()
+    loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
+    if job.format == "onnx":
+        report = export_onnx(loaded.model, job.out, sparse_initializers=job.sparse_initializers, atol=job.atol)
+    else:
+        report = export_torchscript(loaded.model, job.out, atol=job.atol)
+    res = report.to_dict()
+    res.update(
+        {
+            "model": loaded.name,
+            "source": job.model,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            **linear_sparsity(loaded.model),
+            "checked_in": "onnxruntime (CPUExecutionProvider)" if job.format == "onnx" else "torch.jit.load in a fresh process",
+            "total_seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+    return res
+
+
+def mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def export_line(res: dict[str, Any]) -> str:
+    """One human line for an export result."""
+    size = mib(res["bytes"])
+    if res.get("dense_bytes"):
+        size = (
+            f"dense {mib(res['dense_bytes'])} -> sparse initializers {size}, "
+            f"{res['bytes'] / res['dense_bytes']:.2f}x, {res['packed_initializers']} bitmask + "
+            f"{res['sparse_initializers']} COO tensors"
+        )
+    shapes = ", ".join(f"{b}x{s}" for b, s in res["probe_shapes"])
+    return (
+        f"{res['model']}: wrote {res['path']} ({res['format']}: {size}); weight sparsity {res['sparsity']:.3f}; "
+        f"max |dlogits| {res['max_abs_diff']:.2g} vs PyTorch in {res['checked_in']} on [{shapes}]; "
+        f"{res['total_seconds']:.1f}s"
+    )
+
+
+# ---------------------------------------------------------------------------- bench
+def parse_cases(names: Sequence[str]) -> list[Case]:
+    """``prefill``, ``step``, ``throughput`` (the protocol's) or custom ``NAME=BATCHxSEQ``."""
+    cases: list[Case] = []
+    for name in names:
+        if name in _CASES:
+            cases.append(_CASES[name])
+            continue
+        m = _CUSTOM_CASE.match(name)
+        if not m:
+            raise ConfigError(f"unknown case {name!r}; use {sorted(_CASES)} or NAME=BATCHxSEQ such as short=1x16.")
+        batch, seq = int(m.group(2)), int(m.group(3))
+        if batch < 1 or seq < 1:
+            raise ConfigError(f"case {name!r} needs batch and sequence >= 1.")
+        cases.append(Case(m.group(1), batch, seq))
+    if len({c.name for c in cases}) != len(cases):
+        raise ConfigError(f"case names must be unique, got {[c.name for c in cases]}.")
+    return cases
+
+
+@dataclass
+class BenchJob:
+    """Everything ``graphprune bench`` needs; the first target is the baseline."""
+
+    targets: Sequence[str]
+    runtimes: Sequence[str] = RUNTIMES
+    cases: Sequence[str] = tuple(_CASES)
+    repeats: int = 10
+    warmup: int = 2
+    out: str | None = "out/bench"
+    threads: int | None = None
+    names: Sequence[str] = ()
+    trust_remote_code: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> list[Case]:
+        if not self.targets:
+            raise ConfigError("bench needs at least one model (the first is the baseline).")
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ConfigError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}.")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats} and {self.warmup}.")
+        if self.names and len(self.names) != len(self.targets):
+            raise ConfigError(f"--names gives {len(self.names)} labels for {len(self.targets)} models.")
+        for t in self.targets:
+            check_model_spec(t)
+        if self.out is not None and Path(self.out).is_file():
+            raise ConfigError(f"--out {self.out} is a file; give a folder for latency.md/.json/.png.")
+        return parse_cases(self.cases)
+
+    def labels(self) -> list[str]:
+        if self.names:
+            labels = list(self.names)
+        else:
+            labels = [Path(t).name or t for t in self.targets]
+        seen: dict[str, int] = {}
+        out = []
+        for label in labels:
+            seen[label] = seen.get(label, 0) + 1
+            out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+        return out
+
+
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
+def summary_table(result: BenchResult) -> str:
+    """Speedups side by side: one row per (case, runtime), one column per target."""
+    targets: list[str] = []
+    rows: list[tuple[str, str]] = []
+    cells: dict[tuple[str, str, str], str] = {}
+    shapes: dict[str, str] = {}
+    for r in result.records:
+        if r.target not in targets:
+            targets.append(r.target)
+        if (r.case, r.runtime) not in rows:
+            rows.append((r.case, r.runtime))
+        shapes[r.case] = f"{r.batch}x{r.seq}"
+        cell = "1.00x" if r.target == result.baseline else f"{r.speedup:.2f}x [{r.speedup_q1:.2f}, {r.speedup_q3:.2f}]"
+        cells[(r.case, r.runtime, r.target)] = cell
+    header = ["case", "runtime"] + [f"{t} (baseline)" if t == result.baseline else t for t in targets]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case, runtime in rows:
+        row = [f"{case} {shapes[case]}", runtime] + [cells.get((case, runtime, t), "-") for t in targets]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_markdown(result: BenchResult, targets: list[dict[str, Any]], load: dict[str, Any]) -> str:
+    """The report: targets, side-by-side speedups, then every record with the machine line."""
+    lines = ["# Latency", "", "| target | source | weight sparsity | parameters |", "|---|---|---:|---:|"]
+    for t in targets:
+        lines.append(f"| {t['name']} | `{t['source']}` | {t['sparsity']:.3f} | {t['parameters']:,} |")
+    lines += [
+        "",
+        f"Speedup = {result.baseline} time / target time, paired per interleaved repeat: median "
+        "[interquartile range]; > 1 is faster than the baseline.",
+        "",
+        summary_table(result),
+        f"Load average (1, 5, 15 min) at start {load.get('start')}, at end {load.get('end')} "
+        f"on {result.machine.get('usable_cores')} usable cores.",
+        "",
+        "## All records",
+        "",
+        to_markdown(result),
+    ]
+    return "\n".join(lines)
+
+
+def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
+    """Load every target, time them side by side, write the report files; return the summary."""
+    cases = job.validate()
+    labels = job.labels()
+    loaded: list[LoadedModel] = []
+    info: list[dict[str, Any]] = []
+    for label, spec in zip(labels, job.targets, strict=True):
+        lm = load_model(spec, trust_remote_code=job.trust_remote_code)
+        loaded.append(lm)
+        info.append(
+            {"name": label, "source": spec, "parameters": sum(p.numel() for p in lm.model.parameters()), **linear_sparsity(lm.model)}
+        )
+    vocab = {getattr(lm.config, "vocab_size", None) for lm in loaded}
+    if len(vocab) != 1:
+        raise ConfigError(f"the models have different vocabularies {sorted(map(str, vocab))}; compare models of one family.")
+    load = {"start": load_average()}
+    t0 = time.perf_counter()
+    result = bench_latency(
+        [BenchTarget(label, model=lm.model) for label, lm in zip(labels, loaded, strict=True)],
+        runtimes=list(job.runtimes),
+        cases=cases,
+        repeats=job.repeats,
+        warmup=job.warmup,
+        threads=job.threads,
+        seed=job.seed,
+        progress=progress,
+    )
+    load["end"] = load_average()
+    result.machine["load_average"] = load
+    summary = {
+        "baseline": result.baseline,
+        "targets": info,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "table": summary_table(result),
+        "files": {},
+        **job.extra,
+    }
+    if job.out is not None:
+        out = Path(job.out)
+        md = atomic_write(out / "latency.md", bench_markdown(result, info, load).encode())
+        data = result.to_dict() | {"targets": info}
+        js = atomic_write(out / "latency.json", (json.dumps(data, indent=2) + "\n").encode())
+        png = write_plot(result, out / "latency.png", title=f"speedup vs {result.baseline} ({result.machine.get('cpu')})")
+        summary["files"] = {"markdown": str(md), "json": str(js), "plot": str(png)}
+    summary["result"] = result
+    return summary
+
+
+__all__ = [
+    "BenchJob",
+    "ExportJob",
+    "check_model_spec",
+    "FORMATS",
+    "bench_markdown",
+    "export_line",
+    "linear_sparsity",
+    "parse_cases",
+    "run_bench",
+    "run_export",
+    "summary_table",
+]

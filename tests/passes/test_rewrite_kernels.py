@@ -1,0 +1,159 @@
+"""RewriteKernelsPass with an injected fake timer: graph rewrite, logits, model/graph sharing, exports."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from graphprune.errors import ConfigError, PassOrderError
+from graphprune.exporters import export_onnx
+from graphprune.exporters.hf import save_hf_folder
+from graphprune.graph.model import GraphModel
+from graphprune.kernels import CSRLinear, DenseLinear, KernelLinear, kernels_lowered
+from graphprune.passes.infra import PassContext, PassManager, Prop
+from graphprune.passes.prune import META_MASKS
+from graphprune.passes.rewrite_kernels import META_KERNELS, RewriteKernelsPass, kernel_summary
+
+aten = torch.ops.aten
+
+
+def fake_timer(seconds: dict[str, float]):
+    """Median seconds per kernel kind, no clock involved."""
+
+    def timer(module: KernelLinear, x: torch.Tensor, *, repeats: int, warmup: int) -> float:
+        return seconds.get(module.kind, 10.0)
+
+    return timer
+
+
+CSR_WINS = fake_timer({"dense": 2.0, "csr": 1.0})
+DENSE_WINS = fake_timer({"dense": 1.0, "csr": 2.0})
+
+
+def magnitude_prune(gm: GraphModel, sparsity: float = 0.5) -> GraphModel:
+    """What SequentialPrunePass leaves behind, without calibration: zeroed weights, masks, Prop.PRUNED."""
+    masks = gm.meta.setdefault(META_MASKS, {})
+    for li in gm.block_linears():
+        w = gm.get_attr(li.weight).detach().clone()
+        k = int(w.shape[1] * sparsity)
+        drop = w.abs().argsort(dim=1)[:, :k]
+        keep = torch.ones_like(w, dtype=torch.bool).scatter_(1, drop, False)
+        gm.set_weight(li.weight, w * keep)
+        masks[li.name] = keep
+    gm.props.add(Prop.PRUNED)
+    return gm
+
+
+def linear_nodes(gm: GraphModel) -> list[torch.fx.Node]:
+    return [n for n in gm.gm.graph.nodes if n.op == "call_function" and n.target is aten.linear.default]
+
+
+def kernel_nodes(gm: GraphModel) -> list[torch.fx.Node]:
+    return [n for n in gm.gm.graph.nodes if n.op == "call_module" and isinstance(gm.gm.get_submodule(n.target), KernelLinear)]
+
+
+def test_forced_csr_rewrites_every_pruned_linear(tiny_gm, tokens) -> None:
+    gm = magnitude_prune(tiny_gm)
+    pruned = set(gm.meta[META_MASKS])
+    before = gm(tokens)
+    dense_linears = len(linear_nodes(gm))
+    manager = PassManager([RewriteKernelsPass(tokens=16, timer=CSR_WINS)], PassContext(progress=False))
+    gm = manager.run(gm)  # verify=True: lint + the manager's own logits check
+    gm.lint()
+
+    calls = kernel_nodes(gm)
+    assert len(calls) == len(pruned)
+    assert len(linear_nodes(gm)) == dense_linears - len(pruned)  # the LM head (not pruned) stays aten.linear
+    assert {li.name for li in gm.linears} & pruned == set()
+    holders = {f"lm.{name}" for name in pruned}  # the dense weights are no longer read (nor held)
+    assert not [n for n in gm.gm.graph.nodes if n.op == "get_attr" and str(n.target).rsplit(".", 1)[0] in holders]
+    for node in calls:
+        kernel = gm.gm.get_submodule(node.target)
+        assert isinstance(kernel, CSRLinear)
+        name = node.target.split(".", 1)[1]  # graph path without the capture root
+        assert gm.model.get_submodule(name) is kernel  # one object in graph and model
+        assert node.meta.get("nn_module_stack")  # keeps the Linear's provenance
+    torch.testing.assert_close(gm(tokens), before, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        eager = gm.model(input_ids=tokens, use_cache=False).logits
+    torch.testing.assert_close(eager, before, atol=1e-5, rtol=1e-5)
+
+    meta = gm.meta[META_KERNELS]
+    assert set(meta) == pruned
+    entry = next(iter(meta.values()))
+    assert entry["choice"] == "csr" and entry["rewritten"] and entry["times"] == {"dense": 2.0, "csr": 1.0}
+    assert entry["tokens"] == 16 and entry["sparsity"] == pytest.approx(0.5, abs=0.02)
+    stats = manager.report()[0]
+    assert stats["rewritten"] == len(pruned) and stats["choices"] == {"csr": len(pruned)}
+    assert Prop.KERNELS in gm.props
+    assert kernel_summary(gm)["choices"] == {"csr": len(pruned)}
+
+    # idempotent: the rewritten Linears are no longer candidates
+    again = RewriteKernelsPass(tokens=16, timer=CSR_WINS).run(gm, PassContext(progress=False))
+    assert not again.modified and again.stats["linears"] == 0
+
+
+def test_dense_stays_dense_when_sparse_is_slower(tiny_gm, tokens) -> None:
+    gm = magnitude_prune(tiny_gm)
+    code = gm.gm.code
+    result = RewriteKernelsPass(tokens=16, timer=DENSE_WINS).run(gm, PassContext(progress=False))
+    assert not result.modified and result.stats["rewritten"] == 0
+    assert result.stats["choices"] == {"dense": len(gm.meta[META_MASKS])}
+    assert gm.gm.code == code and not kernel_nodes(gm)
+    assert not any(isinstance(m, KernelLinear) for m in gm.model.modules())
+
+
+def test_a_sparse_win_that_does_not_repeat_keeps_dense(tiny_gm) -> None:
+    gm = magnitude_prune(tiny_gm)
+    calls: list[str] = []
+
+    def flaky(module: KernelLinear, x: torch.Tensor, *, repeats: int, warmup: int) -> float:
+        calls.append(module.kind)
+        dense_runs = calls.count("dense")
+        if module.kind == "dense":
+            return 5.0 if dense_runs % 2 else 1.0  # the first dense measurement of each Linear stalls
+        return 2.0
+
+    result = RewriteKernelsPass(tokens=8, timer=flaky).run(gm, PassContext(progress=False))
+    assert not result.modified and result.stats["choices"] == {"dense": len(gm.meta[META_MASKS])}
+    entry = next(iter(gm.meta[META_KERNELS].values()))
+    assert entry["times"]["csr"] < entry["times"]["dense"] and "did not win again" in entry["kept_dense_because"]
+
+
+@pytest.mark.parametrize("tiny_name", ["tiny-llama"])
+def test_rewritten_model_exports_and_saves(tiny_gm, tmp_path, tokens) -> None:
+    gm = magnitude_prune(tiny_gm)
+    before = gm(tokens)
+    gm = PassManager([RewriteKernelsPass(tokens=16, timer=CSR_WINS, include=["*.mlp.*"])], PassContext(progress=False)).run(gm)
+    assert {type(gm.gm.get_submodule(n.target)) for n in kernel_nodes(gm)} == {CSRLinear}
+    assert len(kernel_nodes(gm)) == 2 * 3  # two blocks x gate/up/down
+
+    report = export_onnx(gm.model, tmp_path / "model.onnx", sparse_initializers=True, optimize=False)
+    assert report.max_abs_diff is not None and report.max_abs_diff <= 1e-4  # onnxruntime vs the CSR model
+    assert report.dense_bytes is not None and report.bytes < report.dense_bytes
+    assert isinstance(gm.model.model.layers[0].mlp.down_proj, CSRLinear)  # kernels restored after export
+
+    save_hf_folder(gm.model, None, tmp_path / "folder")
+    assert isinstance(gm.model.model.layers[0].mlp.down_proj, CSRLinear)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folder").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, before, atol=1e-5, rtol=1e-5)
+
+
+def test_requires_pruned_weights(tiny_gm) -> None:
+    with pytest.raises(PassOrderError, match="rewrite_kernels requires"):
+        PassManager([RewriteKernelsPass(timer=CSR_WINS)]).run(tiny_gm)
+
+
+def test_dtype_mismatch_is_a_clear_error(tiny_gm) -> None:
+    gm = magnitude_prune(tiny_gm)
+    with pytest.raises(ConfigError, match="cast the model"):
+        RewriteKernelsPass(dtype=torch.float64, timer=CSR_WINS).run(gm, PassContext(progress=False))
+
+
+def test_lowering_gives_back_plain_linears(tiny_gm, tokens) -> None:
+    gm = magnitude_prune(tiny_gm)
+    RewriteKernelsPass(tokens=8, timer=CSR_WINS).run(gm, PassContext(progress=False))
+    with kernels_lowered(gm.model) as lowered:
+        assert not any(isinstance(m, KernelLinear) for m in lowered.modules())
+    assert not any(isinstance(m, DenseLinear) for m in gm.model.modules())
