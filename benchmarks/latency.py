@@ -64,8 +64,10 @@ from graphprune.recipes.export_bench import linear_sparsity, load_average, mib, 
 from graphprune.recipes.pipeline import PruneJob, run_prune  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-#: logits of this model are O(10); float32 reassociation across 30 layers reaches ~1e-4 absolute
-ATOL = 1e-3
+#: absolute logits tolerance of the parity checks: float32 reassociation across 30 layers gives
+#: ~1e-4 on the dense model, ~1e-3 on a magnitude-pruned one (whose logits grow); the measured
+#: differences are reported in the files table
+ATOL = 1e-2
 SHORT_CASES = (Case("prefill", 1, 128), Case("step", 1, 1))
 THROUGHPUT = Case("throughput", 8, 512)
 PATTERNS = {"50": {"sparsity": 0.5}, "2of4": {"pattern": "2:4"}}  # label suffix -> PruneJob fields

@@ -153,15 +153,18 @@ def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[
         "parameters_after": parameter_count(model),
     }
     if slicing == 0.30:  # end to end: a loadable folder that reproduces the graph
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "sliced"
-            save_hf_folder(model, tokenizer, out)
-            reloaded = load_model(str(out))
-            probe = windows[:1, :128]
-            with torch.no_grad():
-                again = reloaded.model(input_ids=probe, use_cache=False).logits
-            row["reload_rel_diff"] = relative_diff(again, gm(probe))
-            row["reload_parameters"] = parameter_count(reloaded.model)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "sliced"
+                save_hf_folder(model, tokenizer, out)
+                reloaded = load_model(str(out))
+                probe = windows[:1, :128]
+                with torch.no_grad():
+                    again = reloaded.model(input_ids=probe, use_cache=False).logits
+                row["reload_rel_diff"] = relative_diff(again, gm(probe))
+                row["reload_parameters"] = parameter_count(reloaded.model)
+        except Exception as exc:  # keep the measured row; report the failure
+            row["reload_error"] = f"{type(exc).__name__}: {exc}"
     return row
 
 

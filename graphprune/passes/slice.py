@@ -1,9 +1,11 @@
 """SlicePass: drop the least important rotated dimensions of the residual stream (SliceGPT).
 
 After a PCA (or learned) rotation the stream's coordinates are ordered by energy, so
-keeping the first ``d' = round((1 − f)·d / 8)·8`` of them (``f`` the slicing fraction; the
-multiple of 8 keeps matmuls aligned, and ``f = 0`` keeps ``d``) turns every weight around
-the stream into a smaller dense matrix:
+keeping the first ``d' = round((1 − f)·d / m)·m`` of them (``f`` the slicing fraction,
+``f = 0`` keeps ``d``) turns every weight around the stream into a smaller dense matrix.
+``m`` is 8 for aligned matmuls where possible, but it must be a multiple of the number of
+attention heads, because transformers' configs refuse a ``hidden_size`` that the heads do
+not divide even with an explicit ``head_dim`` (see :func:`slice_multiple`):
 
 1. embeddings ``E[:, :d']``; writers ``W[:d', :]``, ``b[:d']``; readers ``W[:, :d']``;
    norm weights ``[:d']``;
@@ -44,6 +46,18 @@ aten = torch.ops.aten
 META_SLICING = "slicing"
 
 
+def slice_multiple(model: Any, width: int) -> int:
+    """The multiple the sliced width is rounded to: 8 for aligned matmuls, but transformers'
+    configs require ``hidden_size % num_attention_heads == 0`` (head_dim stays explicit), so
+    ``lcm(8, heads)`` when that is at most ``width/32``, else ``heads`` (SmolLM2: 9 heads,
+    lcm 72 would allow only 504/432/360 of 576, so widths are multiples of 9)."""
+    heads = int(getattr(getattr(model, "config", None), "num_attention_heads", 0) or 0)
+    if heads <= 0:
+        return 8
+    both = math.lcm(8, heads)
+    return both if both <= width // 32 else heads
+
+
 def sliced_width(width: int, fraction: float, multiple: int = 8) -> int:
     """``round((1 − fraction)·width / multiple)·multiple``, at least ``multiple``; ``width`` when ``fraction == 0``."""
     if not (0.0 <= fraction < 1.0) or not math.isfinite(fraction):
@@ -62,15 +76,15 @@ class SlicePass(Pass):
     invalidates = frozenset({Prop.CALIBRATED})
     preserves_function = False
 
-    def __init__(self, fraction: float, multiple: int = 8) -> None:
-        sliced_width(8 * multiple, fraction, multiple)  # validate early
+    def __init__(self, fraction: float, multiple: int | None = None) -> None:
+        sliced_width(64, fraction)  # validate early
         self.fraction = fraction
         self.multiple = multiple
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         stream = find_stream(gm)
         d = stream.width
-        keep = sliced_width(d, self.fraction, self.multiple)
+        keep = sliced_width(d, self.fraction, self.multiple or slice_multiple(gm.model, d))
         before = parameter_count(gm.model)
         stats: dict[str, Any] = {"width": d, "sliced_width": keep, "parameters_before": before}
         if keep == d:

@@ -1,6 +1,8 @@
 """SlicePass: 0 % is the identity, slicing equals zeroing the dropped subspace, sliced models save and load."""
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import PassContext, PassManager, Prop, relative_diff
 from graphprune.passes.prune import CALIBRATION
 from graphprune.passes.rotate import RotatePass
-from graphprune.passes.slice import META_SLICING, SlicePass, sliced_width
+from graphprune.passes.slice import META_SLICING, SlicePass, slice_multiple, sliced_width
 from graphprune.recipes.pipeline import PruneJob, run_prune
 from graphprune.testing.tiny import random_tokens
 
@@ -29,6 +31,11 @@ def test_sliced_width() -> None:
     assert sliced_width(576, 0.0) == 576
     assert sliced_width(576, 0.3) == 400 and sliced_width(576, 0.25) == 432 and sliced_width(576, 0.2) == 464
     assert sliced_width(64, 0.25) == 48 and sliced_width(64, 0.99) == 8
+    # SmolLM2 has 9 heads: transformers needs hidden_size % heads == 0, lcm(8, 9) = 72 is too coarse
+    smol = SimpleNamespace(config=SimpleNamespace(num_attention_heads=9))
+    m = slice_multiple(smol, 576)
+    assert m == 9 and [sliced_width(576, f, m) for f in (0.2, 0.25, 0.3)] == [459, 432, 405]
+    assert slice_multiple(SimpleNamespace(config=SimpleNamespace(num_attention_heads=32)), 4096) == 32
     with pytest.raises(ConfigError, match="slicing fraction"):
         sliced_width(64, 1.0)
 
