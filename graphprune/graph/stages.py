@@ -116,17 +116,29 @@ class StageRunner:
         stage_by_node = {s.node: s for s in self.staged.stages}
         root = self.staged.split
 
+        def resolve(target: str) -> Any:
+            obj: Any = root
+            for part in target.split("."):
+                obj = getattr(obj, part)
+            return obj
+
+        def value(a: Node, i: int) -> Any:
+            v = env[a]
+            if isinstance(v, _PerBatch):
+                return v[i]
+            if isinstance(v, _Attr):  # read at use time: a stage hook may have swapped the parameter
+                return resolve(v.target)
+            return v
+
         def fetch(arg: Any, i: int) -> Any:
-            return torch.fx.node.map_arg(arg, lambda a: env[a][i] if isinstance(env[a], _PerBatch) else env[a])
+            return torch.fx.node.map_arg(arg, lambda a: value(a, i))
 
         for node in graph.nodes:
             if node.op == "placeholder":
                 env[node] = _PerBatch(self.batches)
             elif node.op == "get_attr":
-                obj: Any = root
-                for part in node.target.split("."):
-                    obj = getattr(obj, part)
-                env[node] = obj
+                resolve(node.target)  # fails early on a missing attribute
+                env[node] = _Attr(node.target)
             elif node.op == "call_function" and node.target is operator.getitem:
                 env[node] = _PerBatch([fetch(node.args, i)[0][node.args[1]] for i in range(n)])
             elif node.op == "call_module":
@@ -158,6 +170,13 @@ class StageRunner:
                 if last_use.get(src) is node and src in env:
                     del env[src]
         return None
+
+
+@dataclass(frozen=True)
+class _Attr:
+    """A weight of the split graph's root, looked up when a stage reads it."""
+
+    target: str
 
 
 class _PerBatch(list):

@@ -27,7 +27,7 @@ bias, :func:`own_weight_target` names the attribute of the module a node came fr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 import networkx as nx
 import torch
@@ -255,10 +255,14 @@ def replace_parameter(gm: GraphModel, target: str, value: Tensor) -> nn.Paramete
     return replace_tensor(gm, gm.get_attr(target), value)
 
 
-def replace_tensor(gm: GraphModel, old: Tensor, value: Tensor) -> nn.Parameter:
-    """:func:`replace_parameter` for a parameter object (e.g. one the graph no longer reads)."""
+def replace_tensor(gm: GraphModel, old: Tensor, value: Tensor, also: Iterable[nn.Module] = ()) -> nn.Parameter:
+    """:func:`replace_parameter` for a parameter object (e.g. one the graph no longer reads).
+
+    ``also``: more module trees holding the same parameter objects (a stage split).
+    """
     new = nn.Parameter(value.detach().to(old.dtype).contiguous(), requires_grad=old.requires_grad)
-    for mod in list(gm.gm.modules()) + list(gm.model.modules()):
+    trees = [gm.gm, gm.model, *also]
+    for mod in [m for tree in trees for m in tree.modules()]:
         hit = False
         for key, p in mod._parameters.items():
             if p is old:

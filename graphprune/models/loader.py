@@ -103,7 +103,7 @@ def _forget_gguf_quantization(model: nn.Module) -> None:
 
 
 def _load_hf_folder(path: Path, trust_remote_code: bool) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not a Hugging Face model folder (no config.json).")
@@ -123,14 +123,19 @@ def _load_hf_folder(path: Path, trust_remote_code: bool) -> LoadedModel:
         raise ModelLoadError(f"could not load {path}: {exc}") from exc
     except Exception as exc:
         raise ModelLoadError(f"could not load {path}: {exc}") from exc
+    return LoadedModel(model.eval(), load_tokenizer(path, trust_remote_code), path.name, "hf")
+
+
+def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved in a model folder (the byte tokenizer of the tiny models included)."""
+    from transformers import AutoTokenizer
+
     if (path / "tokenizer_kind.txt").is_file():
-        tok: Any = ByteTokenizer()
-    else:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        except Exception as exc:
-            raise ModelLoadError(f"{path} has no usable tokenizer: {exc}") from exc
-    return LoadedModel(model.eval(), tok, path.name, "hf")
+        return ByteTokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} has no usable tokenizer: {exc}") from exc
 
 
 def load_model(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:

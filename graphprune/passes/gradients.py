@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from graphprune.distributed import Dist, current
 from graphprune.errors import DataError, SolverError
 from graphprune.graph.model import GraphModel
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
@@ -36,9 +37,10 @@ class GradientStatsPass(Pass):
     establishes = frozenset({Prop.GRADIENTS})
     preserves_function = True  # weights are read, never written
 
-    def __init__(self, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> None:
+    def __init__(self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), dist: Dist | None = None) -> None:
         self.include = tuple(include)
         self.exclude = tuple(exclude)
+        self.dist = dist  # None: the current process group; each rank takes a share of the sequences
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         tokens = ctx.data.get(CALIBRATION)
@@ -55,7 +57,9 @@ class GradientStatsPass(Pass):
                 p.requires_grad_(False)
             for p in params.values():
                 p.requires_grad_(True)
-            for ids in tqdm(tokens.split(1), desc="gradients", unit="seq", disable=not ctx.progress, leave=False):
+            dist = self.dist or current()
+            sequences = dist.shard(list(tokens.split(1)), "calibration sequences", fix="give more --calib-samples or use fewer processes")
+            for ids in tqdm(sequences, desc="gradients", unit="seq", disable=not ctx.progress or not dist.is_main, leave=False):
                 for p in params.values():
                     p.grad = None
                 with torch.enable_grad():
@@ -70,6 +74,8 @@ class GradientStatsPass(Pass):
             for p, flag in zip(every, saved):
                 p.requires_grad_(flag)
                 p.grad = None
+        for a in acc.values():  # same order on every rank
+            dist.all_reduce_(a)
         for name, a in acc.items():
             if not torch.isfinite(a).all():
                 raise SolverError(f"{name}: gradient statistics contain NaN/Inf; the loss overflowed.")

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -49,6 +49,15 @@ class InputObserver(nn.Module):
                 self.xtx += (flat.T @ flat).double()
             self.count += flat.shape[0]
         return x
+
+    def all_reduce(self, dist: Any) -> None:
+        """Sum the accumulators over the ranks of ``dist`` (a :class:`graphprune.distributed.Dist`)."""
+        if not dist.active:
+            return
+        dist.all_reduce_(self.col_sq)
+        if self.xtx is not None:
+            dist.all_reduce_(self.xtx)
+        self.count = int(dist.all_reduce_float(float(self.count)))
 
     def stats(self) -> LayerStats:
         if self.count == 0:

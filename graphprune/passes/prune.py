@@ -21,12 +21,13 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from graphprune.distributed import Dist, current
 from graphprune.errors import ConfigError, DataError, SolverError
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageRunner
@@ -84,6 +85,20 @@ class PruneConfig:
         return self.spec
 
 
+class StageIO(Protocol):
+    """Hooks around each stage, e.g. to load a block's weights lazily and write it when done.
+
+    ``roots`` are module trees beyond the model and the graph that hold the same parameter
+    objects (the stage split), so a hook that swaps parameters can swap them everywhere.
+    """
+
+    def begin(self, roots: list[torch.nn.Module]) -> None: ...  # before the prologue runs
+
+    def enter(self, block: int, roots: list[torch.nn.Module]) -> None: ...  # before a block stage runs
+
+    def leave(self, block: int, roots: list[torch.nn.Module]) -> None: ...  # after it is pruned and checkpointed
+
+
 class SequentialPrunePass(Pass):
     """Stage-wise calibration and pruning of every observed block Linear."""
 
@@ -97,8 +112,12 @@ class SequentialPrunePass(Pass):
         config: PruneConfig,
         on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
         checkpoint: StageCheckpoint | None = None,
+        dist: Dist | None = None,
+        stage_io: StageIO | None = None,
     ) -> None:
         self.config = config
+        self.stage_io = stage_io  # lazy loading: materialise a block before it runs, write and free it after
+        self.dist = dist  # None: the current process group (single process when none)
         self.solver = get_solver(config.method)
         self.checkpoint = checkpoint  # saves each finished stage; restores finished stages on resume
         if self.solver.needs_grad:
@@ -116,27 +135,44 @@ class SequentialPrunePass(Pass):
                 li = next(li for li in gm.linears if li.name == name)
                 spec.check_shape((li.out_features, li.in_features), name)
 
+        dist = self.dist or current()
         staged = StagedGraph(gm)
-        batches = list(tokens.split(self.config.batch_size))
+        # each rank calibrates on its contiguous share of the micro-batches; statistics are summed
+        batches = dist.shard(
+            list(tokens.split(self.config.batch_size)), "calibration micro-batches",
+            fix="lower --batch-size, give more --calib-samples or use fewer processes",
+        )
         masks: dict[str, Tensor] = gm.meta.setdefault(META_MASKS, {})
         layers: list[dict[str, Any]] = []
         stages: list[dict[str, Any]] = []
-        bar = tqdm(total=len(staged.block_stages), desc=f"prune {self.config.method}", unit="block", disable=not ctx.progress)
+        bar = tqdm(
+            total=len(staged.block_stages), desc=f"prune {self.config.method}", unit="block",
+            disable=not ctx.progress or not dist.is_main,
+        )
 
-        resuming = [self.checkpoint is not None]  # only a prefix of finished stages is reused
+        # only a prefix of finished stages is reused; rank 0 owns the checkpoint and decides for all
+        resuming = [bool(dist.broadcast_object(self.checkpoint is not None))]
+
+        roots: list[torch.nn.Module] = [staged.split]
+        io = self.stage_io
 
         def prune_stage(stage: Stage, forward: Callable[[], list[Any]]) -> None:
             t0 = time.perf_counter()
+            if io is not None:
+                io.enter(stage.block, roots)  # type: ignore[arg-type]
             block = gm.blocks[stage.block]  # type: ignore[index]
             targets = [li for li in block.linears if li.name in observed]
             if resuming[0]:
-                rec = self.checkpoint.load(stage.block)  # type: ignore[union-attr]
+                rec = self.checkpoint.load(stage.block) if self.checkpoint is not None else None
+                rec = dist.broadcast_object(rec)
                 if rec is not None:
                     restore_stage(gm, targets, rec, masks)
                     layers.extend(rec.layers)
                     forward()  # recompute the (already pruned) outputs for the next stage
                     stages.append({**rec.stage, "resumed": True})
-                    log.info("block %d: restored %d Linears from %s", stage.block, len(rec.weights), self.checkpoint.dir)  # type: ignore[union-attr]
+                    if io is not None:
+                        io.leave(stage.block, roots)  # type: ignore[arg-type]
+                    log.info("block %d: restored %d Linears from the checkpoint", stage.block, len(rec.weights))
                     bar.update(1)
                     return
                 resuming[0] = False
@@ -151,66 +187,52 @@ class SequentialPrunePass(Pass):
             finally:
                 for o in obs.values():
                     o.enabled = False
+            for o in obs.values():  # same order on every rank
+                o.all_reduce(dist)
             stats_cache = {attr: o.stats() for attr, o in obs.items()}
             if self.config.keep_stats:
                 kept = gm.meta.setdefault("stats", {})
                 kept.update({li.name: stats_cache[observed[li.name]] for li in targets})
             for o in obs.values():
                 o.reset()
-            for li in targets:
-                spec = self.config.spec_for(li.name)
-                if spec is None:
-                    continue
-                stats = stats_cache[observed[li.name]]
-                if self.solver.needs_grad:
-                    stats.grad_sq = gm.meta["grad_sq"][li.name]
-                weight = gm.get_attr(li.weight).detach().clone()  # set_weight writes in place
-                if not torch.isfinite(weight).all():
-                    bad = int((~torch.isfinite(weight)).sum())
-                    raise SolverError(f"{li.name}: the weight has {bad} NaN/Inf value(s) before pruning; the model file is corrupt.")
+            todo = [li for li in targets if self.config.spec_for(li.name) is not None]
+            mine: list[dict[str, Any]] = []
+            results: dict[str, tuple[Tensor, Tensor]] = {}
+            for index, li in enumerate(todo):
+                if dist.owner(index) != dist.rank:
+                    continue  # another rank solves it; its result arrives by broadcast below
                 bar.set_postfix_str(li.name, refresh=False)  # the solver's progress within the block
-                t1 = time.perf_counter()
-                res = self.solver.fn(weight, stats, spec, name=li.name, **self.config.options)
-                new = res.weight
-                refined = self.config.refine_steps > 0
-                if refined:
-                    from graphprune.solvers.proximal import masked_gd_refine
-
-                    new = masked_gd_refine(weight, new, res.mask, stats, steps=self.config.refine_steps)
-                new = torch.where(res.mask, new, torch.zeros_like(new))
-                if not torch.isfinite(new).all():
-                    raise SolverError(f"{li.name}: solver {self.config.method} produced NaN/Inf weights.")
+                new, mask, entry = self._solve(gm, li, stats_cache[observed[li.name]], stage.block)
+                results[li.name] = (new, mask)
+                mine.append(entry)
+            for index, li in enumerate(todo):
+                if dist.active:
+                    shape = (li.out_features, li.in_features)
+                    new, mask = results.get(li.name) or (torch.empty(shape), torch.empty(shape, dtype=torch.bool))
+                    new = dist.broadcast_(new.float().contiguous(), dist.owner(index))
+                    mask = dist.broadcast_(mask.to(torch.uint8).contiguous(), dist.owner(index)).bool()
+                else:
+                    new, mask = results[li.name]
                 gm.set_weight(li.weight, new)
-                masks[li.name] = res.mask.clone()
+                masks[li.name] = mask.clone()
                 pruned[li.name] = new
-                entry: dict[str, Any] = {
-                    "name": li.name,
-                    "block": stage.block,
-                    "shape": [li.out_features, li.in_features],
-                    "pattern": spec.pattern,
-                    "target_sparsity": round(spec.sparsity, 6),
-                    "sparsity": float((new == 0).sum()) / new.numel(),
-                    "seconds": round(time.perf_counter() - t1, 4),
-                }
-                if "error" in res.info and not refined:  # the solver already measured it
-                    entry["error"] = res.info["error"] / max(stats.count, 1)
-                    entry["rel_error"] = res.info["rel_error"]
-                elif stats.xtx is not None:
-                    err, rel = reconstruction_error(weight, new, stats.xtx)
-                    entry["error"] = err / max(stats.count, 1)
-                    entry["rel_error"] = rel
-                layers.append(entry)
+            entries = {e["name"]: e for part in dist.gather_objects(mine) for e in part}
+            layers.extend(entries[li.name] for li in todo)
             del stats_cache
             forward()  # pruned outputs feed the next stage
             info = {"stage": stage.index, "block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
             stages.append(info)
             log.info("block %d: %d Linears pruned in %.2fs", stage.block, len(pruned), info["seconds"])
-            if self.checkpoint is not None:
+            if self.checkpoint is not None and dist.is_main:
                 self.checkpoint.save(StageRecord(stage.block, pruned, {n: masks[n] for n in pruned}, layers[first_layer:], info))
+            if io is not None:
+                io.leave(stage.block, roots)  # type: ignore[arg-type]
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(stage.block, len(staged.block_stages), info)  # type: ignore[arg-type]
 
+        if io is not None:
+            io.begin(roots)
         try:
             StageRunner(staged, batches).run(prune_stage)
         finally:
@@ -229,6 +251,46 @@ class SequentialPrunePass(Pass):
         }
         gm.meta[META_PRUNE_REPORT] = report
         return PassResult(gm, modified=bool(layers), stats={"achieved_sparsity": report["achieved_sparsity"], "layers": len(layers)})
+
+
+    def _solve(self, gm: GraphModel, li: Any, stats: Any, block: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Prune one Linear from its statistics: ``(new weight, keep-mask, report entry)``."""
+        spec = self.config.spec_for(li.name)
+        assert spec is not None
+        if self.solver.needs_grad:
+            stats.grad_sq = gm.meta["grad_sq"][li.name]
+        weight = gm.get_attr(li.weight).detach().clone()  # set_weight writes in place
+        if not torch.isfinite(weight).all():
+            bad = int((~torch.isfinite(weight)).sum())
+            raise SolverError(f"{li.name}: the weight has {bad} NaN/Inf value(s) before pruning; the model file is corrupt.")
+        t1 = time.perf_counter()
+        res = self.solver.fn(weight, stats, spec, name=li.name, **self.config.options)
+        new = res.weight
+        refined = self.config.refine_steps > 0
+        if refined:
+            from graphprune.solvers.proximal import masked_gd_refine
+
+            new = masked_gd_refine(weight, new, res.mask, stats, steps=self.config.refine_steps)
+        new = torch.where(res.mask, new, torch.zeros_like(new))
+        if not torch.isfinite(new).all():
+            raise SolverError(f"{li.name}: solver {self.config.method} produced NaN/Inf weights.")
+        entry: dict[str, Any] = {
+            "name": li.name,
+            "block": block,
+            "shape": [li.out_features, li.in_features],
+            "pattern": spec.pattern,
+            "target_sparsity": round(spec.sparsity, 6),
+            "sparsity": float((new == 0).sum()) / new.numel(),
+            "seconds": round(time.perf_counter() - t1, 4),
+        }
+        if "error" in res.info and not refined:  # the solver already measured it
+            entry["error"] = res.info["error"] / max(stats.count, 1)
+            entry["rel_error"] = res.info["rel_error"]
+        elif stats.xtx is not None:
+            err, rel = reconstruction_error(weight, new, stats.xtx)
+            entry["error"] = err / max(stats.count, 1)
+            entry["rel_error"] = rel
+        return new, res.mask, entry
 
 
 def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: dict[str, Tensor]) -> None:

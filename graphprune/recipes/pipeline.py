@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,12 +20,15 @@ from typing import Any, Callable, Sequence
 import torch
 
 from graphprune.data import TokenSplits, read_texts
+from graphprune.distributed import Dist, current
 from graphprune.errors import ConfigError, ExportError
 from graphprune.eval import perplexity
-from graphprune.exporters.hf import check_output_dir, save_hf_folder
+from graphprune.exporters.hf import ShardedWriter, check_output_dir, save_hf_folder
+from graphprune.graph.lazy import LazyWeights, retarget_meta
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stream import export_blockers, parameter_count
 from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
+from graphprune.models.lazy import SafetensorsSource, load_lazy
 from graphprune.models.loader import check_finite
 from graphprune.passes.gradients import GradientStatsPass
 from graphprune.passes.fold_norms import FoldNormsPass
@@ -76,6 +80,7 @@ class PruneJob:
     slicing: float = 0.0  # fraction of the rotated stream to drop (SliceGPT); implies rotation "pca"
     rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
     rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
+    lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
 
     def spec(self) -> SparsitySpec:
         return SparsitySpec.parse(self.sparsity, self.pattern)
@@ -128,8 +133,12 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
+    dist = current()
     with torch.no_grad():
-        res = perplexity(logits, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+        if dist.active:
+            res = sharded_perplexity(logits, splits.eval_windows(job.eval_len), dist, progress=progress and dist.is_main)
+        else:
+            res = perplexity(logits, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
     return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
 
 
@@ -145,40 +154,63 @@ def run_prune(
     folder before it is renamed into place; the checkpoint is deleted only after that.
     """
     t0 = time.perf_counter()
+    dist = current()  # torchrun: every rank runs this; rank 0 writes files and shows progress
+    progress = progress and dist.is_main
     rotation = job.rotation_source()
     prunes = job.prunes()
     spec = job.spec() if prunes else SparsitySpec(0.0)
     solver = get_solver(job.method)  # unknown method -> clear error before loading anything
     rules = parse_rules(job.overrides, spec)
     if job.out is not None:
-        check_output_dir(job.out, job.overwrite)
+        check_output_dir(job.out, job.overwrite)  # on every rank, so all stop together
+    if job.lazy:
+        check_lazy(job, rotation, solver.needs_grad, finish is not None)
     torch.manual_seed(job.seed)
-    loaded = load_model(job.model, trust_remote_code=job.trust_remote_code, seed=job.seed)
-    check_finite(loaded.model, loaded.name)
+    source: SafetensorsSource | None = None
+    if job.lazy:
+        loaded, source = load_lazy(job.model, trust_remote_code=job.trust_remote_code)
+    else:
+        loaded = load_model(job.model, trust_remote_code=job.trust_remote_code, seed=job.seed)
+        check_finite(loaded.model, loaded.name)
     check_length(loaded, job.calib_len, "--calib-len")
     if job.evaluate:
         check_length(loaded, job.eval_len, "--eval-len")
     splits = _splits(loaded, job.text)
     calib = splits.calibration(job.calib_samples, job.calib_len, job.seed)
-    checkpoint = open_checkpoint(job, calib)
+    checkpoint = open_checkpoint(job, calib) if dist.is_main else None
     t_load = time.perf_counter()
     parameters_before = parameter_count(loaded.model)
     gm = GraphModel.capture(loaded.model, name=loaded.name)
     t_capture = time.perf_counter()
     rotate_passes = _rotation_passes(job, rotation, spec, gm)
     config = PruneConfig(job.method, spec, rules, dict(job.options), job.refine_steps, job.batch_size)
-    ctx = PassContext(seed=job.seed, verify=True, progress=progress, data={CALIBRATION: calib})
+    # lazy: the weights exist one block at a time, so no whole-model probe forward can verify passes
+    ctx = PassContext(seed=job.seed, verify=not job.lazy, progress=progress, data={CALIBRATION: calib})
+    stage_io: LazyStageIO | None = None
+    if source is not None:
+        writer = ShardedWriter(job.out, job.overwrite) if dist.is_main else None  # type: ignore[arg-type]
+        retarget_meta(gm)  # the skeleton was traced on the meta device
+        stage_io = LazyStageIO(LazyWeights(gm, source.get), writer)
     passes = [
         *rotate_passes,
         *([GradientStatsPass()] if solver.needs_grad and prunes else []),
         *(
-            [InsertObserversPass(hessian=True), SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint), RemoveObserversPass()]
+            [
+                InsertObserversPass(hessian=True),
+                SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io),
+                RemoveObserversPass(),
+            ]
             if prunes
             else []
         ),
     ]
     manager = PassManager(passes, ctx)
-    gm = manager.run(gm)
+    try:
+        gm = manager.run(gm)
+    except BaseException:
+        if stage_io is not None:
+            stage_io.abort()
+        raise
     t_prune = time.perf_counter()
     report: dict[str, Any] = dict(gm.meta["prune_report"]) if prunes else {"method": "none", "pattern": "dense", "achieved_sparsity": 0.0}
     report.update(
@@ -196,18 +228,89 @@ def run_prune(
     if rotate_passes:
         report.update(_rotation_report(gm, manager))
     if job.evaluate:
-        res = perplexity(gm, splits.eval_windows(job.eval_len), batch_size=4, progress=progress)
+        res = sharded_perplexity(gm, splits.eval_windows(job.eval_len), dist, progress=progress)
         report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
+    if dist.active:
+        report["processes"] = dist.world
     report["total_seconds"] = round(time.perf_counter() - t0, 2)
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     outcome = PruneOutcome(gm, loaded, report)
-    if job.out is not None:
+    if stage_io is not None:
+        report["lazy"] = stage_io.summary()
+        if dist.is_main:
+            stage_io.finish(loaded, report)
+    elif job.out is not None and dist.is_main:
         _check_exportable(gm)
         extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
         save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
     if checkpoint is not None:
         checkpoint.remove()
+    dist.barrier()  # every rank returns once rank 0 has written the outputs
     return outcome
+
+
+def check_lazy(job: PruneJob, rotation: str | None, needs_grad: bool, has_finish: bool) -> None:
+    """Refuse what stage-at-a-time pruning cannot do, naming the way out."""
+    if job.out is None:
+        raise ConfigError("lazy pruning writes each block as it finishes; give an output folder (--out).")
+    if rotation is not None:
+        raise ConfigError("rotations and slicing change every block at once and need the whole model; run them without --lazy.")
+    if needs_grad:
+        raise ConfigError(f"{job.method} needs gradients of the whole model's loss; run it without --lazy.")
+    if job.evaluate:
+        raise ConfigError("--eval needs the whole model; evaluate the written folder with `graphprune eval --model DIR`.")
+    if has_finish:
+        raise ConfigError("export and bench steps need the pruned model in memory; run them on the written folder in a second recipe.")
+
+
+class LazyStageIO:
+    """Stage hooks of lazy pruning: load a block from safetensors, write it when pruned, free it."""
+
+    def __init__(self, weights: LazyWeights, writer: ShardedWriter | None) -> None:
+        self.weights = weights
+        self.writer = writer  # None on ranks other than 0
+        self.peak_bytes = 0
+
+    def _track(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.weights.materialised_bytes())
+
+    def begin(self, roots: list[torch.nn.Module]) -> None:
+        self.weights.load(self.weights.shared, roots)  # embedding, final norm, LM head
+        self._track()
+
+    def enter(self, block: int, roots: list[torch.nn.Module]) -> None:
+        self.weights.load(self.weights.by_block[block], roots)
+        self._track()
+
+    def leave(self, block: int, roots: list[torch.nn.Module]) -> None:
+        names = self.weights.by_block[block]
+        if self.writer is not None:
+            self.writer.add(self.weights.tensors(names))
+        self.weights.release(names, roots)
+
+    def finish(self, loaded: LoadedModel, report: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.add(self.weights.tensors(self.weights.shared))
+            self.writer.finish(loaded.model, loaded.tokenizer, extra_json={"report.json": report})
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def summary(self) -> dict[str, Any]:
+        return {"peak_materialised_mb": round(self.peak_bytes / 2**20, 1), "shards": len(self.weights.by_block) + 1}
+
+
+def sharded_perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, dist: Dist, progress: bool = False) -> dict[str, Any]:
+    """Protocol perplexity with the windows split across ranks and the NLL sums reduced."""
+    if not dist.active:
+        return perplexity(logits_fn, windows, batch_size=4, progress=progress)
+    lo, hi = dist.bounds(int(windows.shape[0]))
+    part = perplexity(logits_fn, windows[lo:hi], batch_size=4, progress=progress) if hi > lo else {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+    tokens = dist.all_reduce_float(float(part["tokens"]))
+    total = dist.all_reduce_float(part["nll"] * part["tokens"])
+    mean = total / max(tokens, 1.0)
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "seconds": part["seconds"]}
 
 
 def _rotation_passes(job: PruneJob, rotation: str | None, spec: SparsitySpec, gm: GraphModel) -> list[Any]:

@@ -192,6 +192,7 @@ OUTPUT = Mapping(
         "overwrite": Scalar((bool,), False, "replace an existing folder (and discard an interrupted run's checkpoint)"),
         "checkpoint": Scalar((bool,), True, "checkpoint after each block stage so --resume can continue a killed run"),
         "checkpoint_dir": Scalar((str,), None, "checkpoint folder (default <dir>.ckpt)", nullable=True),
+        "lazy": Scalar((bool,), False, "stream the model folder block by block and write each block as it finishes (bounded memory)"),
     },
     default=dict,
     doc="where the model folder goes",
@@ -360,8 +361,8 @@ for _section in (
     Section(
         "output",
         OUTPUT,
-        lambda o: {"out": o["dir"], "overwrite": o["overwrite"], "checkpoint": o["checkpoint"], "checkpoint_dir": o["checkpoint_dir"]},
-        lambda j: {"dir": j.out, "overwrite": j.overwrite, "checkpoint": j.checkpoint, "checkpoint_dir": j.checkpoint_dir},
+        lambda o: {"out": o["dir"], "overwrite": o["overwrite"], "checkpoint": o["checkpoint"], "checkpoint_dir": o["checkpoint_dir"], "lazy": o["lazy"]},
+        lambda j: {"dir": j.out, "overwrite": j.overwrite, "checkpoint": j.checkpoint, "checkpoint_dir": j.checkpoint_dir, "lazy": j.lazy},
     ),
     Section("export", EXPORT, run=_run_export),
     Section("bench", BENCH, run=_run_bench),

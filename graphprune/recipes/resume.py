@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # PruneJob fields that do not change the pruned weights
-OUTPUT_ONLY = frozenset({"out", "overwrite", "evaluate", "eval_len", "resume", "checkpoint", "checkpoint_dir", "text"})
+OUTPUT_ONLY = frozenset({"out", "overwrite", "evaluate", "eval_len", "resume", "checkpoint", "checkpoint_dir", "text", "lazy"})
 
 
 def _model_fingerprint(spec: str) -> list[Any]:

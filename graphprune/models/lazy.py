@@ -1,0 +1,108 @@
+"""Lazy loading: a model skeleton on the meta device, weights streamed from safetensors.
+
+``load_lazy(folder)`` builds the model from its config with every parameter on the
+``meta`` device (no storage; buffers such as rotary tables are real), and returns a
+:class:`SafetensorsSource` that reads any single tensor from the folder's safetensors
+shard(s) on demand. The pipeline materialises one decoder block at a time (plus the
+embedding, final norm and LM head), so peak memory is bounded by one block and its
+calibration statistics instead of the whole model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from graphprune.errors import ModelLoadError
+from graphprune.models.loader import LoadedModel, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class SafetensorsSource:
+    """Reads named tensors from a model folder's safetensors file(s), one at a time."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from safetensors import safe_open
+
+        self.folder = Path(folder)
+        self._open = safe_open
+        self._handles: dict[Path, Any] = {}
+        index, single = self.folder / INDEX, self.folder / SINGLE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise ModelLoadError(f"{index} is not a safetensors index (no weight_map): {exc}.") from exc
+            self.files = {name: self.folder / shard for name, shard in weight_map.items()}
+            missing = sorted({p.name for p in self.files.values() if not p.is_file()})
+            if missing:
+                raise ModelLoadError(f"{index} names shard(s) that are not in {self.folder}: {', '.join(missing)}.")
+        elif single.is_file():
+            self.files = {name: single for name in self._handle(single).keys()}
+        else:
+            raise ModelLoadError(
+                f"{self.folder} has no {SINGLE} or {INDEX}; lazy loading streams weights from safetensors."
+            )
+
+    def _handle(self, path: Path) -> Any:
+        if path not in self._handles:
+            self._handles[path] = self._open(str(path), framework="pt", device="cpu")
+        return self._handles[path]
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def get(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The tensor ``name`` as ``dtype`` (a fresh CPU tensor)."""
+        path = self.files.get(name)
+        if path is None:
+            raise ModelLoadError(f"{self.folder} holds no tensor {name!r}.")
+        return self._handle(path).get_tensor(name).to(dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def load_lazy(spec: str, *, trust_remote_code: bool = False) -> tuple[LoadedModel, SafetensorsSource]:
+    """A meta-device skeleton of the model folder ``spec`` and the source of its weights.
+
+    Raises:
+        ModelLoadError: ``spec`` is not a model folder with safetensors weights, or the
+            weights do not cover every parameter of the model its config describes.
+    """
+    folder = Path(spec)
+    if not (folder.is_dir() and (folder / "config.json").is_file()):
+        raise ModelLoadError(
+            f"lazy loading needs a Hugging Face model folder with config.json and safetensors, got {spec!r}; "
+            f"write one first with `graphprune convert --model {spec} --out DIR` and pass --model DIR."
+        )
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = SafetensorsSource(folder)
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+    except (ValueError, OSError, KeyError) as exc:
+        raise ModelLoadError(f"{folder}: cannot build the model from its config.json ({exc}).") from exc
+    model.eval()
+    model.tie_weights()  # tied embeddings share one parameter (from_config on meta does not tie them)
+    names = {name for name, _ in model.named_parameters()}  # tied weights appear once
+    missing = sorted(names - source.names())
+    if missing:
+        raise ModelLoadError(
+            f"{folder}: the safetensors weights lack {len(missing)} parameter(s) of the model, e.g. {missing[:3]}; "
+            "the folder is incomplete or belongs to another architecture."
+        )
+    tokenizer = load_tokenizer(folder, trust_remote_code)
+    log.info("lazy skeleton of %s: %d parameters on the meta device", folder, len(names))
+    return LoadedModel(model, tokenizer, folder.name, "hf-lazy"), source
