@@ -179,16 +179,16 @@ def write_md(rows: dict[str, Any]) -> None:
         "",
         "## One process vs two (torchrun, gloo), 50 % unstructured",
         "",
-        "The reference is one process with one intra-op thread, the thread count each torchrun rank gets.",
+        "The reference is one process, normally with one intra-op thread, the thread count each torchrun rank gets (column `ref. threads`).",
         "",
-        "| method | mask differences / pruned weights | max abs weight diff | 1 process wall s | 2 processes wall s | 1 process, 2 threads vs 1 thread: mask differences |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | ref. threads | mask differences / pruned weights | max abs weight diff | 1 process wall s | 2 processes wall s | 1 process, 2 threads vs 1 thread: mask differences |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for method, r in rows.get("data_parallel", {}).items():
         cmp_ = r["comparison"]
         t2 = r.get("one_process_2_threads_vs_1_thread") or {}
         lines.append(
-            f"| {method} | {cmp_['mask_differences']} / {cmp_['pruned_weights']:,} | {cmp_['max_abs_weight_diff']:.2e} | "
+            f"| {method} | {r.get('reference_threads', 1)} | {cmp_['mask_differences']} / {cmp_['pruned_weights']:,} | {cmp_['max_abs_weight_diff']:.2e} | "
             f"{r['one']['wall_seconds']} | {r['two']['wall_seconds']} | {t2.get('mask_differences', '-')} |"
         )
     lines += [
