@@ -15,6 +15,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from graphprune.errors import ModelLoadError
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stream import replace_tensor
 
@@ -75,12 +76,8 @@ class LazyWeights:
                 continue
             value = self.fetch(name)
             if tuple(value.shape) != tuple(old.shape):
-                from graphprune.errors import ModelLoadError
-
                 raise ModelLoadError(f"{name}: the weights file holds shape {tuple(value.shape)}, the model expects {tuple(old.shape)}.")
             if not torch.isfinite(value).all():
-                from graphprune.errors import ModelLoadError
-
                 raise ModelLoadError(f"{name}: the weights file holds NaN/Inf values; the file is corrupt.")
             replace_tensor(self.gm, old, value, also)
 
