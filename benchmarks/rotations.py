@@ -10,8 +10,10 @@ windows of the evaluation split):
 Everything runs in one process: the model is loaded once and deep-copied per
 configuration. The rotation statistics (one dense calibration pass over the 64x512
 calibration set, observers on the norm outputs and the writers' inputs) and each ``Q`` are
-computed once and shared: PCA, Hadamard, and the learned ``Q`` (learned for Wanda-style
-masks at 50 %, initialised from PCA) serve both solvers. Their one-time cost is reported
+computed once and shared: PCA and Hadamard serve both solvers; the learned ``Q`` is learned
+per kind of solver as ``graphprune prune --rotate learned`` does (for Wanda: masked-weight
+error, PCA start; for SparseGPT: Optimal Brain Surgeon saliency, identity start, the
+pass's default steps). Their one-time cost is reported
 as ``rotation s``; ``prune s`` is the pass pipeline of the configuration (fold, rotate,
 slice, calibrate and prune). The 30 % sliced model is also saved as a model folder,
 reloaded with ``graphprune.models.load_model`` and compared with the graph.
@@ -46,7 +48,7 @@ from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import PassContext, PassManager, relative_diff
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass
-from graphprune.passes.rotate import RotatePass, collect_stream_stats, build_problem
+from graphprune.passes.rotate import LearnConfig, RotatePass, build_problem, collect_stream_stats
 from graphprune.passes.slice import SlicePass
 from graphprune.solvers import SparsitySpec
 from graphprune.solvers.rotation import learn_rotation, pca_rotation, random_hadamard
@@ -62,7 +64,7 @@ CONFIGS: dict[str, tuple[str | None, float, str | None]] = {
     "wanda 50%": (None, 0.0, "wanda"),
     "learned + wanda 50%": ("learned", 0.0, "wanda"),
     "sparsegpt 50%": (None, 0.0, "sparsegpt"),
-    "learned + sparsegpt 50%": ("learned", 0.0, "sparsegpt"),
+    "learned + sparsegpt 50%": ("learned-obs", 0.0, "sparsegpt"),
     "pca + wanda 50%": ("pca", 0.0, "wanda"),
     "hadamard + wanda 50%": ("hadamard", 0.0, "wanda"),
     "pca slice 25%": ("pca", 0.25, None),
@@ -77,11 +79,14 @@ def log(msg: str) -> None:
 
 
 def rotations(pristine: torch.nn.Module, calib: torch.Tensor, steps: int, lr: float) -> dict[str, Any]:
-    """PCA, Hadamard and learned Q for the folded default model (statistics and Qs cached on disk)."""
+    """PCA, Hadamard and learned Qs for the folded default model (statistics and Qs cached on disk)."""
+    cached: dict[str, Any] = {}
     if CACHE.is_file():
         cached = torch.load(CACHE, weights_only=False)
-        if cached["learned"]["steps"] == steps and cached["learned"]["lr"] == lr:
-            return cached
+        if cached["learned"]["steps"] != steps or cached["learned"]["lr"] != lr:
+            cached = {}
+    if cached and "learned-obs" in cached:
+        return cached
     gm = GraphModel.capture(copy.deepcopy(pristine), name="smollm2-135m")
     FoldNormsPass().run(gm, PassContext())
     stream = find_stream(gm)
@@ -95,29 +100,39 @@ def rotations(pristine: torch.nn.Module, calib: torch.Tensor, steps: int, lr: fl
         torch.save((stats, t_stats), STATS)
     log(f"rotation statistics over {stats.tokens} tokens in {t_stats:.0f}s")
     cov = stats.pca_cov()
-    t1 = time.perf_counter()
-    pca, ev = pca_rotation(cov)
-    t_pca = time.perf_counter() - t1
-    t1 = time.perf_counter()
-    had = random_hadamard(stream.width, torch.Generator().manual_seed(0))
-    t_had = time.perf_counter() - t1
-    t1 = time.perf_counter()
     problem = build_problem(gm, stream, stats)
-    res = learn_rotation(pca, problem, SparsitySpec(0.5), steps=steps, lr=lr, blocks_per_step=4,
-                         callback=lambda s, v: log(f"  learned rotation step {s}: objective {v:.5f}"))
-    imp = (res.q * (cov @ res.q)).sum(0)
-    order = torch.argsort(imp, descending=True)
-    t_learn = time.perf_counter() - t1
-    log(f"learned rotation: objective {res.initial_loss:.5f} -> {res.final_loss:.5f} in {t_learn:.0f}s")
-    out = {
-        "pca": {"q": pca, "importance": ev, "seconds": t_stats + t_pca},
-        "hadamard": {"q": had, "importance": None, "seconds": t_had},
-        "learned": {"q": res.q[:, order], "importance": imp[order], "seconds": t_stats + t_pca + t_learn,
-                    "objective": [res.initial_loss, res.final_loss], "steps": steps, "lr": lr},
-        "calibration_tokens": stats.tokens,
-    }
-    torch.save(out, CACHE)
-    return out
+
+    def learned(q0: torch.Tensor, score: str, n: int, rate: float, per_step: int, start: str) -> dict[str, Any]:
+        t1 = time.perf_counter()
+        res = learn_rotation(q0, problem, SparsitySpec(0.5), steps=n, lr=rate, blocks_per_step=per_step, score=score,
+                             callback=lambda s, v: log(f"  learned rotation ({score}) step {s}: objective {v:.5f}"))
+        imp = (res.q * (cov @ res.q)).sum(0)
+        order = torch.argsort(imp, descending=True)
+        t_learn = time.perf_counter() - t1
+        log(f"learned rotation ({score}): objective {res.initial_loss:.5f} -> {res.final_loss:.5f} in {t_learn:.0f}s")
+        return {"q": res.q[:, order], "importance": imp[order], "seconds": t_stats + t_learn, "score": score, "init": start,
+                "objective": [res.initial_loss, res.final_loss], "steps": n, "lr": rate, "blocks_per_step": per_step}
+
+    if not cached:
+        t1 = time.perf_counter()
+        pca, ev = pca_rotation(cov)
+        t_pca = time.perf_counter() - t1
+        t1 = time.perf_counter()
+        had = random_hadamard(stream.width, torch.Generator().manual_seed(0))
+        t_had = time.perf_counter() - t1
+        wanda = learned(pca, "wanda", steps, lr, 4, "pca")
+        wanda["seconds"] += t_pca
+        cached = {
+            "pca": {"q": pca, "importance": ev, "seconds": t_stats + t_pca},
+            "hadamard": {"q": had, "importance": None, "seconds": t_had},
+            "learned": wanda,
+            "calibration_tokens": stats.tokens,
+        }
+    cfg = LearnConfig(SparsitySpec(0.5), method="sparsegpt")  # the pass's defaults for Hessian solvers
+    cached["learned-obs"] = learned(torch.eye(stream.width, dtype=torch.float64), cfg.score, cfg.steps, cfg.lr,
+                                    cfg.blocks_per_step, cfg.start)
+    torch.save(cached, CACHE)
+    return cached
 
 
 def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[str, Any], calib: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
@@ -170,6 +185,9 @@ def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[
 
 def write_markdown(rows: dict[str, Any], meta: dict[str, Any]) -> None:
     dense = json.loads((RESULTS / "dense.json").read_text()) if (RESULTS / "dense.json").exists() else None
+    quality = json.loads((RESULTS / "prune_quality.json").read_text()) if (RESULTS / "prune_quality.json").exists() else {}
+    # unrotated baselines measured by prune_quality.py when not measured here
+    baseline = {k: v for k, v in quality.items() if k in ("wanda 50%", "sparsegpt 50%") and k not in rows}
     lines = [
         "# Rotations and slicing on SmolLM2-135M",
         "",
@@ -185,18 +203,28 @@ def write_markdown(rows: dict[str, Any], meta: dict[str, Any]) -> None:
         lines.append(f"| dense | 576 | {dense['ppl']:.3f} | - | 0 | - | - | {meta.get('dense_parameters', 0):,} |")
     for name in CONFIGS:
         r = rows.get(name)
+        if r is None and name in baseline:
+            b = baseline[name]
+            lines.append(f"| {name} † | 576 | {b['ppl']:.3f} | - | {b['achieved_sparsity']:.3f} | {b['prune_seconds']:.0f} | 0 | "
+                         f"{meta.get('dense_parameters', 0):,} |")
+            continue
         if r is None:
             continue
-        base = rows.get(f"{r['method']} 50%") if r["rotation"] != "none" and r["method"] != "none" else None
+        base = (rows.get(f"{r['method']} 50%") or baseline.get(f"{r['method']} 50%")) if r["rotation"] != "none" and r["method"] != "none" else None
         delta = f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%" if base else "-"
         lines.append(
             f"| {name} | {r['width']} | {r['ppl']:.3f} | {delta} | {r['achieved_sparsity']:.3f} | {r['prune_seconds']:.0f} | "
             f"{r['rotation_seconds']:.0f} | {r['parameters_after']:,} |"
         )
-    if "learned" in meta:
-        lm = meta["learned"]
-        lines += ["", f"Learned rotation: {lm['steps']} Cayley SGD steps (lr {lm['lr']}), layer-wise pruned-error objective "
-                  f"{lm['objective'][0]:.5f} (PCA start) -> {lm['objective'][1]:.5f}."]
+    for key, what in (("learned", "for Wanda (masked-weight error of Wanda masks)"),
+                      ("learned-obs", "for SparseGPT (Optimal Brain Surgeon saliency w²/[H⁻¹]_jj of the dropped weights)")):
+        lm = meta.get(key)
+        if lm:
+            lines += ["", f"Learned rotation {what}: {lm['steps']} Cayley SGD steps (lr {lm['lr']}, {lm.get('blocks_per_step', 4)} "
+                      f"blocks per step), layer-wise objective {lm['objective'][0]:.5f} ({lm.get('init', 'pca')} start) -> "
+                      f"{lm['objective'][1]:.5f}."]
+    if baseline:
+        lines += ["", "Unrotated rows marked † are taken from `prune_quality.json` (same protocol and pipeline)."]
     sliced = rows.get("pca slice 30%")
     if sliced and "reload_rel_diff" in sliced:
         lines += ["", f"The 30 % sliced model saved as a model folder reloads with {sliced['reload_parameters']:,} parameters; "
@@ -228,7 +256,8 @@ def main() -> None:
     meta = {
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch eager float32",
         "dense_parameters": parameter_count(pristine),
-        "learned": {k: rots["learned"][k] for k in ("objective", "steps", "lr")},
+        "learned": {k: rots["learned"][k] for k in ("objective", "steps", "lr") if k in rots["learned"]},
+        "learned-obs": {k: rots["learned-obs"][k] for k in ("objective", "steps", "lr", "blocks_per_step", "init")},
         "calibration_tokens": rots["calibration_tokens"],
     }
     for name in CONFIGS:

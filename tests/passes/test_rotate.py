@@ -104,6 +104,21 @@ def test_any_solver_runs_in_the_rotated_space(tiny_gm: GraphModel, tiny_name: st
     assert torch.isfinite(gm(random_tokens(1, 16))).all()
 
 
+def test_learned_rotation_objective_follows_the_method(tiny_gm: GraphModel, tokens: torch.Tensor, one_thread) -> None:
+    """Hessian solvers get the OBS-saliency objective from the identity; mask-only methods the masked error from PCA."""
+    assert (LearnConfig(SparsitySpec(0.5), "wanda").score, LearnConfig(SparsitySpec(0.5), "wanda").start) == ("wanda", "pca")
+    assert (LearnConfig(SparsitySpec(0.5), "magnitude").score, LearnConfig(SparsitySpec(0.5), "gblm").score) == ("magnitude", "wanda")
+    for method in ("sparsegpt", "alps", "proximal"):
+        assert (LearnConfig(SparsitySpec(0.5), method).score, LearnConfig(SparsitySpec(0.5), method).start) == ("obs", "identity")
+    assert LearnConfig(SparsitySpec(0.5), "sparsegpt", init="pca").start == "pca"  # an explicit init wins
+    before = tiny_gm(tokens)
+    gm, _ = _rotate(tiny_gm, "learned", learn=LearnConfig(SparsitySpec(0.5), "sparsegpt", steps=6, lr=0.1, blocks_per_step=2))
+    info = gm.meta[META_ROTATION]
+    assert (info["mask_score"], info["init"]) == ("obs", "identity")
+    assert info["objective_final"] <= info["objective_initial"] and info["orthonormality_error"] < 1e-5
+    assert relative_diff(gm(tokens), before) <= 1e-4
+
+
 def test_job_settings_are_validated_before_loading() -> None:
     from graphprune.recipes.pipeline import PruneJob
 

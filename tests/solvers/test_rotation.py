@@ -154,3 +154,54 @@ def test_learned_rotation_never_returns_a_worse_q() -> None:
     assert res.final_loss <= res.initial_loss
     if res.kept_initial:
         assert torch.equal(res.q, q0)
+
+
+def test_obs_objective_is_the_exact_single_removal_error() -> None:
+    """score="obs" with one weight dropped per row: the chosen weight and the error equal the
+    brute-force best single removal with the other weights optimally refitted (H undamped)."""
+    gen = torch.Generator().manual_seed(5)
+    d, rows = 6, 5
+    a = torch.randn(40, d, generator=gen, dtype=torch.float64)
+    cov = (a.T @ a / 40)  # correlated inputs
+    w = torch.randn(rows, d, generator=gen, dtype=torch.float64)
+    q = random_orthogonal(d, gen)
+    prob = RotationProblem(readers=[ReaderSet(cov[None], w[None], [rows])])
+    spec = SparsitySpec(1 / d)  # one weight of each row removed
+    got = rotation_objective(q, prob, spec, score="obs", damp=0.0)
+    wr, hq = w @ q, q.T @ cov @ q
+    total = 0.0
+    for r in range(rows):
+        best = math.inf
+        for j in range(d):  # remove weight j, refit the rest exactly: min over u of (wr - u) Hq (wr - u)ᵀ, u_j = 0
+            keep = [k for k in range(d) if k != j]
+            # optimal kept weights: u_K = wr_K + wr_j Hq[j, K] Hq[K, K]⁻¹
+            u_k = wr[r, keep] + wr[r, j] * torch.linalg.solve(hq[keep][:, keep], hq[keep, j])
+            u = torch.zeros(d, dtype=torch.float64)
+            u[keep] = u_k
+            e = wr[r] - u
+            best = min(best, float(e @ hq @ e))
+        total += best
+    expected = total / float(torch.einsum("ri,ij,rj->", w, cov, w))
+    assert abs(float(got) - expected) < 1e-9 * max(1.0, expected)
+
+
+def test_obs_objective_equals_the_wanda_error_for_decorrelated_inputs() -> None:
+    """With a diagonal Gram matrix no removed weight can be compensated: OBS saliency = Wanda error."""
+    gen = torch.Generator().manual_seed(6)
+    d = 8
+    cov = torch.diag(torch.rand(d, generator=gen, dtype=torch.float64) + 0.1)[None]
+    w = torch.randn(1, 12, d, generator=gen, dtype=torch.float64)
+    prob = RotationProblem(readers=[ReaderSet(cov, w, [12])])
+    eye = torch.eye(d, dtype=torch.float64)
+    spec = SparsitySpec(0.5)
+    obs = rotation_objective(eye, prob, spec, score="obs", damp=0.0)
+    wanda = rotation_objective(eye, prob, spec, score="wanda")
+    torch.testing.assert_close(obs, wanda, rtol=1e-10, atol=0)
+
+
+def test_learned_obs_rotation_lowers_the_obs_objective_and_stays_orthonormal() -> None:
+    prob = _problem()
+    spec = SparsitySpec(0.5)
+    res = learn_rotation(torch.eye(16, dtype=torch.float64), prob, spec, steps=20, lr=0.1, blocks_per_step=2, score="obs")
+    assert not res.kept_initial and res.final_loss < res.initial_loss
+    assert orthonormality_error(res.q) < 1e-5
