@@ -9,6 +9,7 @@ then evaluates it. Protocol: PROTOCOL.md (64x512 calibration, seed 0, perplexity
 
     python benchmarks/prune_quality.py                                  # every configuration
     python benchmarks/prune_quality.py --only "sparsegpt 50%" "wanda 50%"
+    python benchmarks/prune_quality.py --only "gblm 2:4 samples=64"     # with a solver option
     python benchmarks/prune_quality.py --render                         # rewrite the .md from the JSON
 """
 from __future__ import annotations
@@ -42,8 +43,11 @@ NOTES = RESULTS / "prune_quality.notes.md"  # hand-written notes on how rows wer
 
 
 def run_config(base: GraphModel, splits: TokenSplits, calib: torch.Tensor, name: str, options: dict) -> dict:
-    method, pat = name.split(" ", 1)
+    method, pat, *extra = name.split(" ")
     sparsity, pattern = PATTERNS[pat]
+    for item in extra:  # solver options: "gblm 2:4 samples=64"
+        key, _, value = item.partition("=")
+        options[key] = json.loads(value)
     gm = base.clone()
     spec = SparsitySpec.parse(sparsity, pattern)
     solver = get_solver(method)

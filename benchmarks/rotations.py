@@ -78,18 +78,30 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def rotations(pristine: torch.nn.Module, calib: torch.Tensor, steps: int, lr: float) -> dict[str, Any]:
-    """PCA, Hadamard and learned Qs for the folded default model (statistics and Qs cached on disk)."""
+def rotations(pristine: torch.nn.Module, calib: torch.Tensor, steps: int, lr: float, need: set[str]) -> dict[str, Any]:
+    """The Qs named in ``need`` (pca, hadamard, learned, learned-obs) for the folded default model.
+
+    Statistics and Qs are cached on disk; only the missing ones are computed.
+    """
     cached: dict[str, Any] = {}
     if CACHE.is_file():
         cached = torch.load(CACHE, weights_only=False)
-        if cached["learned"]["steps"] != steps or cached["learned"]["lr"] != lr:
-            cached = {}
-    if cached and "learned-obs" in cached:
+        if "learned" in cached and (cached["learned"]["steps"] != steps or cached["learned"]["lr"] != lr):
+            del cached["learned"]
+    missing = {k for k in need if k not in cached}
+    if not missing:
         return cached
     gm = GraphModel.capture(copy.deepcopy(pristine), name="smollm2-135m")
     FoldNormsPass().run(gm, PassContext())
     stream = find_stream(gm)
+    if "hadamard" in missing:
+        t1 = time.perf_counter()
+        had = random_hadamard(stream.width, torch.Generator().manual_seed(0))
+        cached["hadamard"] = {"q": had, "importance": None, "seconds": time.perf_counter() - t1}
+        missing.discard("hadamard")
+    if not missing:
+        torch.save(cached, CACHE)
+        return cached
     if STATS.is_file():
         stats, t_stats = torch.load(STATS, weights_only=False)
     else:
@@ -99,7 +111,12 @@ def rotations(pristine: torch.nn.Module, calib: torch.Tensor, steps: int, lr: fl
         STATS.parent.mkdir(parents=True, exist_ok=True)
         torch.save((stats, t_stats), STATS)
     log(f"rotation statistics over {stats.tokens} tokens in {t_stats:.0f}s")
+    cached["calibration_tokens"] = stats.tokens
     cov = stats.pca_cov()
+    t1 = time.perf_counter()
+    pca, ev = pca_rotation(cov)
+    t_pca = time.perf_counter() - t1
+    cached.setdefault("pca", {"q": pca, "importance": ev, "seconds": t_stats + t_pca})
     problem = build_problem(gm, stream, stats)
 
     def learned(q0: torch.Tensor, score: str, n: int, rate: float, per_step: int, start: str) -> dict[str, Any]:
@@ -113,29 +130,19 @@ def rotations(pristine: torch.nn.Module, calib: torch.Tensor, steps: int, lr: fl
         return {"q": res.q[:, order], "importance": imp[order], "seconds": t_stats + t_learn, "score": score, "init": start,
                 "objective": [res.initial_loss, res.final_loss], "steps": n, "lr": rate, "blocks_per_step": per_step}
 
-    if not cached:
-        t1 = time.perf_counter()
-        pca, ev = pca_rotation(cov)
-        t_pca = time.perf_counter() - t1
-        t1 = time.perf_counter()
-        had = random_hadamard(stream.width, torch.Generator().manual_seed(0))
-        t_had = time.perf_counter() - t1
-        wanda = learned(pca, "wanda", steps, lr, 4, "pca")
-        wanda["seconds"] += t_pca
-        cached = {
-            "pca": {"q": pca, "importance": ev, "seconds": t_stats + t_pca},
-            "hadamard": {"q": had, "importance": None, "seconds": t_had},
-            "learned": wanda,
-            "calibration_tokens": stats.tokens,
-        }
-    cfg = LearnConfig(SparsitySpec(0.5), method="sparsegpt")  # the pass's defaults for Hessian solvers
-    cached["learned-obs"] = learned(torch.eye(stream.width, dtype=torch.float64), cfg.score, cfg.steps, cfg.lr,
-                                    cfg.blocks_per_step, cfg.start)
+    if "learned" in missing:  # for Wanda: masked-weight error from the PCA start
+        cached["learned"] = learned(pca, "wanda", steps, lr, 4, "pca")
+        cached["learned"]["seconds"] += t_pca
+    if "learned-obs" in missing:  # for SparseGPT: the pass's defaults for Hessian solvers
+        cfg = LearnConfig(SparsitySpec(0.5), method="sparsegpt")
+        cached["learned-obs"] = learned(torch.eye(stream.width, dtype=torch.float64), cfg.score, cfg.steps, cfg.lr,
+                                        cfg.blocks_per_step, cfg.start)
     torch.save(cached, CACHE)
     return cached
 
 
-def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[str, Any], calib: torch.Tensor, windows: torch.Tensor) -> dict[str, Any]:
+def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[str, Any], calib: torch.Tensor,
+               windows: torch.Tensor, save_sliced: Path | None = None) -> dict[str, Any]:
     rotation, slicing, method = CONFIGS[name]
     model = copy.deepcopy(pristine)
     before = parameter_count(model)
@@ -170,8 +177,8 @@ def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[
     if slicing == 0.30:  # end to end: a loadable folder that reproduces the graph
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                out = Path(tmp) / "sliced"
-                save_hf_folder(model, tokenizer, out)
+                out = save_sliced or Path(tmp) / "sliced"
+                save_hf_folder(model, tokenizer, out, overwrite=save_sliced is not None)
                 reloaded = load_model(str(out))
                 probe = windows[:1, :128]
                 with torch.no_grad():
@@ -240,6 +247,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="recompute configurations already in the results")
     ap.add_argument("--steps", type=int, default=30, help="learned rotation: Cayley SGD steps")
     ap.add_argument("--lr", type=float, default=0.1, help="learned rotation: step size (rotation angle)")
+    ap.add_argument("--save-sliced", default=None, help="keep the 30 %% sliced model folder here (for benchmarks/latency.py)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("GP_THREADS", "2")))
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -252,21 +260,23 @@ def main() -> None:
     splits = TokenSplits.from_text(loaded.tokenizer)
     calib = splits.calibration(64, 512, 0)
     windows = splits.eval_windows(512)
-    rots = rotations(pristine, calib, args.steps, args.lr)
-    meta = {
+    todo = [name for name in CONFIGS if (not args.only or name in args.only) and (args.force or name not in rows)]
+    rots = rotations(pristine, calib, args.steps, args.lr, {CONFIGS[n][0] for n in todo if CONFIGS[n][0]})
+    meta = dict(data.get("meta", {}))
+    meta.update({
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, torch eager float32",
         "dense_parameters": parameter_count(pristine),
-        "learned": {k: rots["learned"][k] for k in ("objective", "steps", "lr") if k in rots["learned"]},
-        "learned-obs": {k: rots["learned-obs"][k] for k in ("objective", "steps", "lr", "blocks_per_step", "init")},
-        "calibration_tokens": rots["calibration_tokens"],
-    }
-    for name in CONFIGS:
-        if args.only and name not in args.only:
-            continue
-        if name in rows and not args.force:
-            continue
+    })
+    if "learned" in rots:
+        meta["learned"] = {k: rots["learned"][k] for k in ("objective", "steps", "lr") if k in rots["learned"]}
+    if "learned-obs" in rots:
+        meta["learned-obs"] = {k: rots["learned-obs"][k] for k in ("objective", "steps", "lr", "blocks_per_step", "init")}
+    if "calibration_tokens" in rots:
+        meta["calibration_tokens"] = rots["calibration_tokens"]
+    save_sliced = Path(args.save_sliced) if args.save_sliced else None
+    for name in todo:
         log(f"running {name}")
-        rows[name] = run_config(name, pristine, loaded.tokenizer, rots, calib, windows)
+        rows[name] = run_config(name, pristine, loaded.tokenizer, rots, calib, windows, save_sliced)
         log(f"  {rows[name]}")
         out_json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float) + "\n")
         write_markdown(rows, meta)
