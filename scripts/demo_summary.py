@@ -11,7 +11,7 @@ from pathlib import Path
 
 def main(out: Path) -> None:
     dense = json.loads((out / "dense-eval.json").read_text())
-    report = json.loads((out / "smollm2-sparsegpt-50" / "report.json").read_text())
+    report = json.loads((out / "sparsegpt-50" / "report.json").read_text())
     export = json.loads((out / "export.json").read_text())
     bench = json.loads((out / "bench" / "latency.json").read_text())
     pruned = bench["targets"][1]["name"]
