@@ -11,6 +11,7 @@ stage-wise calibration.
 
     python benchmarks/layerwise.py                          # the default layers and patterns
     python benchmarks/layerwise.py --blocks 3 --methods sparsegpt alps
+    python benchmarks/layerwise.py --methods proximal --patterns 2:4 --merge   # redo one solver's rows
 
 Writes benchmarks/results/layerwise.{md,json}.
 """
@@ -80,6 +81,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="a smaller model (tiny-llama) for a quick smoke run")
     ap.add_argument("--calib", type=int, nargs=2, default=[64, 512], metavar=("N", "LEN"), help="calibration sequences x length")
     ap.add_argument("--results", default=str(RESULTS), help="where layerwise.md/.json go")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of an earlier layerwise.json that this run does not recompute")
     args = ap.parse_args()
     for p in args.patterns:
         if p not in PATTERNS:
@@ -117,9 +120,17 @@ def main() -> None:
     meta = {"machine": f"{os.cpu_count()} cores ({platform.machine()}), torch {torch.__version__}, float32 weights",
             "model": args.model, "calibration": list(args.calib), "statistics": "dense model (not stage-wise)",
             "threads": torch.get_num_threads()}
+    methods, patterns = list(args.methods), list(args.patterns)
+    earlier = results / "layerwise.json"
+    if args.merge and earlier.exists():
+        fresh = {(r["linear"], r["pattern"], r["method"]) for r in rows}
+        kept = [r for r in json.loads(earlier.read_text())["rows"] if (r["linear"], r["pattern"], r["method"]) not in fresh]
+        rows = kept + rows
+        methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+        patterns = [p for p in PATTERNS if any(r["pattern"] == p for r in rows)]
     (results / "layerwise.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (results / "layerwise.md").write_text(markdown(rows, meta, args.methods, args.patterns))
-    print(markdown(rows, meta, args.methods, args.patterns))
+    (results / "layerwise.md").write_text(markdown(rows, meta, methods, patterns))
+    print(markdown(rows, meta, methods, patterns))
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], methods: list[str], patterns: list[str]) -> str:
@@ -164,6 +175,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], methods: list[str
                     total += 1
                     wins += a[0]["rel_error"] < s[0]["rel_error"]
         lines.append(f"ALPS has a lower error than SparseGPT on {wins} of {total} (Linear, pattern) pairs.")
+        lines.append("")
+    if "proximal" in methods and "sparsegpt" in methods and "2:4" in patterns:
+        pairs = [([r for r in rows if r["linear"] == lin and r["pattern"] == "2:4" and r["method"] == m] for m in ("proximal", "sparsegpt"))
+                 for lin in linears]
+        pairs = [(p[0]["rel_error"], s[0]["rel_error"]) for p, s in pairs if p and s]
+        lines.append(f"Proximal has a lower 2:4 error than SparseGPT on {sum(p < s for p, s in pairs)} of {len(pairs)} Linears.")
         lines.append("")
     return "\n".join(lines)
 

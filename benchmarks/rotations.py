@@ -150,7 +150,7 @@ def run_config(name: str, pristine: torch.nn.Module, tokenizer: Any, rots: dict[
     passes: list[Any] = []
     if rotation:
         r = rots[rotation]
-        passes += [FoldNormsPass(), RotatePass(rotation, rotation=r["q"], importance=r["importance"])]
+        passes += [FoldNormsPass(), RotatePass("learned" if rotation.startswith("learned") else rotation, rotation=r["q"], importance=r["importance"])]
     if slicing:
         passes.append(SlicePass(slicing))
     if method:
