@@ -150,6 +150,7 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
         "onnxruntime": None,
         "ort_provider": "CPUExecutionProvider",
         "ort_intra_op_threads": threads if threads else "default",
+        "ort_allow_spinning": False,
         "device": "cpu",
     }
     try:
@@ -206,6 +207,9 @@ def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | Non
         path = export_onnx(target.model, scratch.with_suffix(".onnx"), example_tokens=example, check=False).path
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # Models run interleaved, each in its own session: a session whose threads spin-wait
+    # after a run would take cores from the next model's run and bias the paired ratios.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

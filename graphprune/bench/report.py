@@ -46,7 +46,7 @@ def _machine_line(result: BenchResult) -> str:
         f"Machine: {m.get('cpu')} ({m.get('usable_cores')} usable of {m.get('logical_cores')} logical cores), "
         f"{m.get('platform')}; torch {m.get('torch')} ({m.get('torch_threads')} threads), "
         f"onnxruntime {m.get('onnxruntime')} ({m.get('ort_provider')}, intra-op threads "
-        f"{m.get('ort_intra_op_threads')}). Median of {result.repeats} interleaved runs after "
+        f"{m.get('ort_intra_op_threads')}{', spin-waiting off' if m.get('ort_allow_spinning') is False else ''}). Median of {result.repeats} interleaved runs after "
         f"{result.warmup} warm-up runs; speedup = {result.baseline} time / target time, paired per run, "
         "[interquartile range]."
     )
