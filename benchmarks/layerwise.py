@@ -164,24 +164,20 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], methods: list[str
             vals = [r["seconds"] for r in rows if r["pattern"] == pat and r["method"] == m]
             secs.append(f"{sum(vals):.1f}" if vals else "-")
         lines += ["| solve s (sum) | | " + " | ".join(secs) + " |", ""]
-    # ALPS vs SparseGPT, per Linear and pattern
+    # head-to-head counts over the (Linear, pattern) pairs both solvers were measured on
+    error = {(r["linear"], r["pattern"], r["method"]): r["rel_error"] for r in rows}
+
+    def lower(a: str, b: str, pats: list[str]) -> tuple[int, int]:
+        pairs = [(error[lin, p, a], error[lin, p, b]) for p in pats for lin in linears
+                 if (lin, p, a) in error and (lin, p, b) in error]
+        return sum(x < y for x, y in pairs), len(pairs)
+
     if "alps" in methods and "sparsegpt" in methods:
-        wins = total = 0
-        for pat in patterns:
-            for lin in linears:
-                a = [r for r in rows if r["linear"] == lin and r["pattern"] == pat and r["method"] == "alps"]
-                s = [r for r in rows if r["linear"] == lin and r["pattern"] == pat and r["method"] == "sparsegpt"]
-                if a and s:
-                    total += 1
-                    wins += a[0]["rel_error"] < s[0]["rel_error"]
-        lines.append(f"ALPS has a lower error than SparseGPT on {wins} of {total} (Linear, pattern) pairs.")
-        lines.append("")
+        wins, total = lower("alps", "sparsegpt", patterns)
+        lines += [f"ALPS has a lower error than SparseGPT on {wins} of {total} (Linear, pattern) pairs.", ""]
     if "proximal" in methods and "sparsegpt" in methods and "2:4" in patterns:
-        pairs = [([r for r in rows if r["linear"] == lin and r["pattern"] == "2:4" and r["method"] == m] for m in ("proximal", "sparsegpt"))
-                 for lin in linears]
-        pairs = [(p[0]["rel_error"], s[0]["rel_error"]) for p, s in pairs if p and s]
-        lines.append(f"Proximal has a lower 2:4 error than SparseGPT on {sum(p < s for p, s in pairs)} of {len(pairs)} Linears.")
-        lines.append("")
+        wins, total = lower("proximal", "sparsegpt", ["2:4"])
+        lines += [f"Proximal has a lower 2:4 error than SparseGPT on {wins} of {total} Linears.", ""]
     return "\n".join(lines)
 
 

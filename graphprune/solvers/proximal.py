@@ -42,10 +42,9 @@ exactly-2:4 weights are unchanged (scaling columns moves no zero), but two thing
 Gradient steps of size ``1/L`` are no longer dominated by the few outlier input channels
 that set ``λ_max(H)`` in language models; and the regulariser, applied to ``B``, weighs each
 weight by its input's norm (``|B_ij| = |W_ij| · ‖X_j‖``, the Wanda score), so it removes what
-matters least to the output rather than what is smallest. On real layers of the default model
-this lowered the 2:4 reconstruction error by 7-36 % on the layers measured
-(``benchmarks/results/prune_quality.notes.md``);
-``precondition=False`` runs on ``W`` itself. Then: proximal gradient on
+matters least to the output rather than what is smallest. On the real layers of the default
+model measured it lowered the 2:4 reconstruction error by 7-36 %
+(``benchmarks/results/prune_quality.notes.md``); ``precondition=False`` runs on ``W`` itself. Then: proximal gradient on
 ``f(B) = tr((B − B₀) H (B − B₀)ᵀ)`` with step ``1/L``,
 ``L = 2 λ_max(H)``, and a regularisation weight that grows exponentially,
 ``λ_t = lam0 · growth^t / (η σ_r)`` for row ``r`` (``σ_r`` its RMS weight, ``η`` the
