@@ -44,14 +44,22 @@ float64 weight) because only its support matters; the PCG refinement runs in flo
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, reconstruction_error
+from graphprune.solvers.base import (
+    LayerStats,
+    SolveResult,
+    check_inputs,
+    check_int,
+    check_number,
+    layer_hessian,
+    reconstruction_error,
+    unit_diagonal,
+)
 from graphprune.solvers.spec import SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -122,27 +130,23 @@ def alps_prune(
     max_iter = d_iter if max_iter is None else max_iter
     pcg_iters = d_pcg if pcg_iters is None else pcg_iters
     pcg_tol = d_tol if pcg_tol is None else pcg_tol
-    _check_positive(name, "rho0", rho0)
-    _check_positive(name, "pcg_tol", pcg_tol)
-    _check_nonneg(name, "damp", damp)
-    _check_int(name, "max_iter", max_iter, 1)
-    _check_int(name, "pcg_iters", pcg_iters, 0)
-    _check_int(name, "update_every", update_every, 1)
+    check_number(name, "rho0", rho0, positive=True)
+    check_number(name, "pcg_tol", pcg_tol, positive=True)
+    check_number(name, "damp", damp)
+    check_int(name, "max_iter", max_iter, 1)
+    check_int(name, "pcg_iters", pcg_iters, 0)
+    check_int(name, "update_every", update_every, 1)
 
     cols = weight.shape[1]
-    h = _hessian(stats, cols, name, weight.device)
-    mean_diag = float(h.diagonal().mean())
-    if mean_diag <= 0:
+    h = layer_hessian(stats, cols, name, weight.device)
+    if float(h.diagonal().mean()) <= 0:
         raise SolverError(
             f"{name}: every input of this layer was zero during calibration, so XᵀX carries no information "
             "to prune by; use magnitude pruning for it or check the calibration data."
         )
-    damp_abs = damp * mean_diag
-    h.diagonal().add_(damp_abs)
-    if damp_abs == 0 and bool((h.diagonal() == 0).any()):
+    if damp == 0 and bool((h.diagonal() == 0).any()):
         raise SolverError(f"{name}: some inputs are always zero and damp=0 leaves H singular; use damp > 0.")
-    scale = h.diagonal().sqrt()
-    hn = h / scale[:, None] / scale[None, :]
+    hn, scale, damp_abs = unit_diagonal(h, damp)
 
     with torch.no_grad():
         compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -211,8 +215,8 @@ def pcg_refit(
         )
     if h.shape != (weight.shape[1], weight.shape[1]):
         raise SolverError(f"pcg_refit: H has shape {tuple(h.shape)}, expected ({weight.shape[1]}, {weight.shape[1]}).")
-    _check_positive("pcg_refit", "tol", tol)
-    _check_int("pcg_refit", "max_iter", max_iter, 0)
+    check_number("pcg_refit", "tol", tol, positive=True)
+    check_int("pcg_refit", "max_iter", max_iter, 0)
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
     start = (weight if init is None else init).to(dtype)
     x, info = _pcg(h.to(dtype), weight.to(dtype), mask, start, tol, max_iter)
@@ -352,33 +356,3 @@ def _pcg(h: Tensor, w: Tensor, mask: Tensor, init: Tensor, tol: float, max_iter:
         res = r.norm(dim=1)
     rel = res / torch.where(rhs_norm > 0, rhs_norm, torch.ones_like(rhs_norm))
     return x * m, {"iterations": it, "residual": float(rel.max()) if rel.numel() else 0.0}
-
-
-def _hessian(stats: LayerStats, cols: int, name: str, device: torch.device) -> Tensor:
-    h = stats.hessian(torch.float64).to(device)
-    if h.shape != (cols, cols):
-        raise SolverError(
-            f"{name}: the input Hessian XᵀX has shape {tuple(h.shape)}, expected ({cols}, {cols}); "
-            "the statistics belong to a different layer."
-        )
-    if bool((h.diagonal() < 0).any()):
-        raise SolverError(
-            f"{name}: the input Hessian XᵀX has negative diagonal entries, so it is not a Gram matrix; "
-            "the calibration statistics are corrupt, recollect them."
-        )
-    return h.clone()
-
-
-def _check_positive(name: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}: {key} must be a finite number > 0, got {value!r}.")
-
-
-def _check_nonneg(name: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ConfigError(f"{name}: {key} must be a finite number >= 0, got {value!r}.")
-
-
-def _check_int(name: str, key: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name}: {key} must be an integer >= {low}, got {value!r}.")

@@ -10,13 +10,14 @@ so the observer pass collects only those.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
-from graphprune.errors import SolverError
+from graphprune.errors import ConfigError, SolverError
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -110,3 +111,51 @@ def reconstruction_error(weight: Tensor, pruned: Tensor, xtx: Tensor) -> tuple[f
     err = float(torch.einsum("oi,ij,oj->", delta, h, delta))
     ref = float(torch.einsum("oi,ij,oj->", w, h, w))
     return err, err / ref if ref > 0 else 0.0
+
+
+def check_number(name: str, key: str, value: Any, *, positive: bool = False, hint: str = "") -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite real number ``> 0`` (``positive``) or ``>= 0``."""
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if bad or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ConfigError(f"{name}: {key} must be a finite number {bound}, got {value!r}{'; ' + hint if hint else ''}.")
+
+
+def check_int(name: str, key: str, value: Any, low: int) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is an integer ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}: {key} must be an integer >= {low}, got {value!r}.")
+
+
+def layer_hessian(stats: LayerStats, cols: int, name: str, device: torch.device) -> Tensor:
+    """A fresh float64 copy of ``XᵀX / count`` on ``device``, checked to be a ``[cols, cols]`` Gram matrix."""
+    h = stats.hessian(torch.float64).to(device)
+    if h.shape != (cols, cols):
+        raise SolverError(
+            f"{name}: the input Hessian XᵀX has shape {tuple(h.shape)}, expected ({cols}, {cols}); "
+            "the statistics belong to a different layer."
+        )
+    if not bool(torch.isfinite(h).all()):
+        raise SolverError(f"{name}: the input Hessian contains NaN or Inf; recollect the calibration statistics.")
+    if bool((h.diagonal() < 0).any()):
+        raise SolverError(
+            f"{name}: the input Hessian XᵀX has negative diagonal entries, so it is not a Gram matrix; "
+            "the calibration statistics are corrupt, recollect them."
+        )
+    return h.clone()
+
+
+def unit_diagonal(h: Tensor, damp: float) -> tuple[Tensor, Tensor, float]:
+    """Damp ``h`` by ``damp · mean(diag h)`` and scale it to unit diagonal.
+
+    With ``d = sqrt(diag H_damped)`` (1 for inputs that stay exactly zero) this returns
+    ``(Ĥ, d, absolute damping)`` where ``Ĥ = H_damped / (d dᵀ)``. In the variables
+    ``B = W · diag(d)`` the layer-wise loss ``tr((W − W₀) H (W − W₀)ᵀ)`` has Hessian ``Ĥ``,
+    so ``|B|`` is the Wanda score and first-order methods see a better-conditioned problem.
+    ``h`` is modified in place (the caller owns the copy from :func:`layer_hessian`).
+    """
+    damp_abs = damp * float(h.diagonal().mean())
+    h.diagonal().add_(damp_abs)
+    diag = h.diagonal()
+    scale = torch.where(diag > 0, diag.sqrt(), torch.ones_like(diag))
+    return h / scale[:, None] / scale[None, :], scale, damp_abs

@@ -20,14 +20,13 @@ each group of ``M`` inputs (``N:M``). There is no weight update.
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_number, reconstruction_error
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -88,8 +87,7 @@ def gblm_prune(
     """
     if options:
         raise ConfigError(f"{name}: gblm_prune got unknown option(s) {sorted(options)}; it takes alpha and samples.")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ConfigError(f"{name}: alpha must be a finite number >= 0, got {alpha!r}; the paper uses 100.")
+    check_number(name, "alpha", alpha, hint="the paper uses 100")
     if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
         raise ConfigError(f"{name}: samples must be a positive integer (calibration sequences), got {samples!r}.")
     check_inputs(weight, stats, spec, name)

@@ -62,14 +62,22 @@ never worse than the fixed step); with ``lr`` the step is fixed and must satisfy
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, reconstruction_error
+from graphprune.solvers.base import (
+    LayerStats,
+    SolveResult,
+    check_inputs,
+    check_int,
+    check_number,
+    layer_hessian,
+    reconstruction_error,
+    unit_diagonal,
+)
 from graphprune.solvers.spec import SparsitySpec
 
 F64 = torch.float64
@@ -470,26 +478,23 @@ def proximal_nm_prune(
             f"{name}: the proximal solver implements the 2:4 regulariser of Kübler et al. (2025) only, but "
             f"the pattern is {spec}; use --pattern 2:4, or another method (alps, sparsegpt, wanda) for {spec}."
         )
-    _positive(name, "lam0", lam0)
-    _positive(name, "growth", growth)
+    check_number(name, "lam0", lam0, positive=True)
+    check_number(name, "growth", growth, positive=True)
     if growth <= 1:
         raise ConfigError(f"{name}: growth must be > 1 so that the weights become 2:4, got {growth!r}.")
-    _count(name, "steps", steps)
-    _count(name, "refine_steps", refine_steps)
+    check_int(name, "steps", steps, 0)
+    check_int(name, "refine_steps", refine_steps, 0)
     if lr is not None:
-        _positive(name, "lr", lr)
+        check_number(name, "lr", lr, positive=True)
     if not isinstance(precondition, bool):
         raise ConfigError(f"{name}: precondition must be true or false, got {precondition!r}.")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
-        raise ConfigError(f"{name}: damp must be a finite number >= 0, got {damp!r}.")
-    h = _hessian(stats, weight, name)
-    if damp > 0:
-        h = h + damp * h.diagonal().mean() * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    scale = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
+    check_number(name, "damp", damp)
+    h = layer_hessian(stats, weight.shape[1], name, weight.device)
     if precondition:
-        diag = h.diagonal()
-        scale = torch.where(diag > 0, diag.sqrt(), torch.ones_like(diag))  # dead inputs keep scale 1
-        h = h / (scale[:, None] * scale[None, :])
+        h, scale, _ = unit_diagonal(h, damp)
+    else:
+        h.diagonal().add_(damp * float(h.diagonal().mean()))
+        scale = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
     lmax = _lambda_max(h)
     if lmax <= 0:
         raise SolverError(
@@ -572,7 +577,7 @@ def masked_gd_refine(
         )
     if mask.dtype != torch.bool:
         raise SolverError(f"{name}: the mask must be boolean (True = kept), got {mask.dtype}.")
-    _count(name, "steps", steps)
+    check_int(name, "steps", steps, 0)
     if stats.in_features != weight_orig.shape[1]:
         raise SolverError(
             f"{name}: statistics are for {stats.in_features} inputs but the weight has {weight_orig.shape[1]}."
@@ -584,9 +589,9 @@ def masked_gd_refine(
             f"{name}: masked gradient refinement needs the input Hessian XᵀX; collect it (e.g. use a solver "
             "that needs the Hessian) or drop --refine."
         )
-    h = _hessian(stats, weight_orig, name)
+    h = layer_hessian(stats, weight_orig.shape[1], name, weight_orig.device)
     if lr is not None:
-        _positive(name, "lr", lr)
+        check_number(name, "lr", lr, positive=True)
         _check_lr(name, lr, _lambda_max(h))
     with torch.no_grad():
         w0 = weight_orig.detach().to(F64)
@@ -614,19 +619,6 @@ def _masked_descent(w0: Tensor, w: Tensor, mask: Tensor, h: Tensor, steps: int, 
     return w
 
 
-def _hessian(stats: LayerStats, weight: Tensor, name: str) -> Tensor:
-    cols = weight.shape[1]
-    h = stats.hessian(F64).to(weight.device)
-    if h.shape != (cols, cols):
-        raise SolverError(
-            f"{name}: the input Hessian XᵀX has shape {tuple(h.shape)}, expected ({cols}, {cols}); "
-            "the statistics belong to a different layer."
-        )
-    if not torch.isfinite(h).all():
-        raise SolverError(f"{name}: the input Hessian contains NaN or Inf; recollect the calibration statistics.")
-    return h
-
-
 def _lambda_max(h: Tensor) -> float:
     return float(torch.linalg.eigvalsh(h)[-1])
 
@@ -637,13 +629,3 @@ def _check_lr(name: str, lr: float | None, lmax: float) -> None:
             f"{name}: lr={lr:g} exceeds 1/λ_max(H) = {1.0 / lmax:g}, so gradient steps could increase the loss; "
             "use a smaller lr or leave it unset for the exact line search."
         )
-
-
-def _positive(name: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}: {key} must be a finite number > 0, got {value!r}.")
-
-
-def _count(name: str, key: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(f"{name}: {key} must be an integer >= 0, got {value!r}.")

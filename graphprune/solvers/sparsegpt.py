@@ -46,14 +46,13 @@ Two consequences of the method worth knowing (tested in tests/solvers/test_spars
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_number, reconstruction_error
 from graphprune.solvers.spec import SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -106,13 +105,7 @@ def sparsegpt_prune(
     check_inputs(weight, stats, spec, name)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ConfigError(f"{name}: blocksize must be a positive integer, got {blocksize!r}; 128 is typical.")
-    if (
-        isinstance(percdamp, bool)
-        or not isinstance(percdamp, (int, float))
-        or not math.isfinite(percdamp)
-        or percdamp < 0
-    ):
-        raise ConfigError(f"{name}: percdamp must be a finite number >= 0, got {percdamp!r}; 0.01 is typical.")
+    check_number(name, "percdamp", percdamp, hint="0.01 is typical")
     rows, cols = weight.shape
     if spec.is_nm:
         assert spec.m is not None
