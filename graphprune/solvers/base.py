@@ -121,10 +121,10 @@ def check_number(name: str, key: str, value: Any, *, positive: bool = False, hin
         raise ConfigError(f"{name}: {key} must be a finite number {bound}, got {value!r}{'; ' + hint if hint else ''}.")
 
 
-def check_int(name: str, key: str, value: Any, low: int) -> None:
+def check_int(name: str, key: str, value: Any, low: int, *, hint: str = "") -> None:
     """Raise :class:`ConfigError` unless ``value`` is an integer ``>= low``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{name}: {key} must be an integer >= {low}, got {value!r}.")
+        raise ConfigError(f"{name}: {key} must be an integer >= {low}, got {value!r}{'; ' + hint if hint else ''}.")
 
 
 def layer_hessian(stats: LayerStats, cols: int, name: str, device: torch.device) -> Tensor:
@@ -142,7 +142,14 @@ def layer_hessian(stats: LayerStats, cols: int, name: str, device: torch.device)
             f"{name}: the input Hessian XᵀX has negative diagonal entries, so it is not a Gram matrix; "
             "the calibration statistics are corrupt, recollect them."
         )
-    return h.clone()
+    return h  # XᵀX / count is computed anew, so the caller may modify it
+
+
+def damp_diagonal(h: Tensor, damp: float) -> float:
+    """Add ``damp · mean(diag h)`` to the diagonal of ``h`` in place; returns that amount."""
+    damp_abs = damp * float(h.diagonal().mean())
+    h.diagonal().add_(damp_abs)
+    return damp_abs
 
 
 def unit_diagonal(h: Tensor, damp: float) -> tuple[Tensor, Tensor, float]:
@@ -154,8 +161,7 @@ def unit_diagonal(h: Tensor, damp: float) -> tuple[Tensor, Tensor, float]:
     so ``|B|`` is the Wanda score and first-order methods see a better-conditioned problem.
     ``h`` is modified in place (the caller owns the copy from :func:`layer_hessian`).
     """
-    damp_abs = damp * float(h.diagonal().mean())
-    h.diagonal().add_(damp_abs)
+    damp_abs = damp_diagonal(h, damp)
     diag = h.diagonal()
     scale = torch.where(diag > 0, diag.sqrt(), torch.ones_like(diag))
     return h / scale[:, None] / scale[None, :], scale, damp_abs

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_number, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, reconstruction_error
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -88,8 +88,8 @@ def gblm_prune(
     if options:
         raise ConfigError(f"{name}: gblm_prune got unknown option(s) {sorted(options)}; it takes alpha and samples.")
     check_number(name, "alpha", alpha, hint="the paper uses 100")
-    if samples is not None and (isinstance(samples, bool) or not isinstance(samples, int) or samples < 1):
-        raise ConfigError(f"{name}: samples must be a positive integer (calibration sequences), got {samples!r}.")
+    if samples is not None:
+        check_int(name, "samples", samples, 1, hint="the number of calibration sequences")
     check_inputs(weight, stats, spec, name)
     with torch.no_grad():
         try:

@@ -74,6 +74,7 @@ from graphprune.solvers.base import (
     check_inputs,
     check_int,
     check_number,
+    damp_diagonal,
     layer_hessian,
     reconstruction_error,
     unit_diagonal,
@@ -493,7 +494,7 @@ def proximal_nm_prune(
     if precondition:
         h, scale, _ = unit_diagonal(h, damp)
     else:
-        h.diagonal().add_(damp * float(h.diagonal().mean()))
+        damp_diagonal(h, damp)
         scale = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
     lmax = _lambda_max(h)
     if lmax <= 0:

@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_number, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, reconstruction_error
 from graphprune.solvers.spec import SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -103,8 +103,7 @@ def sparsegpt_prune(
             f"{name}: sparsegpt_prune got unknown option(s) {sorted(options)}; it takes blocksize and percdamp."
         )
     check_inputs(weight, stats, spec, name)
-    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
-        raise ConfigError(f"{name}: blocksize must be a positive integer, got {blocksize!r}; 128 is typical.")
+    check_int(name, "blocksize", blocksize, 1, hint="128 is typical")
     check_number(name, "percdamp", percdamp, hint="0.01 is typical")
     rows, cols = weight.shape
     if spec.is_nm:
