@@ -60,8 +60,8 @@ from graphprune.models import load_model  # noqa: E402
 from graphprune.passes.infra import PassContext, PassManager, Prop  # noqa: E402
 from graphprune.passes.prune import META_MASKS  # noqa: E402
 from graphprune.passes.rewrite_kernels import META_KERNELS, RewriteKernelsPass  # noqa: E402
-from graphprune.recipes.export_bench import linear_sparsity, load_average, mib, summary_table  # noqa: E402
-from graphprune.recipes.pipeline import PruneJob, run_prune  # noqa: E402
+from graphprune.pipeline.export_bench import linear_sparsity, load_average, mib, summary_table  # noqa: E402
+from graphprune.pipeline import PruneJob, run_prune  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: absolute logits tolerance of the parity checks: float32 reassociation across 30 layers gives

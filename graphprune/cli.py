@@ -146,7 +146,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from graphprune.recipes.pipeline import EvalJob, run_eval
+    from graphprune.pipeline import EvalJob, run_eval
 
     res = run_eval(EvalJob(args.model, args.text, args.eval_len, args.batch_size, args.trust_remote_code), progress=not args.quiet)
     if not _is_main():
@@ -165,7 +165,7 @@ def _is_main() -> bool:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from graphprune.recipes.pipeline import PruneJob, default_out_dir, run_prune
+    from graphprune.pipeline import PruneJob, run_prune
 
     if args.refine != "none" and args.refine_steps <= 0:
         args.refine_steps = 20
@@ -196,7 +196,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     job.rotation_source()  # validate before loading anything
     if job.prunes():
         job.spec()
-    job.out = args.out or str(default_out_dir(job))
+    job.out = args.out or str(job.default_out_dir())
     outcome = run_prune(job, progress=not args.quiet)
     if not _is_main():
         return 0  # rank 0 reports
@@ -224,7 +224,8 @@ def _quiet_onnx_exporter(args: argparse.Namespace) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from graphprune.recipes.export_bench import ExportJob, export_line, run_export
+    from graphprune.pipeline import ExportJob, run_export
+    from graphprune.pipeline.export_bench import export_line
 
     _quiet_onnx_exporter(args)
     job = ExportJob(args.model, args.format, args.out, args.sparse_initializers, args.overwrite, args.trust_remote_code, args.atol)
@@ -234,7 +235,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from graphprune.recipes.export_bench import BenchJob, run_bench
+    from graphprune.pipeline import BenchJob, run_bench
 
     _quiet_onnx_exporter(args)
     job = BenchJob(

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphprune.testing.tiny import random_tokens, tiny_llama, tiny_opt
+from graphprune.models.tiny import random_tokens, tiny_llama, tiny_opt
 
 torch.set_num_threads(2)
 

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from graphprune.distributed import Dist
 
 
 @torch.no_grad()
@@ -45,3 +47,15 @@ def perplexity(
         count += ids[:, 1:].numel()
     mean = total / max(count, 1)
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "seconds": time.perf_counter() - t0}
+
+
+def sharded_perplexity(logits_fn: Callable[[Tensor], Tensor], windows: Tensor, dist: Dist, progress: bool = False) -> dict[str, Any]:
+    """Protocol perplexity with the windows split across ranks and the NLL sums reduced."""
+    if not dist.active:
+        return perplexity(logits_fn, windows, batch_size=4, progress=progress)
+    lo, hi = dist.bounds(int(windows.shape[0]))
+    part = perplexity(logits_fn, windows[lo:hi], batch_size=4, progress=progress) if hi > lo else {"nll": 0.0, "tokens": 0, "seconds": 0.0}
+    tokens = dist.all_reduce_float(float(part["tokens"]))
+    total = dist.all_reduce_float(part["nll"] * part["tokens"])
+    mean = total / max(tokens, 1.0)
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "seconds": part["seconds"]}

@@ -10,7 +10,7 @@ final norm, the LM head and the block being pruned occupy memory.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -95,3 +95,51 @@ class LazyWeights:
 
     def materialised_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.gm.model.parameters() if p.device.type != "meta")
+
+
+class ShardWriter(Protocol):
+    """Writes a model folder one shard at a time (see ``graphprune.exporters.hf.ShardedWriter``)."""
+
+    def add(self, tensors: dict[str, Tensor]) -> None: ...
+
+    def finish(self, model: nn.Module, tokenizer: Any, extra_json: dict[str, Any]) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class LazyStageIO:
+    """Stage hooks of lazy pruning: load a block from safetensors, write it when pruned, free it."""
+
+    def __init__(self, weights: LazyWeights, writer: ShardWriter | None) -> None:
+        self.weights = weights
+        self.writer = writer  # None on ranks other than 0
+        self.peak_bytes = 0
+
+    def _track(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, self.weights.materialised_bytes())
+
+    def begin(self, roots: list[torch.nn.Module]) -> None:
+        self.weights.load(self.weights.shared, roots)  # embedding, final norm, LM head
+        self._track()
+
+    def enter(self, block: int, roots: list[torch.nn.Module]) -> None:
+        self.weights.load(self.weights.by_block[block], roots)
+        self._track()
+
+    def leave(self, block: int, roots: list[torch.nn.Module]) -> None:
+        names = self.weights.by_block[block]
+        if self.writer is not None:
+            self.writer.add(self.weights.tensors(names))
+        self.weights.release(names, roots)
+
+    def finish(self, model: nn.Module, tokenizer: Any, report: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.add(self.weights.tensors(self.weights.shared))
+            self.writer.finish(model, tokenizer, extra_json={"report.json": report})
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+
+    def summary(self) -> dict[str, Any]:
+        return {"peak_materialised_mb": round(self.peak_bytes / 2**20, 1), "shards": len(self.weights.by_block) + 1}

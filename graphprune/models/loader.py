@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import ModelLoadError
+from graphprune.models.tiny import TINY_MODELS
 
 log = logging.getLogger(__name__)
 
@@ -147,8 +148,6 @@ def load_model(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, se
         trust_remote_code: allow a model folder's own Python code (off by default).
         seed: initialisation seed of the tiny models.
     """
-    from graphprune.testing.tiny import TINY_MODELS
-
     key = spec.strip()
     if key.lower() in (DEFAULT_MODEL, "default"):
         return _load_gguf(smollm2_gguf_path(), DEFAULT_MODEL, "builtin")

@@ -76,7 +76,7 @@ class StageCheckpoint:
 
     Args:
         root: checkpoint folder (by default ``<out>.ckpt`` beside the output folder).
-        key: hex digest identifying the job (see ``graphprune.recipes.pipeline.job_key``).
+        key: hex digest identifying the job (see ``graphprune.pipeline.checkpoints.job_key``).
         resume: use stages already there; if False, an existing checkpoint of this job is
             an error unless ``discard`` (it is an interrupted run the user may want back).
         discard: start over, deleting an existing checkpoint of this job.

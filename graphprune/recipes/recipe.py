@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from graphprune.bench.latency import PROTOCOL_CASES, RUNTIMES
 from graphprune.errors import RecipeError
 from graphprune.passes.prune import parse_rules
-from graphprune.recipes.pipeline import PruneJob, PruneOutcome, default_out_dir, run_prune
+from graphprune.pipeline import PruneJob, PruneOutcome, run_prune
 from graphprune.recipes.schema import MISSING, Dict, Invalid, List, Mapping, Path_, Scalar, Schema, Union, Where, dump_yaml, load_yaml, parse_scalar
 from graphprune.solvers import METHODS, SparsitySpec, get_solver
 
@@ -477,7 +477,7 @@ def run_recipe(
     job = recipe.to_job()
     job.resume = resume
     if job.out is None:
-        job.out = str(default_out_dir(job))
+        job.out = str(job.default_out_dir())
     steps = [(name, s) for name, s in SECTIONS.items() if s.run is not None and recipe.data.get(name) is not None]
 
     def finish(folder: Path, outcome: PruneOutcome) -> None:

@@ -28,7 +28,7 @@ from graphprune.bench import (
 from graphprune.errors import ConfigError
 from graphprune.exporters import ExportReport
 from graphprune.kernels import CSRLinear
-from graphprune.testing.tiny import tiny_llama
+from graphprune.models.tiny import tiny_llama
 
 CASES = [Case("prefill", 1, 8), Case("step", 1, 1)]
 VOCAB = 256

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from graphprune.cli import main
 from graphprune.data import default_text
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 
 @pytest.fixture(scope="module")

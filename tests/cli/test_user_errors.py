@@ -19,9 +19,9 @@ from graphprune.models import load_model
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass
-from graphprune.recipes.pipeline import EvalJob, PruneJob
+from graphprune.pipeline import EvalJob, PruneJob
 from graphprune.solvers import SparsitySpec
-from graphprune.testing.tiny import random_tokens, tiny_llama
+from graphprune.models.tiny import random_tokens, tiny_llama
 
 
 def one_line_error(args: list[str], capsys) -> str:

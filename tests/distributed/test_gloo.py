@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from graphprune.distributed import Dist, current
-from graphprune.recipes.pipeline import PruneJob, run_prune
+from graphprune.pipeline import PruneJob, run_prune
 
 # (method, calibration samples, batch size): 24/8 gives 3 micro-batches, an uneven 2 + 1 split
 CASES = [("wanda", 24, 8), ("sparsegpt", 32, 4), ("gblm", 8, 4)]

@@ -21,7 +21,7 @@ import graphprune.exporters.onnx as onnx_exporter
 from graphprune.errors import ExportError
 from graphprune.exporters import ExportReport, LogitsOnly, export_onnx
 from graphprune.kernels import CSRLinear
-from graphprune.testing.tiny import random_tokens, tiny_llama, tiny_opt
+from graphprune.models.tiny import random_tokens, tiny_llama, tiny_opt
 
 MODELS = {"tiny-llama": tiny_llama, "tiny-opt": tiny_opt}
 

@@ -10,8 +10,8 @@ import torch
 
 from graphprune.exporters import LogitsOnly, export_onnx, export_torchscript
 from graphprune.models import load_model
-from graphprune.recipes.pipeline import PruneJob, run_prune
-from graphprune.testing.tiny import random_tokens
+from graphprune.pipeline import PruneJob, run_prune
+from graphprune.models.tiny import random_tokens
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import graphprune.exporters.torchscript as ts_exporter
 from graphprune.errors import ExportError
 from graphprune.exporters import LogitsOnly, export_torchscript
 from graphprune.kernels import BSRLinear, CSRLinear, has_kernels
-from graphprune.testing.tiny import random_tokens, tiny_llama, tiny_opt
+from graphprune.models.tiny import random_tokens, tiny_llama, tiny_opt
 
 
 def _llama_with_kernels() -> nn.Module:

@@ -7,7 +7,7 @@ import torch
 from graphprune.errors import CaptureError
 from graphprune.graph.capture import capture
 from graphprune.graph.model import GraphModel
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 
 @pytest.mark.parametrize("shape", [(1, 2), (2, 16), (3, 37)])

@@ -24,7 +24,7 @@ from graphprune.kernels import (
     lower_kernels,
     zero_block_fraction,
 )
-from graphprune.testing.tiny import random_tokens, tiny_llama
+from graphprune.models.tiny import random_tokens, tiny_llama
 
 OUT, IN = 64, 128
 

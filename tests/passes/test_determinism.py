@@ -14,7 +14,7 @@ from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules
 from graphprune.solvers import SparsitySpec
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 
 @pytest.mark.parametrize("tiny_name", ["tiny-llama"])

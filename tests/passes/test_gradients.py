@@ -11,7 +11,7 @@ from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass
 from graphprune.passes.prune import PruneConfig, SequentialPrunePass
 from graphprune.solvers import SparsitySpec
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 
 def test_gradients_match_autograd(tiny_gm) -> None:

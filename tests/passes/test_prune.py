@@ -10,7 +10,7 @@ from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules
 from graphprune.solvers import SparsitySpec
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 
 def _prune(gm, method="magnitude", spec=SparsitySpec(0.5), keep_stats=False, calib=None, rules=()):
@@ -44,7 +44,7 @@ def test_exact_patterns_on_every_weight(tiny_gm, method, pattern) -> None:
 
 
 def test_pruned_outputs_feed_the_next_stage() -> None:
-    from graphprune.testing.tiny import tiny_llama
+    from graphprune.models.tiny import tiny_llama
 
     model = tiny_llama()
     gm, calib = _prune(GraphModel.capture(model), "magnitude", SparsitySpec(0.7), keep_stats=True)

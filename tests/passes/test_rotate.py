@@ -14,7 +14,7 @@ from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePas
 from graphprune.passes.rotate import META_ROTATION, LearnConfig, RotatePass
 from graphprune.solvers import SparsitySpec
 from graphprune.solvers.rotation import random_orthogonal
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 
 def _ctx() -> PassContext:
@@ -120,7 +120,7 @@ def test_learned_rotation_objective_follows_the_method(tiny_gm: GraphModel, toke
 
 
 def test_job_settings_are_validated_before_loading() -> None:
-    from graphprune.recipes.pipeline import PruneJob
+    from graphprune.pipeline import PruneJob
 
     assert PruneJob(slicing=0.25).rotation_source() == "pca"  # slicing implies PCA
     assert not PruneJob(slicing=0.25).prunes() and PruneJob(rotation="hadamard", sparsity=0.5).prunes()

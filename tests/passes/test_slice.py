@@ -15,8 +15,8 @@ from graphprune.passes.infra import PassContext, PassManager, Prop, relative_dif
 from graphprune.passes.prune import CALIBRATION
 from graphprune.passes.rotate import RotatePass
 from graphprune.passes.slice import META_SLICING, SlicePass, slice_multiple, sliced_width
-from graphprune.recipes.pipeline import PruneJob, run_prune
-from graphprune.testing.tiny import random_tokens
+from graphprune.pipeline import PruneJob, run_prune
+from graphprune.models.tiny import random_tokens
 
 
 def _ctx() -> PassContext:

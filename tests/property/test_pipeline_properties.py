@@ -23,7 +23,7 @@ from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules
 from graphprune.solvers import SparsitySpec
-from graphprune.testing.tiny import _finish, random_tokens
+from graphprune.models.tiny import _finish, random_tokens
 
 
 @st.composite

@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from graphprune.cli import main
-from graphprune.testing.tiny import random_tokens
+from graphprune.models.tiny import random_tokens
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = "recipes/tiny-smoke.yaml"

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from graphprune.cli import main
 from graphprune.errors import RecipeError
 from graphprune.recipes import recipe as recipe_mod
-from graphprune.recipes.pipeline import PruneJob
+from graphprune.pipeline import PruneJob
 from graphprune.recipes.recipe import SECTIONS, Recipe, Section, register_section
 from graphprune.recipes.schema import Mapping, Scalar
 

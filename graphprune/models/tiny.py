@@ -1,4 +1,4 @@
-"""Tiny randomly initialised causal LMs built from configs in code (no files, no downloads).
+"""Tiny randomly initialised causal LMs (the built-in ``tiny-llama`` and ``tiny-opt``) built from configs in code (no files, no downloads).
 
 * :func:`tiny_llama` -- LLaMA family: RMSNorm, SwiGLU MLP, grouped-query attention, RoPE,
   tied embeddings (like the default SmolLM2 model).
@@ -9,13 +9,17 @@ Widths are multiples of 8 so every N:M pattern with M in {4, 8} applies.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Callable
+
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM, PreTrainedModel
+
+if TYPE_CHECKING:  # transformers is imported when a tiny model is built, not with this module
+    from transformers import LlamaForCausalLM, OPTForCausalLM, PreTrainedModel
 
 TINY_VOCAB = 256
 
 
-def _finish(model: PreTrainedModel, seed: int) -> PreTrainedModel:
+def _finish(model: "PreTrainedModel", seed: int) -> "PreTrainedModel":
     # Re-initialise with a fixed generator so tests are deterministic whatever ran before,
     # and give norm scales non-trivial values so folding them is actually tested.
     gen = torch.Generator().manual_seed(seed)
@@ -30,8 +34,10 @@ def _finish(model: PreTrainedModel, seed: int) -> PreTrainedModel:
     return model.eval().float()
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, tie: bool = True) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2, tie: bool = True) -> "LlamaForCausalLM":
     """A 2-layer LLaMA: hidden 64, 4 heads / 2 KV heads, MLP 128, vocab 256."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     cfg = LlamaConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
@@ -48,8 +54,10 @@ def tiny_llama(seed: int = 0, layers: int = 2, tie: bool = True) -> LlamaForCaus
     return _finish(LlamaForCausalLM(cfg), seed)  # type: ignore[return-value]
 
 
-def tiny_opt(seed: int = 0, layers: int = 2) -> OPTForCausalLM:
+def tiny_opt(seed: int = 0, layers: int = 2) -> "OPTForCausalLM":
     """A 2-layer OPT: hidden 64, 4 heads, FFN 128, vocab 256, LayerNorm before each block."""
+    from transformers import OPTConfig, OPTForCausalLM
+
     cfg = OPTConfig(
         vocab_size=TINY_VOCAB,
         hidden_size=64,
@@ -68,7 +76,7 @@ def tiny_opt(seed: int = 0, layers: int = 2) -> OPTForCausalLM:
     return _finish(OPTForCausalLM(cfg), seed)  # type: ignore[return-value]
 
 
-TINY_MODELS = {"tiny-llama": tiny_llama, "tiny-opt": tiny_opt}
+TINY_MODELS: dict[str, Callable[..., "PreTrainedModel"]] = {"tiny-llama": tiny_llama, "tiny-opt": tiny_opt}
 
 
 def random_tokens(batch: int = 2, seq: int = 16, seed: int = 0, vocab: int = TINY_VOCAB) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Example::
 
-    from graphprune.recipes.pipeline import PruneJob, run_prune
+    from graphprune.pipeline import PruneJob, run_prune
 
     outcome = run_prune(PruneJob(model="smollm2-135m", method="sparsegpt", sparsity=0.5,
                                  out="out/smollm2-sparsegpt50", evaluate=True))
@@ -11,23 +11,22 @@ Example::
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from graphprune.data import TokenSplits, read_texts
-from graphprune.distributed import Dist, current
+from graphprune.distributed import current
 from graphprune.errors import ConfigError, ExportError
-from graphprune.eval import perplexity
+from graphprune.eval import perplexity, sharded_perplexity
 from graphprune.exporters.hf import ShardedWriter, check_output_dir, save_hf_folder
-from graphprune.graph.lazy import LazyWeights, retarget_meta
+from graphprune.graph.lazy import LazyStageIO, LazyWeights, retarget_meta
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stream import export_blockers, parameter_count
-from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
+from graphprune.models import LoadedModel, load_model
 from graphprune.models.lazy import SafetensorsSource, load_lazy
 from graphprune.models.loader import check_finite
 from graphprune.passes.gradients import GradientStatsPass
@@ -37,72 +36,11 @@ from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules, peak_rss_mb
 from graphprune.passes.rotate import META_ROTATION, LearnConfig, RotatePass
 from graphprune.passes.slice import META_SLICING, SlicePass
-from graphprune.recipes.resume import open_checkpoint
+from graphprune.pipeline.checkpoints import open_checkpoint
+from graphprune.pipeline.jobs import EvalJob, PruneJob
 from graphprune.solvers import SparsitySpec, get_solver
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalJob:
-    model: str = DEFAULT_MODEL
-    text: Sequence[str] = ()
-    eval_len: int = 512
-    batch_size: int = 4
-    trust_remote_code: bool = False
-
-
-@dataclass
-class PruneJob:
-    """Everything ``graphprune prune`` needs (also what a recipe's prune step holds)."""
-
-    model: str = DEFAULT_MODEL
-    method: str = "sparsegpt"
-    sparsity: float | None = None
-    pattern: str = "unstructured"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)
-    refine_steps: int = 0
-    calib_samples: int = 64
-    calib_len: int = 512
-    seed: int = 0
-    batch_size: int = 8
-    text: Sequence[str] = ()
-    out: str | None = None
-    overwrite: bool = False
-    evaluate: bool = False
-    eval_len: int = 512
-    trust_remote_code: bool = False
-    checkpoint: bool = True  # save each finished stage (in checkpoint_dir or <out>.ckpt) until the output is written
-    checkpoint_dir: str | None = None
-    resume: bool = False  # continue from the checkpoint of an interrupted run of the same job
-    rotation: str | None = None  # rotate the residual stream first: None, "pca", "hadamard" or "learned"
-    slicing: float = 0.0  # fraction of the rotated stream to drop (SliceGPT); implies rotation "pca"
-    rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
-    rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
-    lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
-
-    def spec(self) -> SparsitySpec:
-        return SparsitySpec.parse(self.sparsity, self.pattern)
-
-    def prunes(self) -> bool:
-        """False for a rotate/slice-only job (no sparsity and no N:M pattern given)."""
-        return not (self.sparsity is None and self.pattern.strip().lower() == "unstructured" and (self.rotation or self.slicing))
-
-    def rotation_source(self) -> str | None:
-        """The rotation to apply (slicing implies PCA), validated."""
-        from graphprune.passes.rotate import SOURCES
-        from graphprune.passes.slice import sliced_width
-
-        source = self.rotation or ("pca" if self.slicing else None)
-        if source is not None and source not in SOURCES:
-            raise ConfigError(f"unknown rotation {source!r}; choose one of: {', '.join(SOURCES)}.")
-        sliced_width(64, self.slicing)  # validates the fraction
-        if self.slicing and source == "hadamard":
-            raise ConfigError("slicing needs a rotation ordered by importance; use --rotate pca or learned with --slice.")
-        if source == "learned" and not self.prunes():
-            raise ConfigError("a learned rotation is learned for a sparsity target; give --sparsity or --pattern.")
-        return source
 
 
 @dataclass
@@ -238,7 +176,7 @@ def run_prune(
     if stage_io is not None:
         report["lazy"] = stage_io.summary()
         if dist.is_main:
-            stage_io.finish(loaded, report)
+            stage_io.finish(loaded.model, loaded.tokenizer, report)
     elif job.out is not None and dist.is_main:
         _check_exportable(gm)
         extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
@@ -261,56 +199,6 @@ def check_lazy(job: PruneJob, rotation: str | None, needs_grad: bool, has_finish
         raise ConfigError("--eval needs the whole model; evaluate the written folder with `graphprune eval --model DIR`.")
     if has_finish:
         raise ConfigError("export and bench steps need the pruned model in memory; run them on the written folder in a second recipe.")
-
-
-class LazyStageIO:
-    """Stage hooks of lazy pruning: load a block from safetensors, write it when pruned, free it."""
-
-    def __init__(self, weights: LazyWeights, writer: ShardedWriter | None) -> None:
-        self.weights = weights
-        self.writer = writer  # None on ranks other than 0
-        self.peak_bytes = 0
-
-    def _track(self) -> None:
-        self.peak_bytes = max(self.peak_bytes, self.weights.materialised_bytes())
-
-    def begin(self, roots: list[torch.nn.Module]) -> None:
-        self.weights.load(self.weights.shared, roots)  # embedding, final norm, LM head
-        self._track()
-
-    def enter(self, block: int, roots: list[torch.nn.Module]) -> None:
-        self.weights.load(self.weights.by_block[block], roots)
-        self._track()
-
-    def leave(self, block: int, roots: list[torch.nn.Module]) -> None:
-        names = self.weights.by_block[block]
-        if self.writer is not None:
-            self.writer.add(self.weights.tensors(names))
-        self.weights.release(names, roots)
-
-    def finish(self, loaded: LoadedModel, report: dict[str, Any]) -> None:
-        if self.writer is not None:
-            self.writer.add(self.weights.tensors(self.weights.shared))
-            self.writer.finish(loaded.model, loaded.tokenizer, extra_json={"report.json": report})
-
-    def abort(self) -> None:
-        if self.writer is not None:
-            self.writer.abort()
-
-    def summary(self) -> dict[str, Any]:
-        return {"peak_materialised_mb": round(self.peak_bytes / 2**20, 1), "shards": len(self.weights.by_block) + 1}
-
-
-def sharded_perplexity(logits_fn: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, dist: Dist, progress: bool = False) -> dict[str, Any]:
-    """Protocol perplexity with the windows split across ranks and the NLL sums reduced."""
-    if not dist.active:
-        return perplexity(logits_fn, windows, batch_size=4, progress=progress)
-    lo, hi = dist.bounds(int(windows.shape[0]))
-    part = perplexity(logits_fn, windows[lo:hi], batch_size=4, progress=progress) if hi > lo else {"nll": 0.0, "tokens": 0, "seconds": 0.0}
-    tokens = dist.all_reduce_float(float(part["tokens"]))
-    total = dist.all_reduce_float(part["nll"] * part["tokens"])
-    mean = total / max(tokens, 1.0)
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": int(tokens), "seconds": part["seconds"]}
 
 
 def _rotation_passes(job: PruneJob, rotation: str | None, spec: SparsitySpec, gm: GraphModel) -> list[Any]:
@@ -345,12 +233,3 @@ def _check_exportable(gm: GraphModel) -> None:
     blockers = export_blockers(gm)
     if blockers:
         raise ExportError(f"{gm.name} cannot be saved as a Hugging Face folder: {'; '.join(blockers)}.")
-
-
-def default_out_dir(job: PruneJob) -> Path:
-    tag = job.pattern.replace(":", "of") if ":" in job.pattern else f"{int(round((job.sparsity or 0) * 100))}"
-    if not job.prunes():
-        return Path("out") / f"{Path(job.model).stem}-{job.rotation or 'pca'}" + (f"-slice{int(round(job.slicing * 100))}" if job.slicing else "")
-    rot = f"-{job.rotation}" if job.rotation else ""
-    sl = f"-slice{int(round(job.slicing * 100))}" if job.slicing else ""
-    return Path("out") / f"{Path(job.model).stem}{rot}{sl}-{job.method}-{tag}"

@@ -13,7 +13,8 @@ from graphprune.errors import ConfigError, ModelLoadError
 from graphprune.graph.lazy import LazyWeights, retarget_meta
 from graphprune.graph.model import GraphModel
 from graphprune.models.lazy import load_lazy
-from graphprune.recipes.pipeline import LazyStageIO, PruneJob, run_prune
+from graphprune.graph.lazy import LazyStageIO
+from graphprune.pipeline import PruneJob, run_prune
 
 
 @pytest.fixture(scope="module")

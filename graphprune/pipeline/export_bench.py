@@ -2,7 +2,7 @@
 
 Example::
 
-    from graphprune.recipes.export_bench import BenchJob, ExportJob, run_bench, run_export
+    from graphprune.pipeline import BenchJob, ExportJob, run_bench, run_export
 
     rep = run_export(ExportJob("out/sgpt50", "onnx", "out/sgpt50.onnx", sparse_initializers=True))
     print(rep["bytes"], rep["dense_bytes"], rep["max_abs_diff"])
@@ -21,70 +21,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from torch import nn
 
-from graphprune.bench import PROTOCOL_CASES, RUNTIMES, BenchResult, BenchTarget, Case, bench_latency, to_markdown
+from graphprune.bench import BenchResult, BenchTarget, bench_latency, to_markdown
 from graphprune.bench.report import atomic_write, write_plot
-from graphprune.errors import ConfigError, ExportError, ModelLoadError
+from graphprune.errors import ConfigError
 from graphprune.kernels import KernelLinear
-from graphprune.models import DEFAULT_MODEL, LoadedModel, load_model
+from graphprune.models import LoadedModel, load_model
+from graphprune.pipeline.jobs import BenchJob, ExportJob
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torchscript")
-_CASES = {c.name: c for c in PROTOCOL_CASES}
-_CUSTOM_CASE = re.compile(r"^([A-Za-z_][\w-]*)=(\d+)x(\d+)$")
-
-
 # ---------------------------------------------------------------------------- export
-@dataclass
-class ExportJob:
-    """Everything ``graphprune export`` needs."""
-
-    model: str
-    format: str
-    out: str
-    sparse_initializers: bool = False
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    #: logits of a real LM are O(10); float32 reassociation over many layers reaches ~1e-4 absolute
-    atol: float = 1e-3
-
-    def validate(self) -> None:
-        """Check the job before loading anything (cheap errors first)."""
-        if not self.atol > 0:
-            raise ConfigError(f"--atol must be > 0, got {self.atol}.")
-        if self.format not in FORMATS:
-            raise ConfigError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}.")
-        if self.sparse_initializers and self.format != "onnx":
-            raise ConfigError("--sparse-initializers applies to --format onnx only (TorchScript stores the weights as they are).")
-        out = Path(self.out)
-        if out.is_dir():
-            raise ExportError(f"output {out} is a folder; give a file name, e.g. {out / ('model.onnx' if self.format == 'onnx' else 'model.pt')}.")
-        if out.exists() and not self.overwrite:
-            raise ExportError(f"output {out} already exists; choose another --out or pass --overwrite.")
-        check_model_spec(self.model)
-
-
-def check_model_spec(spec: str) -> None:
-    """Fail fast (before loading anything) on a model that is neither built in nor on disk."""
-    from graphprune.testing.tiny import TINY_MODELS
-
-    if spec.strip().lower() in {DEFAULT_MODEL, "default", *TINY_MODELS}:
-        return
-    if not Path(spec).expanduser().exists():
-        raise ModelLoadError(
-            f"model {spec!r} not found: give a model folder (e.g. one written by `graphprune prune --out`), "
-            f"a .gguf file, {DEFAULT_MODEL}, tiny-llama or tiny-opt."
-        )
-
-
 def linear_sparsity(model: nn.Module) -> dict[str, float | int]:
     """Fraction of zeros over the weights of the ``nn.Linear`` modules (LM head excluded).
 
@@ -154,70 +106,6 @@ def export_line(res: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------- bench
-def parse_cases(names: Sequence[str]) -> list[Case]:
-    """``prefill``, ``step``, ``throughput`` (the protocol's) or custom ``NAME=BATCHxSEQ``."""
-    cases: list[Case] = []
-    for name in names:
-        if name in _CASES:
-            cases.append(_CASES[name])
-            continue
-        m = _CUSTOM_CASE.match(name)
-        if not m:
-            raise ConfigError(f"unknown case {name!r}; use {sorted(_CASES)} or NAME=BATCHxSEQ such as short=1x16.")
-        batch, seq = int(m.group(2)), int(m.group(3))
-        if batch < 1 or seq < 1:
-            raise ConfigError(f"case {name!r} needs batch and sequence >= 1.")
-        cases.append(Case(m.group(1), batch, seq))
-    if len({c.name for c in cases}) != len(cases):
-        raise ConfigError(f"case names must be unique, got {[c.name for c in cases]}.")
-    return cases
-
-
-@dataclass
-class BenchJob:
-    """Everything ``graphprune bench`` needs; the first target is the baseline."""
-
-    targets: Sequence[str]
-    runtimes: Sequence[str] = RUNTIMES
-    cases: Sequence[str] = tuple(_CASES)
-    repeats: int = 10
-    warmup: int = 2
-    out: str | None = "out/bench"
-    threads: int | None = None
-    names: Sequence[str] = ()
-    trust_remote_code: bool = False
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def validate(self) -> list[Case]:
-        if not self.targets:
-            raise ConfigError("bench needs at least one model (the first is the baseline).")
-        unknown = [r for r in self.runtimes if r not in RUNTIMES]
-        if unknown:
-            raise ConfigError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}.")
-        if self.repeats < 1 or self.warmup < 0:
-            raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats} and {self.warmup}.")
-        if self.names and len(self.names) != len(self.targets):
-            raise ConfigError(f"--names gives {len(self.names)} labels for {len(self.targets)} models.")
-        for t in self.targets:
-            check_model_spec(t)
-        if self.out is not None and Path(self.out).is_file():
-            raise ConfigError(f"--out {self.out} is a file; give a folder for latency.md/.json/.png.")
-        return parse_cases(self.cases)
-
-    def labels(self) -> list[str]:
-        if self.names:
-            labels = list(self.names)
-        else:
-            labels = [Path(t).name or t for t in self.targets]
-        seen: dict[str, int] = {}
-        out = []
-        for label in labels:
-            seen[label] = seen.get(label, 0) + 1
-            out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
-        return out
-
-
 def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -317,14 +205,11 @@ def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
 
 
 __all__ = [
-    "BenchJob",
-    "ExportJob",
-    "check_model_spec",
-    "FORMATS",
     "bench_markdown",
     "export_line",
     "linear_sparsity",
-    "parse_cases",
+    "load_average",
+    "mib",
     "run_bench",
     "run_export",
     "summary_table",

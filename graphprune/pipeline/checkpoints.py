@@ -13,19 +13,21 @@ import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor
 
 from graphprune.passes.checkpoint import StageCheckpoint
-
-if TYPE_CHECKING:
-    from graphprune.recipes.pipeline import PruneJob
+from graphprune.pipeline.jobs import PruneJob
 
 log = logging.getLogger(__name__)
 
 # PruneJob fields that do not change the pruned weights
 OUTPUT_ONLY = frozenset({"out", "overwrite", "evaluate", "eval_len", "resume", "checkpoint", "checkpoint_dir", "text", "lazy"})
+
+
+def _settings(job: PruneJob) -> dict[str, Any]:
+    return {k: v for k, v in asdict(job).items() if k not in OUTPUT_ONLY}
 
 
 def _model_fingerprint(spec: str) -> list[Any]:
@@ -36,42 +38,34 @@ def _model_fingerprint(spec: str) -> list[Any]:
     return [str(path.resolve())] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def job_key(job: "PruneJob", calib: Tensor) -> str:
+def job_key(job: PruneJob, calib: Tensor) -> str:
     """SHA-256 hex digest identifying the result of ``job`` on calibration tokens ``calib``."""
     import graphprune
 
-    settings = {k: v for k, v in asdict(job).items() if k not in OUTPUT_ONLY}
     h = hashlib.sha256()
-    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(json.dumps(_settings(job), sort_keys=True, default=str).encode())
     h.update(json.dumps(_model_fingerprint(job.model), default=str).encode())
-    h.update(str(getattr(graphprune, "__version__", "")).encode())
+    h.update(graphprune.__version__.encode())
     h.update(str(tuple(calib.shape)).encode())
     h.update(calib.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
-def checkpoint_root(job: "PruneJob") -> Path | None:
+def checkpoint_root(job: PruneJob) -> Path | None:
     """``job.checkpoint_dir``, else ``<out>.ckpt`` beside the output folder, else None (no checkpoint)."""
-    if not getattr(job, "checkpoint", True):
+    if not job.checkpoint:
         return None
-    if getattr(job, "checkpoint_dir", None):
-        return Path(job.checkpoint_dir)  # type: ignore[arg-type]
+    if job.checkpoint_dir:
+        return Path(job.checkpoint_dir)
     if job.out is None:
         return None
     out = Path(job.out)
     return out.with_name(out.name + ".ckpt")
 
 
-def open_checkpoint(job: "PruneJob", calib: Tensor) -> StageCheckpoint | None:
+def open_checkpoint(job: PruneJob, calib: Tensor) -> StageCheckpoint | None:
     """The checkpoint of ``job`` (created, or reopened with ``job.resume``), or None when off."""
     root = checkpoint_root(job)
     if root is None:
         return None
-    settings = {k: v for k, v in asdict(job).items() if k not in OUTPUT_ONLY}
-    return StageCheckpoint(
-        root,
-        job_key(job, calib),
-        resume=bool(getattr(job, "resume", False)),
-        discard=bool(job.overwrite),
-        info=settings,
-    )
+    return StageCheckpoint(root, job_key(job, calib), resume=job.resume, discard=job.overwrite, info=_settings(job))

@@ -1,0 +1,15 @@
+"""The driver layer: one-call pipelines behind the CLI, the recipes and the benchmarks.
+
+* :mod:`~graphprune.pipeline.jobs` -- typed jobs (``PruneJob``, ``EvalJob``, ``ExportJob``, ``BenchJob``);
+* :mod:`~graphprune.pipeline.prune` -- ``run_prune`` / ``run_eval`` and the pass pipelines they build;
+* :mod:`~graphprune.pipeline.export_bench` -- ``run_export`` / ``run_bench``;
+* :mod:`~graphprune.pipeline.checkpoints` -- which checkpoint belongs to which job.
+
+This package is the only place that wires passes together into a pipeline; everything
+below it (passes, solvers, graph, exporters) knows nothing of jobs.
+"""
+from graphprune.pipeline.export_bench import run_bench, run_export
+from graphprune.pipeline.jobs import BenchJob, EvalJob, ExportJob, PruneJob
+from graphprune.pipeline.prune import PruneOutcome, run_eval, run_prune
+
+__all__ = ["BenchJob", "EvalJob", "ExportJob", "PruneJob", "PruneOutcome", "run_bench", "run_eval", "run_export", "run_prune"]

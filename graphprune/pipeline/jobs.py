@@ -1,0 +1,197 @@
+"""The jobs of the driver layer: typed descriptions of what ``graphprune`` runs.
+
+A job holds settings only; :mod:`graphprune.pipeline.prune` and
+:mod:`graphprune.pipeline.export_bench` run them. Recipes (:mod:`graphprune.recipes`) turn
+YAML into these jobs and back; the CLI fills them from its flags.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from graphprune.bench.latency import PROTOCOL_CASES, RUNTIMES, Case
+from graphprune.errors import ConfigError, ExportError, ModelLoadError
+from graphprune.models import DEFAULT_MODEL
+from graphprune.models.tiny import TINY_MODELS
+from graphprune.solvers import SparsitySpec
+
+FORMATS = ("onnx", "torchscript")
+CASES = {c.name: c for c in PROTOCOL_CASES}
+_CUSTOM_CASE = re.compile(r"^([A-Za-z_][\w-]*)=(\d+)x(\d+)$")
+
+
+def check_model_spec(spec: str) -> None:
+    """Fail fast (before loading anything) on a model that is neither built in nor on disk."""
+    if spec.strip().lower() in {DEFAULT_MODEL, "default", *TINY_MODELS}:
+        return
+    if not Path(spec).expanduser().exists():
+        raise ModelLoadError(
+            f"model {spec!r} not found: give a model folder (e.g. one written by `graphprune prune --out`), "
+            f"a .gguf file, {DEFAULT_MODEL}, tiny-llama or tiny-opt."
+        )
+
+
+@dataclass
+class EvalJob:
+    """Everything ``graphprune eval`` needs."""
+
+    model: str = DEFAULT_MODEL
+    text: Sequence[str] = ()
+    eval_len: int = 512
+    batch_size: int = 4
+    trust_remote_code: bool = False
+
+
+@dataclass
+class PruneJob:
+    """Everything ``graphprune prune`` needs (also what a recipe's prune step holds)."""
+
+    model: str = DEFAULT_MODEL
+    method: str = "sparsegpt"
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+    refine_steps: int = 0
+    calib_samples: int = 64
+    calib_len: int = 512
+    seed: int = 0
+    batch_size: int = 8
+    text: Sequence[str] = ()
+    out: str | None = None
+    overwrite: bool = False
+    evaluate: bool = False
+    eval_len: int = 512
+    trust_remote_code: bool = False
+    checkpoint: bool = True  # save each finished stage (in checkpoint_dir or <out>.ckpt) until the output is written
+    checkpoint_dir: str | None = None
+    resume: bool = False  # continue from the checkpoint of an interrupted run of the same job
+    rotation: str | None = None  # rotate the residual stream first: None, "pca", "hadamard" or "learned"
+    slicing: float = 0.0  # fraction of the rotated stream to drop (SliceGPT); implies rotation "pca"
+    rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
+    rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
+    lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
+
+    def spec(self) -> SparsitySpec:
+        return SparsitySpec.parse(self.sparsity, self.pattern)
+
+    def prunes(self) -> bool:
+        """False for a rotate/slice-only job (no sparsity and no N:M pattern given)."""
+        return not (self.sparsity is None and self.pattern.strip().lower() == "unstructured" and bool(self.rotation or self.slicing))
+
+    def rotation_source(self) -> str | None:
+        """The rotation to apply (slicing implies PCA), validated."""
+        from graphprune.passes.rotate import SOURCES
+        from graphprune.passes.slice import sliced_width
+
+        source = self.rotation or ("pca" if self.slicing else None)
+        if source is not None and source not in SOURCES:
+            raise ConfigError(f"unknown rotation {source!r}; choose one of: {', '.join(SOURCES)}.")
+        sliced_width(64, self.slicing)  # validates the fraction
+        if self.slicing and source == "hadamard":
+            raise ConfigError("slicing needs a rotation ordered by importance; use --rotate pca or learned with --slice.")
+        if source == "learned" and not self.prunes():
+            raise ConfigError("a learned rotation is learned for a sparsity target; give --sparsity or --pattern.")
+        return source
+
+    def default_out_dir(self) -> Path:
+        """``out/<model>[-<rotation>][-slice<P>]-<method>-<sparsity or N of M>``."""
+        stem = Path(self.model).stem
+        sl = f"-slice{int(round(self.slicing * 100))}" if self.slicing else ""
+        if not self.prunes():
+            return Path("out") / f"{stem}-{self.rotation or 'pca'}{sl}"
+        tag = self.pattern.replace(":", "of") if ":" in self.pattern else f"{int(round((self.sparsity or 0) * 100))}"
+        rot = f"-{self.rotation}" if self.rotation else ""
+        return Path("out") / f"{stem}{rot}{sl}-{self.method}-{tag}"
+
+
+@dataclass
+class ExportJob:
+    """Everything ``graphprune export`` needs."""
+
+    model: str
+    format: str
+    out: str
+    sparse_initializers: bool = False
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    #: logits of a real LM are O(10); float32 reassociation over many layers reaches ~1e-4 absolute
+    atol: float = 1e-3
+
+    def validate(self) -> None:
+        """Check the job before loading anything (cheap errors first)."""
+        if not self.atol > 0:
+            raise ConfigError(f"--atol must be > 0, got {self.atol}.")
+        if self.format not in FORMATS:
+            raise ConfigError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}.")
+        if self.sparse_initializers and self.format != "onnx":
+            raise ConfigError("--sparse-initializers applies to --format onnx only (TorchScript stores the weights as they are).")
+        out = Path(self.out)
+        if out.is_dir():
+            raise ExportError(f"output {out} is a folder; give a file name, e.g. {out / ('model.onnx' if self.format == 'onnx' else 'model.pt')}.")
+        if out.exists() and not self.overwrite:
+            raise ExportError(f"output {out} already exists; choose another --out or pass --overwrite.")
+        check_model_spec(self.model)
+
+
+def parse_cases(names: Sequence[str]) -> list[Case]:
+    """``prefill``, ``step``, ``throughput`` (the protocol's) or custom ``NAME=BATCHxSEQ``."""
+    cases: list[Case] = []
+    for name in names:
+        if name in CASES:
+            cases.append(CASES[name])
+            continue
+        m = _CUSTOM_CASE.match(name)
+        if not m:
+            raise ConfigError(f"unknown case {name!r}; use {sorted(CASES)} or NAME=BATCHxSEQ such as short=1x16.")
+        batch, seq = int(m.group(2)), int(m.group(3))
+        if batch < 1 or seq < 1:
+            raise ConfigError(f"case {name!r} needs batch and sequence >= 1.")
+        cases.append(Case(m.group(1), batch, seq))
+    if len({c.name for c in cases}) != len(cases):
+        raise ConfigError(f"case names must be unique, got {[c.name for c in cases]}.")
+    return cases
+
+
+@dataclass
+class BenchJob:
+    """Everything ``graphprune bench`` needs; the first target is the baseline."""
+
+    targets: Sequence[str]
+    runtimes: Sequence[str] = RUNTIMES
+    cases: Sequence[str] = tuple(CASES)
+    repeats: int = 10
+    warmup: int = 2
+    out: str | None = "out/bench"
+    threads: int | None = None
+    names: Sequence[str] = ()
+    trust_remote_code: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> list[Case]:
+        if not self.targets:
+            raise ConfigError("bench needs at least one model (the first is the baseline).")
+        unknown = [r for r in self.runtimes if r not in RUNTIMES]
+        if unknown:
+            raise ConfigError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}.")
+        if self.repeats < 1 or self.warmup < 0:
+            raise ConfigError(f"--repeats must be >= 1 and --warmup >= 0, got {self.repeats} and {self.warmup}.")
+        if self.names and len(self.names) != len(self.targets):
+            raise ConfigError(f"--names gives {len(self.names)} labels for {len(self.targets)} models.")
+        for t in self.targets:
+            check_model_spec(t)
+        if self.out is not None and Path(self.out).is_file():
+            raise ConfigError(f"--out {self.out} is a file; give a folder for latency.md/.json/.png.")
+        return parse_cases(self.cases)
+
+    def labels(self) -> list[str]:
+        labels = list(self.names) if self.names else [Path(t).name or t for t in self.targets]
+        seen: dict[str, int] = {}
+        out = []
+        for label in labels:
+            seen[label] = seen.get(label, 0) + 1
+            out.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+        return out
