@@ -1,6 +1,6 @@
 """Latency of dense vs pruned SmolLM2-135M in torch eager, TorchScript and onnxruntime (CPU), plus file sizes.
 
-Protocol (PROTOCOL.md): speed figures are ratios measured side by side in one run --
+Protocol (docs/PROTOCOL.md): speed figures are ratios measured side by side in one run --
 within each runtime and case the models are interleaved repeat by repeat and every
 ratio is paired (dense time / model time of the same repeat); median and interquartile
 range are reported, with the machine and its load average. Cases: prefill 1x128,
@@ -58,10 +58,9 @@ from graphprune.exporters import export_onnx, export_torchscript  # noqa: E402
 from graphprune.graph.model import GraphModel  # noqa: E402
 from graphprune.models import load_model  # noqa: E402
 from graphprune.passes.infra import PassContext, PassManager, Prop  # noqa: E402
-from graphprune.passes.prune import META_MASKS  # noqa: E402
-from graphprune.passes.rewrite_kernels import META_KERNELS, RewriteKernelsPass  # noqa: E402
-from graphprune.pipeline.export_bench import linear_sparsity, load_average, mib, summary_table  # noqa: E402
+from graphprune.passes.rewrite_kernels import RewriteKernelsPass  # noqa: E402
 from graphprune.pipeline import PruneJob, run_prune  # noqa: E402
+from graphprune.pipeline.export_bench import linear_sparsity, load_average, mib, summary_table  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 #: absolute logits tolerance of the parity checks: float32 reassociation across 30 layers gives
@@ -100,13 +99,13 @@ def kernel_choice(model: torch.nn.Module, tokens: int) -> tuple[dict[str, Any], 
     model = copy.deepcopy(model)
     gm = GraphModel.capture(model)
     # a saved folder carries no masks: its zeros are the mask
-    gm.meta[META_MASKS] = {li.name: gm.get_attr(li.weight) != 0 for li in gm.block_linears()}
+    gm.state.masks = {li.name: gm.get_attr(li.weight) != 0 for li in gm.block_linears()}
     gm.props.add(Prop.PRUNED)
     manager = PassManager([RewriteKernelsPass(device="cpu", tokens=tokens)], PassContext(progress=False))
     gm = manager.run(gm)
     stats = manager.report()[0]
     per_kind: dict[str, dict[str, Any]] = {}
-    for name, entry in gm.meta[META_KERNELS].items():
+    for name, entry in gm.state.kernels.items():
         agg = per_kind.setdefault(name.rsplit(".", 1)[-1], {"linears": 0, "csr_chosen": 0, "ratios": []})
         agg["linears"] += 1
         agg["csr_chosen"] += int(entry["choice"] == "csr")

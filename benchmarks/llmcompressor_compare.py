@@ -12,7 +12,6 @@ The calibration segments and evaluation windows come from graphprune's own proto
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import resource
 import sys

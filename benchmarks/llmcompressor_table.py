@@ -56,7 +56,7 @@ def main() -> None:
     lines = [
         "# graphprune vs llm-compressor on SmolLM2-135M",
         "",
-        "Same model (float32), same 64x512 calibration segments and evaluation windows (PROTOCOL.md; both read through",
+        "Same model (float32), same 64x512 calibration segments and evaluation windows (docs/PROTOCOL.md; both read through",
         "graphprune's protocol code), 50 % unstructured, LM head dense in both, each tool with its defaults.",
         "llm-compressor: `oneshot()` with `SparseGPTModifier` / `WandaPruningModifier` (`benchmarks/llmcompressor_compare.py`, its own venv).",
         "graphprune: `graphprune prune --method M --sparsity 0.5`. Prune seconds: llm-compressor's whole `oneshot()` call;",

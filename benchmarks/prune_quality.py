@@ -1,14 +1,16 @@
 """Perplexity, achieved sparsity and prune seconds of each method on the default model.
 
-The model is loaded and captured once; every configuration prunes a fresh clone of the
-captured graph (weights included) through the same pass pipeline as ``graphprune prune``,
-then evaluates it. Protocol: PROTOCOL.md (64x512 calibration, seed 0, perplexity over the
-512-token windows of the evaluation split). Results accumulate in
-``results/prune_quality.json`` (a rerun of a subset updates those rows) and the table in
-``results/prune_quality.md``.
+Each configuration runs exactly what ``graphprune prune --model smollm2-135m --method M
+[--sparsity S | --pattern N:M] --eval`` runs (:func:`graphprune.pipeline.run_prune` with
+checkpointing off), so the command line and this script give the same figure for the same
+settings; each row records that command. Protocol: docs/PROTOCOL.md (64x512 calibration,
+seed 0, perplexity over the 512-token windows of the evaluation split). Results accumulate in
+``results/prune_quality.json`` (a rerun of a subset updates those rows, each stamped with its
+commit, date, load average and command) and the table in ``results/prune_quality.md``; the
+README's table is generated from the JSON by ``python scripts/readme_tables.py``.
 
     python benchmarks/prune_quality.py                                  # every configuration
-    python benchmarks/prune_quality.py --only "sparsegpt 50%" "wanda 50%"
+    python benchmarks/prune_quality.py --only dense "sparsegpt 50%" "wanda 50%"
     python benchmarks/prune_quality.py --only "gblm 2:4 samples=64"     # with a solver option
     python benchmarks/prune_quality.py --render                         # rewrite the .md from the JSON
 """
@@ -18,22 +20,16 @@ import argparse
 import json
 import os
 import platform
-import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from provenance import Run
 
-from graphprune.data import TokenSplits
-from graphprune.eval import perplexity
-from graphprune.graph.model import GraphModel
-from graphprune.models import load_model
-from graphprune.passes.gradients import GradientStatsPass
-from graphprune.passes.infra import PassContext, PassManager
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass
-from graphprune.solvers import SparsitySpec, get_solver
+from graphprune.pipeline import EvalJob, PruneJob, run_eval, run_prune
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODEL = "smollm2-135m"
 PATTERNS = {"50%": (0.5, "unstructured"), "2:4": (None, "2:4"), "70%": (0.7, "unstructured"),
             "60%": (0.6, "unstructured"), "80%": (0.8, "unstructured")}
 METHOD_ORDER = ("alps", "proximal", "sparsegpt", "gblm", "wanda", "magnitude")
@@ -42,36 +38,67 @@ DEFAULT_ORDER = [f"{m} {p}" for p in PATTERN_ORDER for m in METHOD_ORDER if m !=
 NOTES = RESULTS / "prune_quality.notes.md"  # hand-written notes on how rows were measured, kept below the tables
 
 
-def run_config(base: GraphModel, splits: TokenSplits, calib: torch.Tensor, name: str, options: dict) -> dict:
+def job_for(name: str) -> PruneJob:
+    """``"gblm 2:4 samples=64"`` -> the PruneJob of ``graphprune prune`` with those settings."""
     method, pat, *extra = name.split(" ")
     sparsity, pattern = PATTERNS[pat]
-    for item in extra:  # solver options: "gblm 2:4 samples=64"
+    options: dict[str, Any] = {}
+    for item in extra:  # solver options
         key, _, value = item.partition("=")
         options[key] = json.loads(value)
-    gm = base.clone()
-    spec = SparsitySpec.parse(sparsity, pattern)
-    solver = get_solver(method)
-    ctx = PassContext(progress=True, data={CALIBRATION: calib})
-    passes = [*([GradientStatsPass()] if solver.needs_grad else []), InsertObserversPass(),
-              SequentialPrunePass(PruneConfig(method, spec, options=dict(options))), RemoveObserversPass()]
-    t0 = time.perf_counter()
-    gm = PassManager(passes, ctx).run(gm)
-    seconds = time.perf_counter() - t0
-    rep = gm.meta["prune_report"]
-    ppl = perplexity(gm, splits.eval_windows(512), batch_size=4, progress=True)["ppl"]
-    return {"ppl": ppl, "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": round(seconds, 1),
-            "mean_rel_error": sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"])}
+    return PruneJob(model=MODEL, method=method, sparsity=sparsity, pattern=pattern, options=options, evaluate=True, checkpoint=False)
+
+
+def cli_for(job: PruneJob) -> str:
+    target = f"--pattern {job.pattern}" if ":" in job.pattern else f"--sparsity {job.sparsity}"
+    options = "".join(f" --option {k}={json.dumps(v)}" for k, v in job.options.items())
+    return f"graphprune prune --model {job.model} --method {job.method} {target}{options} --eval"
+
+
+def run_dense(run: Run) -> dict[str, Any]:
+    """The unpruned model's perplexity, as ``graphprune eval --model smollm2-135m --json`` gives it."""
+    res = run_eval(EvalJob(model=MODEL), progress=True)
+    return run.stamp({k: res[k] for k in ("model", "ppl", "nll", "tokens", "seconds", "eval_seconds")},
+                     cli=f"graphprune eval --model {MODEL} --json")
+
+
+def run_config(name: str, run: Run) -> dict[str, Any]:
+    job = job_for(name)
+    rep = run_prune(job, progress=True).report
+    row = {"ppl": rep["ppl"], "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["prune_seconds"],
+           "mean_rel_error": sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"]),
+           "peak_rss_mb": rep["peak_rss_mb"]}
+    return run.stamp(row, cli=cli_for(job))
 
 
 def write_table(rows: dict, dense: dict | None) -> str:
-    lines = ["| configuration | perplexity | achieved sparsity | prune s | mean layer rel. error |", "|---|---:|---:|---:|---:|"]
+    lines = ["| configuration | perplexity | achieved sparsity | prune s | mean layer rel. error | commit | date | load (start / end) |",
+             "|---|---:|---:|---:|---:|---|---|---|"]
     if dense:
-        lines.append(f"| dense | {dense['ppl']:.3f} | 0 | - | - |")
+        lines.append(f"| dense | {dense['ppl']:.3f} | 0 | - | - | {provenance_cells(dense)} |")
     order = [n for n in DEFAULT_ORDER if n in rows] + [n for n in rows if n not in DEFAULT_ORDER]
     for name in order:
         r = rows[name]
-        lines.append(f"| {name} | {r['ppl']:.3f} | {r['achieved_sparsity']:.4f} | {r['prune_seconds']:.1f} | {r['mean_rel_error']:.4f} |")
+        lines.append(f"| {name} | {r['ppl']:.3f} | {r['achieved_sparsity']:.4f} | {r['prune_seconds']:.1f} | "
+                     f"{r['mean_rel_error']:.4f} | {provenance_cells(r)} |")
     return "\n".join(lines)
+
+
+def provenance_cells(row: dict[str, Any]) -> str:
+    p = row.get("provenance") or {}
+    load = p.get("load_average") or {}
+    fmt = lambda v: "-" if not v else f"{v[0]:.1f}"  # noqa: E731 - 1-minute average
+    return f"`{p.get('commit', '?')}` | {p.get('date', '?')} | {fmt(load.get('start'))} / {fmt(load.get('end'))}"
+
+
+def commands(rows: dict[str, Any]) -> str:
+    """Each row's command (the equivalent ``graphprune prune`` call)."""
+    out = []
+    for name, r in rows.items():
+        p = r.get("provenance") or {}
+        how = f"`{p['cli']}`" if p.get("cli") else p.get("note", "")
+        out.append(f"* {name}: {how} (run by `{p.get('command', '?')}`)")
+    return "\n".join(out)
 
 
 def write_grid(rows: dict) -> str:
@@ -94,11 +121,13 @@ def render(rows: dict) -> str:
         "# Pruning quality on SmolLM2-135M",
         "",
         "Generated by `python benchmarks/prune_quality.py` (rows accumulate in `prune_quality.json`). Protocol: "
-        "PROTOCOL.md: 64x512 calibration, seed 0, perplexity over the 512-token windows of the evaluation split, "
+        "docs/PROTOCOL.md: 64x512 calibration, seed 0, perplexity over the 512-token windows of the evaluation split, "
         f"float32. Machine: {machine}. Achieved sparsity is counted from the zeros of the final weights of the block "
         "Linears; `prune s` is the pass pipeline (statistics passes, stage-wise calibration, solvers) of one "
         "configuration, model loading and capture excluded; `mean layer rel. error` is the mean over Linears of "
-        "‖WX − ŴX‖² / ‖WX‖² on each Linear's stage-wise calibration inputs. Default solver settings.",
+        "‖WX − ŴX‖² / ‖WX‖² on each Linear's stage-wise calibration inputs. Default solver settings. Each row names "
+        "the commit it was measured at (`+dirty`: with uncommitted changes to the code), the date and the load average; "
+        "the commands are listed below the table.",
         "",
         (f"Perplexity (dense {dense['ppl']:.3f}); `-` not measured yet, `n/a` not applicable (the proximal "
          "regulariser induces 2:4 only):") if dense else "Perplexity:",
@@ -109,6 +138,10 @@ def render(rows: dict) -> str:
         "",
         write_table(rows, dense),
         "",
+        "Commands:",
+        "",
+        commands(rows),
+        "",
     ]
     if NOTES.exists():
         parts += [NOTES.read_text().strip(), ""]
@@ -117,21 +150,22 @@ def render(rows: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", nargs="*", default=None, help='configurations such as "sparsegpt 50%%"')
+    ap.add_argument("--only", nargs="*", default=None, help='configurations such as "sparsegpt 50%%", or "dense"')
     ap.add_argument("--render", action="store_true", help="only rewrite prune_quality.md from the JSON")
     args = ap.parse_args()
-    torch.manual_seed(0)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out_json = RESULTS / "prune_quality.json"
     rows = json.loads(out_json.read_text()) if out_json.exists() else {}
     if not args.render:
-        loaded = load_model("smollm2-135m")
-        splits = TokenSplits.from_text(loaded.tokenizer)
-        calib = splits.calibration(64, 512, seed=0)
-        base = GraphModel.capture(loaded.model, name="smollm2-135m")
-        for name in args.only or DEFAULT_ORDER:
+        run = Run()
+        for name in args.only or ["dense", *DEFAULT_ORDER]:
             print(f"== {name}", flush=True)
-            rows[name] = run_config(base, splits, calib, name, {})
+            if name == "dense":
+                dense = run_dense(run)
+                (RESULTS / "dense.json").write_text(json.dumps(dense, indent=2) + "\n")
+                print(f"   {dense}", flush=True)
+                continue
+            rows[name] = run_config(name, run)
             print(f"   {rows[name]}", flush=True)
             out_json.write_text(json.dumps(rows, indent=2) + "\n")
             (RESULTS / "prune_quality.md").write_text(render(rows))

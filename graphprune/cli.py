@@ -1,7 +1,9 @@
 """Command line: ``graphprune inspect | eval | prune | export | bench | run``.
 
 User errors (any :class:`graphprune.errors.GraphPruneError`) print one clear line and
-exit with status 2; no traceback. ``-v`` shows progress details, ``-q`` hides progress bars.
+exit with status 2; no traceback. So do outputs that cannot be written (no space, no
+permission: :class:`graphprune.errors.OutputError`, see :mod:`graphprune.fileio`).
+``-v`` shows progress details, ``-q`` hides progress bars.
 """
 from __future__ import annotations
 
@@ -10,9 +12,10 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any, Sequence, cast
 
 from graphprune.errors import ConfigError, GraphPruneError
+from graphprune.fileio import WRITE_ERRNOS, os_errno, output_error
 
 log = logging.getLogger("graphprune")
 
@@ -64,7 +67,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job from its checkpoint")
     p.add_argument("--checkpoint-dir", default=None, metavar="DIR", help="checkpoint folder (default <out>.ckpt)")
-    p.add_argument("--rotate", choices=["pca", "hadamard", "learned"], default=None, help="rotate the residual stream first (norms folded), then prune in the rotated space")
+    p.add_argument(
+        "--rotate", choices=["pca", "hadamard", "learned"], default=None,
+        help="rotate the residual stream first (norms folded), then prune in the rotated space",
+    )
     p.add_argument("--rotate-option", action="append", default=[], metavar="KEY=VALUE", help="learned rotation: init, steps, lr, momentum, blocks_per_step")
     p.add_argument("--slice", type=float, default=0.0, metavar="FRACTION", help="drop this fraction of the rotated stream (SliceGPT; implies --rotate pca)")
     p.add_argument(
@@ -257,7 +263,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
     loaded = load_model(args.model, trust_remote_code=args.trust_remote_code)
     with atomic_dir(args.out, args.overwrite) as tmp:
-        loaded.model.save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
+        cast(Any, loaded.model).save_pretrained(tmp, safe_serialization=True, max_shard_size=args.max_shard_size)
         if hasattr(loaded.tokenizer, "save_pretrained"):
             loaded.tokenizer.save_pretrained(tmp)
     params = sum(p.numel() for p in loaded.model.parameters())
@@ -266,7 +272,8 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from graphprune.recipes.recipe import Recipe, parse_settings, run_recipe
+    from graphprune.pipeline.steps import run_pipeline
+    from graphprune.recipes.recipe import Recipe, parse_settings
 
     settings = parse_settings(args.set)
     if args.out is not None:
@@ -277,7 +284,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.check:
         print(recipe.to_yaml(), end="")
         return 0
-    outcome = run_recipe(recipe, progress=not args.quiet, resume=args.resume)
+    job = recipe.to_pipeline()
+    job.prune.resume = args.resume
+    outcome = run_pipeline(job, progress=not args.quiet)
     if not _is_main():
         return 0  # rank 0 reports
     rep = outcome.report
@@ -291,7 +300,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 DISTRIBUTED_COMMANDS = ("prune", "run", "eval")
-COMMANDS = {"convert": _cmd_convert, "inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune, "export": _cmd_export, "bench": _cmd_bench, "run": _cmd_run}
+COMMANDS = {
+    "convert": _cmd_convert, "inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune,
+    "export": _cmd_export, "bench": _cmd_bench, "run": _cmd_run,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,6 +337,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "; finished stages are checkpointed: rerun with --resume to continue" if args.command in ("prune", "run") else ""
         print(f"graphprune {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # a full disk that reached here past graphprune's writers (graphprune.fileio, which also
+        # report missing permissions): still one line; anything else is a bug and keeps its traceback
+        err = output_error(exc) if os_errno(exc) in WRITE_ERRNOS else None
+        if err is None:
+            raise
+        print(f"graphprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
     finally:
         distributed.shutdown(barrier=ok)
 

@@ -44,3 +44,22 @@ class RecipeError(GraphPruneError):
 
 class ExportError(GraphPruneError):
     """A model could not be exported or the export does not match PyTorch."""
+
+
+class OutputError(GraphPruneError):
+    """An output could not be written (no space, no permission, read-only file system...).
+
+    Raised by :mod:`graphprune.fileio` after it has removed everything the failed write
+    left behind; the message names the final path (never a temporary one), the reason
+    and a fix.
+
+    Attributes:
+        path: the path named in the message (None if the message names none).
+        detail: the message after the path (reason and fix), so that a write nested in a
+            staging folder can be re-reported under the folder's final name.
+    """
+
+    def __init__(self, message: str, *, path: object = None, detail: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.detail = detail

@@ -14,6 +14,7 @@ ROOT = Path(graphprune.__file__).resolve().parent
 #: Lowest layer first; a package imports packages of lower layers only (not of its own layer).
 LAYERS: list[set[str]] = [
     {"errors", "__init__"},
+    {"fileio"},  # imports errors only
     {"distributed"},
     {"data", "models", "graph", "kernels", "solvers"},
     {"passes", "eval", "exporters"},

@@ -1,4 +1,4 @@
-"""Calibration and evaluation text per the measurement protocol (PROTOCOL.md).
+"""Calibration and evaluation text per the measurement protocol (docs/PROTOCOL.md).
 
 The default text is Python's own ``pydoc_data.topics``: tokenized once, the first 80 %
 of tokens is the calibration pool and the last 20 % the evaluation split.

@@ -1,11 +1,8 @@
-"""What the ONNX and TorchScript exporters share: the logits wrapper, probe inputs,
-the report, and atomic file placement."""
+"""What the ONNX and TorchScript exporters share: the logits wrapper, probe inputs and
+the report (atomic file placement is :mod:`graphprune.fileio`'s)."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -153,28 +150,6 @@ class ExportReport:
         data["path"] = str(self.path)
         data["external_data"] = None if self.external_data is None else str(self.external_data)
         return data
-
-
-@contextmanager
-def staging_dir(final: Path) -> Iterator[Path]:
-    """A temporary folder next to ``final`` (same file system, so renames are atomic); removed on exit."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def publish(staged: list[Path], final_dir: Path) -> list[Path]:
-    """Rename staged files into ``final_dir``; the last one (the model file) goes last, so a
-    reader never sees a model whose data file is missing."""
-    placed = []
-    for path in staged:
-        target = final_dir / path.name
-        os.replace(path, target)
-        placed.append(target)
-    return placed
 
 
 def check_diff(diff: float, atol: float, what: str, shapes: list[tuple[int, int]]) -> None:

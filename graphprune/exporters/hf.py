@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, cast
 
 from torch import nn
 
+from graphprune import fileio
 from graphprune.errors import ExportError
 from graphprune.kernels import kernels_lowered
 
@@ -33,28 +33,19 @@ def check_output_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Pa
 
 @contextmanager
 def atomic_dir(out: str | os.PathLike[str], overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``out`` only if the block succeeds."""
-    final = check_output_dir(out, overwrite)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+    """Yield a staging folder that replaces ``out`` only if the block succeeds (:func:`graphprune.fileio.atomic_dir`).
+
+    Write failures (no space, no permission) end as one :class:`~graphprune.errors.OutputError`,
+    with the staging folder removed and an existing ``out`` untouched.
+    """
+    check_output_dir(out, overwrite)
+    with fileio.atomic_dir(out, overwrite=overwrite) as tmp:
         yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
-def write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+def _write_json(path: Path, data: Any) -> None:
+    """A JSON file inside a staging folder (the folder as a whole is what appears atomically)."""
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def save_hf_folder(
@@ -85,13 +76,13 @@ def save_hf_folder(
         raise ExportError(f"{type(model).__name__} is not a transformers model; cannot write a model folder.")
     with atomic_dir(out, overwrite) as tmp:
         with kernels_lowered(model) as lowered:
-            lowered.save_pretrained(tmp, safe_serialization=True)
+            cast(Any, lowered).save_pretrained(tmp, safe_serialization=True)  # a transformers model (checked above)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
         for name, data in (extra_json or {}).items():
-            write_json(tmp / name, data)
+            _write_json(tmp / name, data)
     log.info("wrote %s", out)
     return Path(out)
 
@@ -100,18 +91,20 @@ class ShardedWriter:
     """Writes a model folder piece by piece: one safetensors shard per finished stage.
 
     Used by lazy (stage-at-a-time) pruning, where the whole model is never in memory. The
-    shards go to a temporary sibling of ``out``; :meth:`finish` names them
-    ``model-0000i-of-0000n.safetensors``, writes ``model.safetensors.index.json``, the
-    config, generation config and tokenizer, then renames the folder into place.
-    :meth:`abort` (or an exception inside ``with``) removes everything written so far.
+    shards go to a temporary sibling of ``out`` (a :class:`graphprune.fileio.StagedDir`);
+    :meth:`finish` names them ``model-0000i-of-0000n.safetensors``, writes
+    ``model.safetensors.index.json``, the config, generation config and tokenizer, then
+    renames the folder into place. :meth:`abort`, or any failure of :meth:`add` or
+    :meth:`finish` (a full disk ends as one :class:`~graphprune.errors.OutputError`),
+    removes everything written so far; an existing ``out`` is untouched.
     """
 
     def __init__(self, out: str | os.PathLike[str], overwrite: bool = False) -> None:
         self.out = Path(out)
-        self._ctx = atomic_dir(out, overwrite)
-        self.tmp = self._ctx.__enter__()
+        check_output_dir(out, overwrite)
+        self._staged = fileio.StagedDir(out, overwrite=overwrite)
+        self.tmp = self._staged.path
         self._parts: list[tuple[Path, list[str], int]] = []
-        self._open = True
 
     def add(self, tensors: Mapping[str, Any]) -> None:
         """Write ``name -> tensor`` as the next shard (tensors are copied to contiguous CPU)."""
@@ -121,40 +114,49 @@ class ShardedWriter:
             return
         path = self.tmp / f".part-{len(self._parts):05d}.safetensors"
         data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(data, str(path), metadata={"format": "pt"})
+        try:
+            with self._staged.errors():
+                save_file(data, str(path), metadata={"format": "pt"})
+        except BaseException:
+            self.abort()
+            raise
         self._parts.append((path, sorted(data), sum(t.numel() * t.element_size() for t in data.values())))
 
     def finish(self, model: nn.Module, tokenizer: Any, extra_json: Mapping[str, Any] | None = None) -> Path:
         """Name the shards, write the index, config and tokenizer, and move the folder into place."""
+        try:
+            with self._staged.errors():
+                self._complete(model, tokenizer, extra_json)
+        except BaseException:
+            self.abort()
+            raise
+        self._staged.commit()
+        log.info("wrote %s (%d shards)", self.out, len(self._parts))
+        return self.out
+
+    def _complete(self, model: nn.Module, tokenizer: Any, extra_json: Mapping[str, Any] | None) -> None:
         total = len(self._parts)
         weight_map: dict[str, str] = {}
         for i, (path, names, _) in enumerate(self._parts):
             final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.replace(path, self.tmp / final)
+            try:
+                os.replace(path, self.tmp / final)
+            except OSError as exc:  # named as the shard it was to become, not the hidden part file
+                raise OSError(exc.errno, exc.strerror, str(self.tmp / final)) from exc
             weight_map.update({n: final for n in names})
-        write_json(
+        _write_json(
             self.tmp / "model.safetensors.index.json",
             {"metadata": {"total_size": sum(size for _, _, size in self._parts)}, "weight_map": dict(sorted(weight_map.items()))},
         )
-        model.config.save_pretrained(self.tmp)
+        cast(Any, model).config.save_pretrained(self.tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             gen.save_pretrained(self.tmp)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(self.tmp)
         for name, data in (extra_json or {}).items():
-            write_json(self.tmp / name, data)
-        self._open = False
-        self._ctx.__exit__(None, None, None)
-        log.info("wrote %s (%d shards)", self.out, total)
-        return self.out
+            _write_json(self.tmp / name, data)
 
     def abort(self) -> None:
-        """Remove the partial folder (the previous ``out``, if any, is untouched)."""
-        if self._open:
-            self._open = False
-            err = ExportError("aborted")
-            try:
-                self._ctx.__exit__(ExportError, err, None)
-            except ExportError:
-                pass
+        """Remove the partial folder (the previous ``out``, if any, is untouched); safe to call twice."""
+        self._staged.discard()

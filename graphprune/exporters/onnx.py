@@ -12,7 +12,8 @@ Steps:
    checker's shape inference rejects them), then onnxruntime (CPUExecutionProvider)
    on two probe batches of different batch size and length, compared with the
    PyTorch logits of the *unlowered* model (so kernel lowering is verified too).
-5. Only then rename into place. Any failure leaves no file behind.
+5. Only then rename into place (:func:`graphprune.fileio.publish`). Any failure leaves no
+   file behind; a full disk or a missing permission ends as one ``OutputError``.
 """
 
 from __future__ import annotations
@@ -28,19 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import ExportError
-from graphprune.exporters.common import (
-    ExportReport,
-    LogitsOnly,
-    check_diff,
-    eval_mode,
-    example_inputs,
-    probe_inputs,
-    publish,
-    reference_logits,
-    require_cpu,
-    staging_dir,
-)
+from graphprune.exporters.common import ExportReport, LogitsOnly, check_diff, eval_mode, example_inputs, probe_inputs, reference_logits, require_cpu
 from graphprune.exporters.onnx_sparse import sparsify_initializers
+from graphprune.fileio import publish, staging_dir
 from graphprune.kernels import kernels_lowered
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ logits with the PyTorch model on two probe batches of different shapes.
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -24,18 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import ExportError
-from graphprune.exporters.common import (
-    ExportReport,
-    LogitsOnly,
-    check_diff,
-    eval_mode,
-    example_inputs,
-    probe_inputs,
-    publish,
-    reference_logits,
-    require_cpu,
-    staging_dir,
-)
+from graphprune.exporters.common import ExportReport, LogitsOnly, check_diff, eval_mode, example_inputs, probe_inputs, reference_logits, require_cpu
+from graphprune.fileio import publish, staging_dir
 from graphprune.kernels import kernels_lowered
 
 # Runs in the fresh interpreter: load, run every probe, print one JSON line.
@@ -73,8 +64,12 @@ def trace_logits(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
 def check_in_fresh_process(path: Path, inputs: list[Tensor], expected: list[Tensor], timeout: float = 600) -> float:
     """Max |logits difference| of ``torch.jit.load(path)`` in a new interpreter vs ``expected``."""
     probe = path.with_name(path.name + ".probe.pt")
-    torch.save({"inputs": inputs, "expected": expected}, probe)
     try:
+        # serialised in memory, then written by Python: torch.save straight to a file reports a
+        # full disk as a meaningless RuntimeError, a Python write as OSError(ENOSPC)
+        buffer = io.BytesIO()
+        torch.save({"inputs": inputs, "expected": expected}, buffer)
+        probe.write_bytes(buffer.getvalue())
         proc = subprocess.run(
             [sys.executable, "-c", _CHECK_SCRIPT, str(path), str(probe)],
             capture_output=True,
@@ -131,7 +126,12 @@ def export_torchscript(
     with staging_dir(final) as stage:
         staged = stage / final.name
         try:
-            traced.save(str(staged))
+            # through a Python file object: torch.jit saving to a path aborts the whole process
+            # (C++ terminate) on a full disk; this way a failed write is an OSError
+            with open(staged, "wb") as handle:
+                torch.jit.save(traced, handle)
+        except OSError:
+            raise  # no space, no permission: staging_dir reports it as an OutputError
         except Exception as exc:  # e.g. a tensor subclass TorchScript cannot serialise
             raise ExportError(f"could not save the traced module: {type(exc).__name__}: {exc}") from exc
         diff = None

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import ModelLoadError
+from graphprune.graph.edit import replace_tensor
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import replace_tensor
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def retarget_meta(gm: GraphModel, device: torch.device | str = "cpu") -> int:
     target = torch.device(device)
     meta = torch.device("meta")
 
-    def swap(value: object) -> object:
+    def swap(value: Any) -> Any:
         return target if isinstance(value, torch.device) and value == meta else value
 
     changed = 0
@@ -102,7 +102,7 @@ class ShardWriter(Protocol):
 
     def add(self, tensors: dict[str, Tensor]) -> None: ...
 
-    def finish(self, model: nn.Module, tokenizer: Any, extra_json: dict[str, Any]) -> None: ...
+    def finish(self, model: nn.Module, tokenizer: Any, extra_json: dict[str, Any]) -> object: ...
 
     def abort(self) -> None: ...
 

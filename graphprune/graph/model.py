@@ -7,7 +7,9 @@ both the graph and the model (which the exporters save) see the change.
 """
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 import networkx as nx
@@ -22,6 +24,46 @@ from graphprune.graph.capture import capture
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class PassState:
+    """What passes learn about a graph and hand to later passes and reports (typed, not string keys).
+
+    Attributes:
+        observers: Linear name -> attribute of the observer module reading its input
+            (InsertObserversPass; emptied by RemoveObserversPass).
+        masks: Linear name -> boolean keep-mask of its pruned weight (SequentialPrunePass).
+        stats: Linear name -> its calibration ``LayerStats`` (only with ``PruneConfig.keep_stats``).
+        grad_sq: Linear name -> ``Σ g²`` of the LM loss per weight ``[out, in]`` (GradientStatsPass).
+        prune_report: the pruning report (per-Linear sparsity, error, seconds; per-stage seconds).
+        rotation: what RotatePass did (source, per-dimension importance, objective...).
+        slicing: what SlicePass did (fraction, widths).
+        stream_centred: FoldNormsPass made the residual stream zero-mean (LayerNorm models).
+        kernels: Linear name -> kernel choice and candidate timings (RewriteKernelsPass).
+        export_blockers: reasons the graph can no longer be saved as a Hugging Face folder.
+    """
+
+    observers: dict[str, str] = field(default_factory=dict)
+    masks: dict[str, Tensor] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    grad_sq: dict[str, Tensor] = field(default_factory=dict)
+    prune_report: dict[str, Any] | None = None
+    rotation: dict[str, Any] | None = None
+    slicing: dict[str, Any] | None = None
+    stream_centred: bool = False
+    kernels: dict[str, dict[str, Any]] = field(default_factory=dict)
+    export_blockers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Snapshot:
+    """A copy of a GraphModel's model, graph, properties and pass state (see :meth:`GraphModel.snapshot`)."""
+
+    model: nn.Module
+    gm: GraphModule
+    props: set[str]
+    state: PassState
+
+
 class GraphModel:
     """A traced causal LM: ``GraphModel(ids) -> logits``.
 
@@ -29,7 +71,7 @@ class GraphModel:
         model: the Hugging Face module owning the weights (saved by the exporters).
         gm: the captured ``torch.fx.GraphModule``.
         props: properties established by passes (see ``graphprune.passes.infra.Prop``).
-        meta: facts passes record for later passes and reports (masks, statistics...).
+        state: what passes record for later passes and reports (:class:`PassState`).
     """
 
     def __init__(self, model: nn.Module, gm: GraphModule, name: str = "model") -> None:
@@ -37,7 +79,7 @@ class GraphModel:
         self.gm = gm
         self.name = name
         self.props: set[str] = set()
-        self.meta: dict[str, Any] = {}
+        self.state = PassState()
         self._cache: dict[str, Any] = {}
 
     @classmethod
@@ -54,13 +96,30 @@ class GraphModel:
 
     def clone(self) -> "GraphModel":
         """An independent copy: model and graph are copied together, so they still share weights."""
-        import copy
-
-        model, gm = copy.deepcopy((self.model, self.gm))
-        other = GraphModel(model, gm, self.name)
-        other.props = set(self.props)
-        other.meta = copy.deepcopy(self.meta)
+        snap = self.snapshot()
+        other = GraphModel(snap.model, snap.gm, self.name)
+        other.props = snap.props
+        other.state = snap.state
         return other
+
+    def snapshot(self) -> Snapshot:
+        """A deep copy of everything a pass may change, for :meth:`restore` (weights included)."""
+        model, gm, state = copy.deepcopy((self.model, self.gm, self.state))
+        return Snapshot(model, gm, set(self.props), state)
+
+    def restore(self, snap: Snapshot) -> None:
+        """Make this GraphModel (and the very model object callers hold) what it was at ``snap``.
+
+        The model is restored in place -- its module tree, parameters, buffers and config are
+        replaced by the snapshot's -- so a reference to ``self.model`` (e.g. the loaded model
+        the exporters save) sees the restored weights too.
+        """
+        vars(self.model).clear()
+        vars(self.model).update(vars(snap.model))
+        self.gm = snap.gm  # its parameters are the snapshot model's, now self.model's
+        self.props = set(snap.props)
+        self.state = snap.state
+        self.invalidate()
 
     # ------------------------------------------------------------------ running
     @torch.no_grad()

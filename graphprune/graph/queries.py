@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import networkx as nx
 import torch
@@ -102,10 +102,10 @@ def _get_attr_target(node: object) -> str | None:
 
 
 def _attr_shape(gm: GraphModule, target: str) -> tuple[int, ...]:
-    obj = gm
+    obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
-    return tuple(obj.shape)  # type: ignore[union-attr]
+    return tuple(obj.shape)
 
 
 def find_blocks(gm: GraphModule) -> list[str]:

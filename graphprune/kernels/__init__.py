@@ -10,13 +10,7 @@ unless a sparse kernel is faster; :func:`lower_kernels` turns kernels back into
 ``nn.Linear`` for exporters.
 """
 
-from graphprune.kernels.base import (
-    KernelLinear,
-    KernelUnavailableError,
-    has_kernels,
-    kernels_lowered,
-    lower_kernels,
-)
+from graphprune.kernels.base import KernelLinear, KernelUnavailableError, has_kernels, kernels_lowered, lower_kernels
 from graphprune.kernels.dense import DenseLinear
 from graphprune.kernels.select import KERNELS, KernelReport, median_runtime, select_kernel
 from graphprune.kernels.semi_structured import SemiStructuredLinear, is_n_m_sparse

@@ -25,13 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from graphprune.kernels.base import (
-    CPU_SPARSE_DTYPES,
-    KernelLinear,
-    KernelUnavailableError,
-    check_weight,
-    flatten_input,
-)
+from graphprune.kernels.base import CPU_SPARSE_DTYPES, KernelLinear, KernelUnavailableError, check_weight, flatten_input
 
 #: BSR block edges tried, largest first (larger blocks: fewer indices, denser inner loops).
 BSR_BLOCKSIZES = (32, 16, 8, 4)

@@ -9,7 +9,7 @@ Widths are multiples of 8 so every N:M pattern with M in {4, 8} applies.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # transformers is imported when a tiny model is built, not wi
     from transformers import LlamaForCausalLM, OPTForCausalLM, PreTrainedModel
 
 TINY_VOCAB = 256
+#: PyTorch's fused attention (a config keyword that transformers' type stubs do not declare)
+SDPA: dict[str, Any] = {"attn_implementation": "sdpa"}
 
 
 def _finish(model: "PreTrainedModel", seed: int) -> "PreTrainedModel":
@@ -48,7 +50,7 @@ def tiny_llama(seed: int = 0, layers: int = 2, tie: bool = True) -> "LlamaForCau
         max_position_embeddings=1024,
         rms_norm_eps=1e-5,
         tie_word_embeddings=tie,
-        attn_implementation="sdpa",
+        **SDPA,
     )
     torch.manual_seed(seed)
     return _finish(LlamaForCausalLM(cfg), seed)  # type: ignore[return-value]
@@ -68,9 +70,9 @@ def tiny_opt(seed: int = 0, layers: int = 2) -> "OPTForCausalLM":
         word_embed_proj_dim=64,
         do_layer_norm_before=True,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
         dropout=0.0,
         attention_dropout=0.0,
+        **SDPA,
     )
     torch.manual_seed(seed)
     return _finish(OPTForCausalLM(cfg), seed)  # type: ignore[return-value]

@@ -9,9 +9,12 @@ load their weights and only run forward (without observers or solvers): the acti
 they hand to the next stage are recomputed deterministically, so the stages that remain
 see exactly the inputs they would have seen.
 
-Writes are atomic (temporary file + ``os.replace``); a stage counts as finished only once
-its JSON, written last and carrying the SHA-256 of its tensor file, is in place. Nothing
-is unpickled: tensors go through safetensors only.
+Writes are atomic (:mod:`graphprune.fileio`: temporary file, ``fsync``, ``os.replace``); a
+stage counts as finished only once its JSON, written last and carrying the SHA-256 of its
+tensor file, is in place. A write that fails (no space, no permission) ends as one
+:class:`~graphprune.errors.OutputError` and leaves no temporary behind; the stages finished
+before it stay, for ``--resume``, and a checkpoint with none is removed. Nothing is
+unpickled: tensors go through safetensors only.
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +32,15 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from graphprune.errors import ConfigError
+from graphprune import fileio
+from graphprune.errors import ConfigError, OutputError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+#: the setting that chooses where checkpoints go (named in error messages)
+OPTION = "--checkpoint-dir"
 
 
 @dataclass
@@ -63,12 +71,7 @@ def _sha256(path: Path) -> str:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fileio.write_json(path, data, indent=1, default=str, option=OPTION)
 
 
 class StageCheckpoint:
@@ -104,11 +107,28 @@ class StageCheckpoint:
             if stored.get("key") != key or stored.get("format") != FORMAT:
                 log.warning("checkpoint %s does not match this job; starting over", self.dir)
                 shutil.rmtree(self.dir)
+        self._created: list[Path] = []  # folders this run made (removed again if it checkpoints nothing)
         if not self.dir.exists():
-            self.dir.mkdir(parents=True)
-            _write_json(manifest, {"format": FORMAT, "key": key, "job": info})
+            self._created = fileio.make_dirs(self.dir, option=OPTION)
+            with self._cleanup_on_failure():
+                _write_json(manifest, {"format": FORMAT, "key": key, "job": info})
         elif resume:
             log.info("resuming from %s: %d finished stage(s)", self.dir, len(self.finished()))
+
+    @contextmanager
+    def _cleanup_on_failure(self) -> Iterator[None]:
+        """When a write fails: with no finished stage there is nothing to resume, so remove the
+        checkpoint (and the folders made for it); with some, keep them and say so."""
+        try:
+            yield
+        except OutputError as exc:
+            done = len(self.finished()) if self.dir.is_dir() else 0
+            if done:
+                kept = f"{done} finished stage{'s are' if done > 1 else ' is'} kept in {self.dir} for --resume"
+                raise OutputError(f"{str(exc).rstrip('.')}; {kept}.") from exc.__cause__
+            shutil.rmtree(self.dir, ignore_errors=True)
+            fileio.remove_dirs(self._created)
+            raise
 
     def _files(self, block: int) -> tuple[Path, Path]:
         return self.dir / f"block-{block:04d}.safetensors", self.dir / f"block-{block:04d}.json"
@@ -142,16 +162,18 @@ class StageCheckpoint:
     def save(self, rec: StageRecord) -> None:
         """Write ``rec`` atomically: tensors first, then the JSON that marks it complete."""
         tensors_path, json_path = self._files(rec.block)
-        json_path.unlink(missing_ok=True)  # a stale record must not vouch for new tensors
         tensors = {f"weight:{n}": w.detach().contiguous() for n, w in rec.weights.items()}
         tensors.update({f"mask:{n}": m.contiguous() for n, m in rec.masks.items()})
-        tmp = tensors_path.with_name(f".{tensors_path.name}.tmp")
-        save_file(tensors, str(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, tensors_path)
-        meta = {"block": rec.block, "linears": sorted(rec.weights), "layers": rec.layers, "stage": rec.stage, "sha256": _sha256(tensors_path)}
-        _write_json(json_path, meta)
+        with self._cleanup_on_failure():
+            with fileio.output_errors(json_path, option=OPTION):
+                json_path.unlink(missing_ok=True)  # a stale record must not vouch for new tensors
+            with fileio.atomic_path(tensors_path, option=OPTION) as tmp:
+                save_file(tensors, str(tmp))
+            meta = {
+                "block": rec.block, "linears": sorted(rec.weights), "layers": rec.layers, "stage": rec.stage,
+                "sha256": _sha256(tensors_path),
+            }
+            _write_json(json_path, meta)
 
     def remove(self) -> None:
         """Delete this job's checkpoint (and the root folder if nothing else is in it)."""

@@ -31,25 +31,13 @@ from torch import Tensor
 
 from graphprune.errors import ConfigError
 from graphprune.graph import queries as q
+from graphprune.graph.edit import add_export_blocker, add_linear_bias, get_attr_node, own_weight_target, set_config, set_module_parameter
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import (
-    ResidualStream,
-    add_export_blocker,
-    add_linear_bias,
-    find_stream,
-    get_attr_node,
-    own_weight_target,
-    set_config,
-    set_module_parameter,
-)
+from graphprune.graph.stream import ResidualStream, find_stream
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
-
-#: gm.meta key: True when the stream's norms were LayerNorms turned into RMSNorms by centring.
-META_CENTRED = "stream_centred"
-
 
 def _w64(gm: GraphModel, target: str) -> Tensor:
     return gm.get_attr(target).detach().double()
@@ -102,7 +90,7 @@ class FoldNormsPass(Pass):
             folded += self._fold(gm, sn.norm, sn.readers)
         rewritten = self._layernorm_to_rms(gm, stream) if kinds == {"layernorm"} else 0
         if kinds == {"layernorm"}:
-            gm.meta[META_CENTRED] = True
+            gm.state.stream_centred = True
         gm.lint()
         gm.invalidate()
         stats = {"norms": len(stream.norms), "folded": folded, "centred": centred, "untied": untied, "layernorms_to_rms": rewritten}

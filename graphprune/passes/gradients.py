@@ -19,16 +19,12 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from graphprune.distributed import Dist, current
-from graphprune.errors import DataError, SolverError
+from graphprune.errors import SolverError
 from graphprune.graph.model import GraphModel
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 from graphprune.passes.observe import select_linears
 
 log = logging.getLogger(__name__)
-
-META_GRAD_SQ = "grad_sq"  # gm.meta key: linear name -> Σ g² [out, in]
-CALIBRATION = "calibration"
-
 
 class GradientStatsPass(Pass):
     """Accumulate squared LM-loss gradients of the selected block Linears' weights."""
@@ -43,12 +39,10 @@ class GradientStatsPass(Pass):
         self.dist = dist  # None: the current process group; each rank takes a share of the sequences
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
-        tokens = ctx.data.get(CALIBRATION)
-        if tokens is None or tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
-            raise DataError("the gradient pass needs calibration token ids [N, L>=2] in ctx.data['calibration'].")
+        tokens = ctx.calibration_tokens("the gradient pass", min_len=2)
         linears = select_linears(gm, self.include, self.exclude)
         params = {li.name: gm.get_attr(li.weight) for li in linears}
-        every = list(gm.gm.parameters())
+        every: list[torch.Tensor] = list(gm.gm.parameters())
         saved = [p.requires_grad for p in every]
         acc = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
         t0 = time.perf_counter()
@@ -79,5 +73,5 @@ class GradientStatsPass(Pass):
         for name, a in acc.items():
             if not torch.isfinite(a).all():
                 raise SolverError(f"{name}: gradient statistics contain NaN/Inf; the loss overflowed.")
-        gm.meta[META_GRAD_SQ] = acc
+        gm.state.grad_sq = acc
         return PassResult(gm, modified=False, stats={"linears": len(acc), "samples": int(tokens.shape[0]), "seconds": round(time.perf_counter() - t0, 2)})

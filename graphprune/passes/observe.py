@@ -22,7 +22,6 @@ from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 from graphprune.solvers.base import LayerStats
 
 OBSERVER_PREFIX = "gp_observer_"
-META_OBSERVERS = "observers"  # gm.meta key: linear name -> observer attribute
 
 
 class InputObserver(nn.Module):
@@ -94,7 +93,7 @@ class InsertObserversPass(Pass):
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         linears = select_linears(gm, self.include, self.exclude)
-        mapping: dict[str, str] = dict(gm.meta.get(META_OBSERVERS, {}))
+        mapping: dict[str, str] = dict(gm.state.observers)
         graph = gm.gm.graph
         added = 0
         for value, group in q.group_by_input(linears).items():
@@ -109,7 +108,7 @@ class InsertObserversPass(Pass):
                 li.node.replace_input_with(value, obs)
                 mapping[li.name] = attr
             added += 1
-        gm.meta[META_OBSERVERS] = mapping
+        gm.state.observers = mapping
         gm.lint()
         gm.invalidate()
         return PassResult(gm, modified=added > 0, stats={"observers": added, "linears": len(linears)})
@@ -131,14 +130,14 @@ class RemoveObserversPass(Pass):
                 graph.erase_node(node)
                 gm.gm.delete_submodule(node.target)
                 removed += 1
-        gm.meta.pop(META_OBSERVERS, None)
+        gm.state.observers = {}
         gm.lint()
         gm.invalidate()
         return PassResult(gm, modified=removed > 0, stats={"removed": removed})
 
 
 def observer_for(gm: GraphModel, linear_name: str) -> InputObserver:
-    attr = gm.meta.get(META_OBSERVERS, {}).get(linear_name)
+    attr = gm.state.observers.get(linear_name)
     if attr is None:
         raise SolverError(f"{linear_name} has no observer; run InsertObserversPass first.")
     return getattr(gm.gm, attr)

@@ -16,9 +16,9 @@ per stage, the seconds spent.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import logging
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol
@@ -28,25 +28,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from graphprune.distributed import Dist, current
-from graphprune.errors import ConfigError, DataError, SolverError
+from graphprune.errors import ConfigError, SolverError
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageRunner
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
-from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
-from graphprune.passes.observe import META_OBSERVERS, observer_for
+from graphprune.passes.gradients import GradientStatsPass
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb
+from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for
 from graphprune.solvers import SparsitySpec, get_solver, reconstruction_error
+from graphprune.solvers.refine import masked_gd_refine
 
 log = logging.getLogger(__name__)
-
-META_MASKS = "masks"  # gm.meta key: linear name -> bool keep-mask
-META_PRUNE_REPORT = "prune_report"
-CALIBRATION = "calibration"  # ctx.data key: [N, L] token ids
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
 
 @dataclass
 class LayerRule:
@@ -67,7 +59,7 @@ class PruneConfig:
         options: extra keyword arguments for the solver (blocksize, alpha, ...).
         refine_steps: masked gradient steps after the solver (0 = none).
         batch_size: calibration sequences per forward pass.
-        keep_stats: keep the statistics of every Linear in ``gm.meta["stats"]``.
+        keep_stats: keep the statistics of every Linear in ``gm.state.stats``.
     """
 
     method: str
@@ -76,13 +68,25 @@ class PruneConfig:
     options: dict[str, Any] = field(default_factory=dict)
     refine_steps: int = 0
     batch_size: int = 8
-    keep_stats: bool = False  # keep each observer's LayerStats in gm.meta["stats"] (tests, analysis)
+    keep_stats: bool = False  # keep each observer's LayerStats in gm.state.stats (tests, analysis)
 
     def spec_for(self, name: str) -> SparsitySpec | None:
         for rule in self.rules:
             if fnmatch.fnmatchcase(name, rule.pattern):
                 return rule.spec
         return self.spec
+
+    def check_rules(self, names: list[str]) -> None:
+        """Refuse an override glob that matches none of ``names`` (a typo would silently do nothing)."""
+        for rule in self.rules:
+            if any(fnmatch.fnmatchcase(n, rule.pattern) for n in names):
+                continue
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            near = difflib.get_close_matches(rule.pattern, names, n=3, cutoff=0.5) or [f"*.{leaf}" for leaf in leaves]
+            raise ConfigError(
+                f"override {rule.pattern!r} matches none of the {len(names)} prunable Linears; "
+                f"nearest: {', '.join(near[:6])} (globs match the full module path, e.g. '*.down_proj')."
+            )
 
 
 class StageIO(Protocol):
@@ -125,10 +129,9 @@ class SequentialPrunePass(Pass):
         self.on_stage = on_stage
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
-        tokens = ctx.data.get(CALIBRATION)
-        if tokens is None or not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[0] == 0:
-            raise DataError("sequential pruning needs calibration token ids [N, L] in ctx.data['calibration'].")
-        observed = gm.meta.get(META_OBSERVERS, {})
+        tokens = ctx.calibration_tokens("sequential pruning")
+        observed = gm.state.observers
+        self.config.check_rules(list(observed))
         for name in observed:
             spec = self.config.spec_for(name)
             if spec is not None:
@@ -142,7 +145,7 @@ class SequentialPrunePass(Pass):
             list(tokens.split(self.config.batch_size)), "calibration micro-batches",
             fix="lower --batch-size, give more --calib-samples or use fewer processes",
         )
-        masks: dict[str, Tensor] = gm.meta.setdefault(META_MASKS, {})
+        masks = gm.state.masks
         layers: list[dict[str, Any]] = []
         stages: list[dict[str, Any]] = []
         bar = tqdm(
@@ -158,12 +161,14 @@ class SequentialPrunePass(Pass):
 
         def prune_stage(stage: Stage, forward: Callable[[], list[Any]]) -> None:
             t0 = time.perf_counter()
+            block_index = stage.block
+            assert block_index is not None  # StageRunner calls back for block stages only
             if io is not None:
-                io.enter(stage.block, roots)  # type: ignore[arg-type]
-            block = gm.blocks[stage.block]  # type: ignore[index]
+                io.enter(block_index, roots)
+            block = gm.blocks[block_index]
             targets = [li for li in block.linears if li.name in observed]
             if resuming[0]:
-                rec = self.checkpoint.load(stage.block) if self.checkpoint is not None else None
+                rec = self.checkpoint.load(block_index) if self.checkpoint is not None else None
                 rec = dist.broadcast_object(rec)
                 if rec is not None:
                     restore_stage(gm, targets, rec, masks)
@@ -171,8 +176,8 @@ class SequentialPrunePass(Pass):
                     forward()  # recompute the (already pruned) outputs for the next stage
                     stages.append({**rec.stage, "resumed": True})
                     if io is not None:
-                        io.leave(stage.block, roots)  # type: ignore[arg-type]
-                    log.info("block %d: restored %d Linears from the checkpoint", stage.block, len(rec.weights))
+                        io.leave(block_index, roots)
+                    log.info("block %d: restored %d Linears from the checkpoint", block_index, len(rec.weights))
                     bar.update(1)
                     return
                 resuming[0] = False
@@ -191,8 +196,7 @@ class SequentialPrunePass(Pass):
                 o.all_reduce(dist)
             stats_cache = {attr: o.stats() for attr, o in obs.items()}
             if self.config.keep_stats:
-                kept = gm.meta.setdefault("stats", {})
-                kept.update({li.name: stats_cache[observed[li.name]] for li in targets})
+                gm.state.stats.update({li.name: stats_cache[observed[li.name]] for li in targets})
             for o in obs.values():
                 o.reset()
             todo = [li for li in targets if self.config.spec_for(li.name) is not None]
@@ -202,7 +206,7 @@ class SequentialPrunePass(Pass):
                 if dist.owner(index) != dist.rank:
                     continue  # another rank solves it; its result arrives by broadcast below
                 bar.set_postfix_str(li.name, refresh=False)  # the solver's progress within the block
-                new, mask, entry = self._solve(gm, li, stats_cache[observed[li.name]], stage.block)
+                new, mask, entry = self._solve(gm, li, stats_cache[observed[li.name]], block_index)
                 results[li.name] = (new, mask)
                 mine.append(entry)
             for index, li in enumerate(todo):
@@ -220,16 +224,16 @@ class SequentialPrunePass(Pass):
             layers.extend(entries[li.name] for li in todo)
             del stats_cache
             forward()  # pruned outputs feed the next stage
-            info = {"stage": stage.index, "block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            info = {"stage": stage.index, "block": block_index, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
             stages.append(info)
-            log.info("block %d: %d Linears pruned in %.2fs", stage.block, len(pruned), info["seconds"])
+            log.info("block %d: %d Linears pruned in %.2fs", block_index, len(pruned), info["seconds"])
             if self.checkpoint is not None and dist.is_main:
-                self.checkpoint.save(StageRecord(stage.block, pruned, {n: masks[n] for n in pruned}, layers[first_layer:], info))
+                self.checkpoint.save(StageRecord(block_index, pruned, {n: masks[n] for n in pruned}, layers[first_layer:], info))
             if io is not None:
-                io.leave(stage.block, roots)  # type: ignore[arg-type]
+                io.leave(block_index, roots)
             bar.update(1)
             if self.on_stage is not None:
-                self.on_stage(stage.block, len(staged.block_stages), info)  # type: ignore[arg-type]
+                self.on_stage(block_index, len(staged.block_stages), info)
 
         if io is not None:
             io.begin(roots)
@@ -249,7 +253,7 @@ class SequentialPrunePass(Pass):
             "stages": stages,
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
-        gm.meta[META_PRUNE_REPORT] = report
+        gm.state.prune_report = report
         return PassResult(gm, modified=bool(layers), stats={"achieved_sparsity": report["achieved_sparsity"], "layers": len(layers)})
 
 
@@ -258,7 +262,7 @@ class SequentialPrunePass(Pass):
         spec = self.config.spec_for(li.name)
         assert spec is not None
         if self.solver.needs_grad:
-            stats.grad_sq = gm.meta["grad_sq"][li.name]
+            stats.grad_sq = gm.state.grad_sq[li.name]
         weight = gm.get_attr(li.weight).detach().clone()  # set_weight writes in place
         if not torch.isfinite(weight).all():
             bad = int((~torch.isfinite(weight)).sum())
@@ -268,8 +272,6 @@ class SequentialPrunePass(Pass):
         new = res.weight
         refined = self.config.refine_steps > 0
         if refined:
-            from graphprune.solvers.proximal import masked_gd_refine
-
             new = masked_gd_refine(weight, new, res.mask, stats, steps=self.config.refine_steps)
         new = torch.where(res.mask, new, torch.zeros_like(new))
         if not torch.isfinite(new).all():
@@ -291,6 +293,26 @@ class SequentialPrunePass(Pass):
             entry["error"] = err / max(stats.count, 1)
             entry["rel_error"] = rel
         return new, res.mask, entry
+
+
+def prune_pass(
+    config: PruneConfig,
+    *,
+    hessian: bool = True,
+    on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
+    checkpoint: StageCheckpoint | None = None,
+    stage_io: StageIO | None = None,
+    dist: Dist | None = None,
+) -> Sequential:
+    """Calibrate-and-prune as one pass: the LM-loss gradients first for solvers that need them,
+    an observer on every block Linear's input, stage-wise pruning, the observers removed.
+
+    ``hessian`` accumulates ``XᵀX`` in the observers (solvers that only rank by column norms
+    still use it for the report's layer-wise error).
+    """
+    prune = SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint, dist=dist, stage_io=stage_io)
+    gradients: list[Pass] = [GradientStatsPass(dist=dist)] if prune.solver.needs_grad else []
+    return Sequential([*gradients, InsertObserversPass(hessian=hessian), prune, RemoveObserversPass()], name="prune")
 
 
 def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: dict[str, Tensor]) -> None:

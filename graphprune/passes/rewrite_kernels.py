@@ -1,6 +1,6 @@
 """RewriteKernelsPass: run each pruned Linear on the fastest correct kernel for the device.
 
-For every pruned block Linear (the names in ``gm.meta["masks"]``):
+For every pruned block Linear (the names in ``gm.state.masks``):
 
 1. :func:`graphprune.kernels.select_kernel` builds every applicable kernel (dense, CSR,
    BSR, 2:4 semi-structured) from the real weight, checks it against ``F.linear`` and
@@ -24,7 +24,7 @@ For every pruned block Linear (the names in ``gm.meta["masks"]``):
    it is for TorchScript; ``save_hf_folder`` lowers while saving, so the folder loads
    in ``transformers`` unchanged.
 
-The choice and every candidate's time go to ``gm.meta["kernels"]`` (linear name ->
+The choice and every candidate's time go to ``gm.state.kernels`` (linear name ->
 :class:`~graphprune.kernels.KernelReport` as a dict, plus the graph target) and a
 summary to the :class:`PassResult` stats. Running the pass again skips Linears that
 were already rewritten.
@@ -50,11 +50,9 @@ from graphprune.graph.queries import LinearInfo
 from graphprune.kernels import KernelLinear, KernelReport, select_kernel
 from graphprune.kernels.select import Timer
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
-from graphprune.passes.prune import META_MASKS
 
 log = logging.getLogger(__name__)
 
-META_KERNELS = "kernels"  # gm.meta key: linear name -> kernel report dict (+ "target", "rewritten")
 
 
 def _holder_path(li: LinearInfo) -> str:
@@ -119,8 +117,8 @@ class RewriteKernelsPass(Pass):
         self.confirm = confirm
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
-        masks = gm.meta.get(META_MASKS, {})
-        done: dict[str, dict[str, Any]] = gm.meta.setdefault(META_KERNELS, {})
+        masks = gm.state.masks
+        done = gm.state.kernels
         by_name = {li.name: li for li in gm.linears}
         todo = [
             by_name[name]
@@ -248,8 +246,8 @@ def _fmt_times(report: KernelReport) -> str:
 
 
 def kernel_summary(gm: GraphModel) -> dict[str, Any]:
-    """Counts of chosen kernels and the rewritten Linears, from ``gm.meta["kernels"]``."""
-    entries = gm.meta.get(META_KERNELS, {})
+    """Counts of chosen kernels and the rewritten Linears, from ``gm.state.kernels``."""
+    entries = gm.state.kernels
     return {
         "choices": dict(Counter(e["choice"] for e in entries.values())),
         "rewritten": sorted(n for n, e in entries.items() if e["rewritten"]),

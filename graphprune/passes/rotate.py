@@ -56,29 +56,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from graphprune.errors import ConfigError, DataError
+from graphprune.errors import ConfigError
 from graphprune.graph import queries as q
+from graphprune.graph.edit import add_export_blocker
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import StagedGraph, StageRunner
-from graphprune.graph.stream import ResidualStream, add_export_blocker, find_stream
-from graphprune.passes.fold_norms import META_CENTRED
+from graphprune.graph.stream import ResidualStream, find_stream
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 from graphprune.passes.observe import InputObserver
-from graphprune.passes.prune import CALIBRATION
-from graphprune.solvers.rotation import (
-    ReaderSet,
-    RotationProblem,
-    WriterSet,
-    learn_rotation,
-    orthonormality_error,
-    pca_rotation,
-    random_hadamard,
-)
+from graphprune.solvers.rotation import ReaderSet, RotationProblem, WriterSet, learn_rotation, orthonormality_error, pca_rotation, random_hadamard
 from graphprune.solvers.spec import SparsitySpec
 
 log = logging.getLogger(__name__)
 
-META_ROTATION = "rotation"  # gm.meta key: what RotatePass did (source, importance, ...)
 SOURCES = ("pca", "hadamard", "learned")
 _OBS_PREFIX = "gp_stream_observer_"
 
@@ -171,7 +161,8 @@ def collect_stream_stats(gm: GraphModel, stream: ResidualStream, tokens: Tensor,
         stats = StreamStats()
         for key, (_, mod) in observers.items():
             st = mod.stats()
-            cov = st.xtx / max(st.count, 1)  # type: ignore[operator]
+            assert st.xtx is not None  # the observers were built with hessian=True
+            cov = st.xtx / max(st.count, 1)
             kind, name = key.split(":", 1)
             (stats.norm_cov if kind == "norm" else stats.writer_cov)[name] = cov
             stats.tokens = st.count
@@ -300,9 +291,7 @@ class RotatePass(Pass):
         self.batch_size = batch_size
 
     def _tokens(self, ctx: PassContext) -> Tensor:
-        tokens = ctx.data.get(CALIBRATION)
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.shape[0] == 0:
-            raise DataError(f"a {self.source} rotation needs calibration token ids [N, L] in ctx.data['calibration'].")
+        tokens = ctx.calibration_tokens(f"a {self.source} rotation")
         return tokens[: self.samples] if self.samples else tokens
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
@@ -330,11 +319,11 @@ class RotatePass(Pass):
                 order = torch.argsort(importance, descending=True)
                 rot, importance = rot[:, order], importance[order]
         changed = apply_rotation(gm, stream, rot)
-        if gm.meta.get(META_CENTRED):
+        if gm.state.stream_centred:
             add_export_blocker(gm, "the stream of a LayerNorm model was rotated; transformers' LayerNorm would subtract its (now non-zero) mean")
         info["seconds"] = round(time.perf_counter() - t0, 2)
         info["orthonormality_error"] = orthonormality_error(rot)
-        gm.meta[META_ROTATION] = {**info, "importance": importance}
+        gm.state.rotation = {**info, "importance": importance}
         gm.invalidate()
         return PassResult(gm, modified=changed > 0, stats={k: v for k, v in info.items()})
 

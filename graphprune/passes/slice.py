@@ -33,17 +33,15 @@ import torch
 
 from graphprune.errors import ConfigError
 from graphprune.graph import queries as q
+from graphprune.graph.edit import parameter_count, replace_parameter, replace_tensor, set_config
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import ResidualStream, find_stream, parameter_count, replace_parameter, replace_tensor, set_config
+from graphprune.graph.stream import ResidualStream, find_stream
 from graphprune.passes.fold_norms import untie_lm_head
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
-from graphprune.passes.prune import META_MASKS
-from graphprune.passes.rotate import META_ROTATION
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
 
-META_SLICING = "slicing"
 
 
 def slice_multiple(model: Any, width: int) -> int:
@@ -90,7 +88,7 @@ class SlicePass(Pass):
         if keep == d:
             stats["parameters_after"] = before
             return PassResult(gm, modified=False, stats=stats)
-        rotation = gm.meta.get(META_ROTATION) or {}
+        rotation = gm.state.rotation or {}
         if rotation.get("importance") is None:
             raise ConfigError(
                 f"slicing needs a rotation whose dimensions are ordered by importance (pca or learned), "
@@ -103,7 +101,7 @@ class SlicePass(Pass):
         rotation["importance"] = rotation["importance"][:keep]
         stats["parameters_after"] = parameter_count(gm.model)
         stats["kept_energy"] = round(float(importance[:keep].sum() / importance.sum().clamp_min(1e-30)), 6)
-        gm.meta[META_SLICING] = dict(stats, fraction=self.fraction)
+        gm.state.slicing = dict(stats, fraction=self.fraction)
         gm.lint()
         gm.invalidate()
         log.info("%s: sliced the stream %d -> %d, parameters %d -> %d", gm.name, d, keep, before, stats["parameters_after"])
@@ -120,7 +118,7 @@ class SlicePass(Pass):
             if id(gm.get_attr(target)) not in done:
                 done.add(id(replace_parameter(gm, target, fn(gm.get_attr(target).detach()))))
 
-        masks: dict[str, torch.Tensor] = gm.meta.get(META_MASKS, {})
+        masks = gm.state.masks
         for _, target in stream.embeddings:
             cut(target, lambda e: e[:, :keep])
         for li in stream.writers:
@@ -136,9 +134,9 @@ class SlicePass(Pass):
         eps_scale = d / keep
         for sn in stream.norms:
             norm = sn.norm
-            for target in (norm.weight, norm.bias):
-                if target is not None:
-                    cut(target, lambda v: v[:keep])
+            for param in (norm.weight, norm.bias):
+                if param is not None:
+                    cut(param, lambda v: v[:keep])
             add = _eps_node(norm.input)
             add.args = (add.args[0], float(add.args[1]) * eps_scale)  # type: ignore[arg-type]
         # Hugging Face norm modules: eps attribute; parameters the graph no longer reads

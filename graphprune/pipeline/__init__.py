@@ -3,13 +3,32 @@
 * :mod:`~graphprune.pipeline.jobs` -- typed jobs (``PruneJob``, ``EvalJob``, ``ExportJob``, ``BenchJob``);
 * :mod:`~graphprune.pipeline.prune` -- ``run_prune`` / ``run_eval`` and the pass pipelines they build;
 * :mod:`~graphprune.pipeline.export_bench` -- ``run_export`` / ``run_bench``;
-* :mod:`~graphprune.pipeline.checkpoints` -- which checkpoint belongs to which job.
+* :mod:`~graphprune.pipeline.checkpoints` -- which checkpoint belongs to which job;
+* :mod:`~graphprune.pipeline.steps` -- ``PipelineJob`` (a prune job plus export and bench
+  steps, what ``graphprune run`` executes) and ``run_pipeline``.
 
 This package is the only place that wires passes together into a pipeline; everything
 below it (passes, solvers, graph, exporters) knows nothing of jobs.
 """
 from graphprune.pipeline.export_bench import run_bench, run_export
 from graphprune.pipeline.jobs import BenchJob, EvalJob, ExportJob, PruneJob
-from graphprune.pipeline.prune import PruneOutcome, run_eval, run_prune
+from graphprune.pipeline.prune import PruneOutcome, build_passes, run_eval, run_prune
+from graphprune.pipeline.steps import BenchStep, ExportStep, PipelineJob, Step, run_pipeline
 
-__all__ = ["BenchJob", "EvalJob", "ExportJob", "PruneJob", "PruneOutcome", "run_bench", "run_eval", "run_export", "run_prune"]
+__all__ = [
+    "BenchJob",
+    "BenchStep",
+    "EvalJob",
+    "ExportJob",
+    "ExportStep",
+    "PipelineJob",
+    "PruneJob",
+    "PruneOutcome",
+    "Step",
+    "build_passes",
+    "run_bench",
+    "run_eval",
+    "run_export",
+    "run_pipeline",
+    "run_prune",
+]

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -43,7 +43,7 @@ def linear_sparsity(model: nn.Module) -> dict[str, float | int]:
     Counted from the weights themselves (the protocol's accounting), so it works for any
     folder, pruned by graphprune or not.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = cast(Any, model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     zeros = total = 0
     for module in model.modules():
         if module is head:

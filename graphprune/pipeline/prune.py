@@ -23,19 +23,18 @@ from graphprune.distributed import current
 from graphprune.errors import ConfigError, ExportError
 from graphprune.eval import perplexity, sharded_perplexity
 from graphprune.exporters.hf import ShardedWriter, check_output_dir, save_hf_folder
+from graphprune.graph.edit import export_blockers, parameter_count
 from graphprune.graph.lazy import LazyStageIO, LazyWeights, retarget_meta
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import export_blockers, parameter_count
 from graphprune.models import LoadedModel, load_model
 from graphprune.models.lazy import SafetensorsSource, load_lazy
 from graphprune.models.loader import check_finite
-from graphprune.passes.gradients import GradientStatsPass
+from graphprune.passes.checkpoint import StageCheckpoint
 from graphprune.passes.fold_norms import FoldNormsPass
-from graphprune.passes.infra import PassContext, PassManager
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules, peak_rss_mb
-from graphprune.passes.rotate import META_ROTATION, LearnConfig, RotatePass
-from graphprune.passes.slice import META_SLICING, SlicePass
+from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb
+from graphprune.passes.prune import PruneConfig, StageIO, parse_rules, prune_pass
+from graphprune.passes.rotate import LearnConfig, RotatePass
+from graphprune.passes.slice import SlicePass
 from graphprune.pipeline.checkpoints import open_checkpoint
 from graphprune.pipeline.jobs import EvalJob, PruneJob
 from graphprune.solvers import SparsitySpec, get_solver
@@ -98,7 +97,7 @@ def run_prune(
     prunes = job.prunes()
     spec = job.spec() if prunes else SparsitySpec(0.0)
     solver = get_solver(job.method)  # unknown method -> clear error before loading anything
-    rules = parse_rules(job.overrides, spec)
+    parse_rules(job.overrides, spec)  # bad override values too
     if job.out is not None:
         check_output_dir(job.out, job.overwrite)  # on every rank, so all stop together
     if job.lazy:
@@ -120,28 +119,15 @@ def run_prune(
     parameters_before = parameter_count(loaded.model)
     gm = GraphModel.capture(loaded.model, name=loaded.name)
     t_capture = time.perf_counter()
-    rotate_passes = _rotation_passes(job, rotation, spec, gm)
-    config = PruneConfig(job.method, spec, rules, dict(job.options), job.refine_steps, job.batch_size)
     # lazy: the weights exist one block at a time, so no whole-model probe forward can verify passes
-    ctx = PassContext(seed=job.seed, verify=not job.lazy, progress=progress, data={CALIBRATION: calib})
+    ctx = PassContext(seed=job.seed, verify=not job.lazy, progress=progress, calibration=calib)
     stage_io: LazyStageIO | None = None
     if source is not None:
-        writer = ShardedWriter(job.out, job.overwrite) if dist.is_main else None  # type: ignore[arg-type]
+        assert job.out is not None  # check_lazy
+        writer = ShardedWriter(job.out, job.overwrite) if dist.is_main else None
         retarget_meta(gm)  # the skeleton was traced on the meta device
         stage_io = LazyStageIO(LazyWeights(gm, source.get), writer)
-    passes = [
-        *rotate_passes,
-        *([GradientStatsPass()] if solver.needs_grad and prunes else []),
-        *(
-            [
-                InsertObserversPass(hessian=True),
-                SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io),
-                RemoveObserversPass(),
-            ]
-            if prunes
-            else []
-        ),
-    ]
+    passes = build_passes(job, gm, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io)
     manager = PassManager(passes, ctx)
     try:
         gm = manager.run(gm)
@@ -150,7 +136,8 @@ def run_prune(
             stage_io.abort()
         raise
     t_prune = time.perf_counter()
-    report: dict[str, Any] = dict(gm.meta["prune_report"]) if prunes else {"method": "none", "pattern": "dense", "achieved_sparsity": 0.0}
+    pruned = gm.state.prune_report
+    report: dict[str, Any] = dict(pruned) if pruned is not None else {"method": "none", "pattern": "dense", "achieved_sparsity": 0.0}
     report.update(
         {
             "model": loaded.name,
@@ -163,7 +150,7 @@ def run_prune(
             "parameters_after": parameter_count(loaded.model),
         }
     )
-    if rotate_passes:
+    if rotation is not None:
         report.update(_rotation_report(gm, manager))
     if job.evaluate:
         res = sharded_perplexity(gm, splits.eval_windows(job.eval_len), dist, progress=progress)
@@ -201,7 +188,25 @@ def check_lazy(job: PruneJob, rotation: str | None, needs_grad: bool, has_finish
         raise ConfigError("export and bench steps need the pruned model in memory; run them on the written folder in a second recipe.")
 
 
-def _rotation_passes(job: PruneJob, rotation: str | None, spec: SparsitySpec, gm: GraphModel) -> list[Any]:
+def build_passes(
+    job: PruneJob,
+    gm: GraphModel,
+    *,
+    on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
+    checkpoint: StageCheckpoint | None = None,
+    stage_io: StageIO | None = None,
+) -> list[Pass]:
+    """The passes of ``job`` on ``gm``: fold, rotate and slice (with a rotation), then the
+    calibrate-and-prune pass (unless the job only rotates). The one place that wires them."""
+    spec = job.spec() if job.prunes() else SparsitySpec(0.0)
+    passes = _rotation_passes(job, job.rotation_source(), spec, gm)
+    if job.prunes():
+        config = PruneConfig(job.method, spec, parse_rules(job.overrides, spec), dict(job.options), job.refine_steps, job.batch_size)
+        passes.append(prune_pass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))
+    return passes
+
+
+def _rotation_passes(job: PruneJob, rotation: str | None, spec: SparsitySpec, gm: GraphModel) -> list[Pass]:
     """Fold, rotate and slice passes for ``job`` (none without a rotation)."""
     if rotation is None:
         return []
@@ -214,18 +219,18 @@ def _rotation_passes(job: PruneJob, rotation: str | None, spec: SparsitySpec, gm
     learn = LearnConfig.from_options(spec, job.method, dict(job.rotation_options)) if rotation == "learned" else None
     if job.rotation_options and rotation != "learned":
         raise ConfigError(f"rotation options {sorted(job.rotation_options)} only apply to --rotate learned.")
-    passes: list[Any] = [FoldNormsPass(), RotatePass(rotation, learn=learn, samples=job.rotation_samples, batch_size=job.batch_size)]
+    passes: list[Pass] = [FoldNormsPass(), RotatePass(rotation, learn=learn, samples=job.rotation_samples, batch_size=job.batch_size)]
     if job.slicing:
         passes.append(SlicePass(job.slicing))
     return passes
 
 
 def _rotation_report(gm: GraphModel, manager: PassManager) -> dict[str, Any]:
-    rot = {k: v for k, v in (gm.meta.get(META_ROTATION) or {}).items() if k != "importance"}
-    seconds = {name: round(sec, 2) for name, _, sec in manager.history if name in ("fold_norms", "rotate", "slice")}
+    rot = {k: v for k, v in (gm.state.rotation or {}).items() if k != "importance"}
+    seconds = manager.seconds(("fold_norms", "rotate", "slice"))
     out: dict[str, Any] = {"rotation": rot, "rotation_seconds": round(sum(seconds.values()), 2)}
-    if META_SLICING in gm.meta:
-        out["slicing"] = gm.meta[META_SLICING]
+    if gm.state.slicing is not None:
+        out["slicing"] = gm.state.slicing
     return out
 
 

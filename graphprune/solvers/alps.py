@@ -50,16 +50,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import (
-    LayerStats,
-    SolveResult,
-    check_inputs,
-    check_int,
-    check_number,
-    layer_hessian,
-    reconstruction_error,
-    unit_diagonal,
-)
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, layer_hessian, solve_result, unit_diagonal
 from graphprune.solvers.spec import SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -165,18 +156,12 @@ def alps_prune(
             b, pcg_info = b_admm.to(torch.float64) * mask, {"iterations": 0, "residual": float("nan")}
         pruned = (b / scale).masked_fill(~mask, 0).to(weight.dtype)
 
-    err, rel = reconstruction_error(weight.detach(), pruned, stats.xtx.to(weight.device))  # type: ignore[union-attr]
-    info: dict[str, Any] = {
-        **admm_info,
-        "pcg_iterations": pcg_info["iterations"],
-        "pcg_residual": pcg_info["residual"],
-        "damp": damp_abs,
-        "sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1),
-        "error": err,
-        "rel_error": rel,
-    }
-    log.debug("%s: ALPS %s", name, info)
-    return SolveResult(weight=pruned, mask=mask, info=info)
+    res = solve_result(
+        weight, pruned, mask, stats.xtx,
+        **admm_info, pcg_iterations=pcg_info["iterations"], pcg_residual=pcg_info["residual"], damp=damp_abs,
+    )
+    log.debug("%s: ALPS %s", name, res.info)
+    return res
 
 
 def pcg_refit(

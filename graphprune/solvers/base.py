@@ -1,6 +1,6 @@
 """The solver contract: calibration statistics in, pruned weight and mask out.
 
-Solvers are pure tensor functions (DESIGN.md): no modules, no graph nodes, no
+Solvers are pure tensor functions (docs/ARCHITECTURE.md): no modules, no graph nodes, no
 mutation of their inputs. Every solver has the signature::
 
     solve(weight: Tensor [out, in], stats: LayerStats, spec: SparsitySpec, **options) -> SolveResult
@@ -111,6 +111,15 @@ def reconstruction_error(weight: Tensor, pruned: Tensor, xtx: Tensor) -> tuple[f
     err = float(torch.einsum("oi,ij,oj->", delta, h, delta))
     ref = float(torch.einsum("oi,ij,oj->", w, h, w))
     return err, err / ref if ref > 0 else 0.0
+
+
+def solve_result(weight: Tensor, pruned: Tensor, mask: Tensor, xtx: Tensor | None, **info: Any) -> SolveResult:
+    """The tail every solver shares: the achieved sparsity, the layer-wise error when ``XᵀX`` is
+    known (:func:`reconstruction_error` of ``pruned`` against ``weight``), and the result."""
+    out: dict[str, Any] = {**info, "sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1)}
+    if xtx is not None:
+        out["error"], out["rel_error"] = reconstruction_error(weight.detach(), pruned, xtx.to(weight.device))
+    return SolveResult(weight=pruned, mask=mask, info=out)
 
 
 def check_number(name: str, key: str, value: Any, *, positive: bool = False, hint: str = "") -> None:

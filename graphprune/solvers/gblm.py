@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, solve_result
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -98,7 +98,4 @@ def gblm_prune(
             raise SolverError(f"{name}: {exc}") from exc
         mask = spec.keep_mask(score)
         pruned = weight.detach().masked_fill(~mask, 0)
-    info: dict[str, Any] = {"sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1), "alpha": float(alpha)}
-    if stats.xtx is not None:
-        info["error"], info["rel_error"] = reconstruction_error(weight.detach(), pruned, stats.xtx.to(weight.device))
-    return SolveResult(weight=pruned, mask=mask, info=info)
+    return solve_result(weight, pruned, mask, stats.xtx, alpha=float(alpha))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, solve_result
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -47,7 +47,4 @@ def magnitude_prune(
         compute = torch.float64 if w.dtype == torch.float64 else torch.float32
         mask = spec.keep_mask(w.to(compute).abs())
         pruned = w.masked_fill(~mask, 0)
-    info: dict[str, Any] = {"sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1)}
-    if stats.xtx is not None:
-        info["error"], info["rel_error"] = reconstruction_error(w, pruned, stats.xtx.to(w.device))
-    return SolveResult(weight=pruned, mask=mask, info=info)
+    return solve_result(w, pruned, mask, stats.xtx)

@@ -52,13 +52,7 @@ step), so that ``lam0 · growth^t`` is the scale-free strength of the prox. It s
 soon as every group is exactly 2:4; after ``steps`` steps, groups that are not yet exact
 keep their two largest weights. The mask then holds every non-zero (topped up to exactly
 two per group by ``|W₀|`` where the prox removed more) and the weights are refined on it
-by :func:`masked_gd_refine`.
-
-**Masked gradient refinement** (:func:`masked_gd_refine`), usable after any solver:
-gradient steps on ``f`` restricted to the mask. By default each row takes the exact
-line-search step ``α = ‖g‖² / (2 gHg)`` along its masked gradient ``g`` (steepest descent,
-never worse than the fixed step); with ``lr`` the step is fixed and must satisfy
-``lr ≤ 1/λ_max(H)``. Either way the loss of every row never increases.
+by :func:`graphprune.solvers.refine.masked_gd_refine`.
 """
 from __future__ import annotations
 
@@ -68,17 +62,8 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import (
-    LayerStats,
-    SolveResult,
-    check_inputs,
-    check_int,
-    check_number,
-    damp_diagonal,
-    layer_hessian,
-    reconstruction_error,
-    unit_diagonal,
-)
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, damp_diagonal, layer_hessian, solve_result, unit_diagonal
+from graphprune.solvers.refine import check_lr, lambda_max, masked_descent
 from graphprune.solvers.spec import SparsitySpec
 
 F64 = torch.float64
@@ -379,7 +364,6 @@ def _four_nonzero(y: Tensor, lam: Tensor) -> Tensor:
     are located on a grid (uniform, plus geometric towards the upper end where ``R`` is
     steep) and refined by the Illinois method; each root is a candidate.
     """
-    m = y.shape[0]
     top = torch.minimum(y[:, 0] + y[:, 1], 1 / lam)
     p = top[:, None] * _GRID.to(y.device)[None, :]
     resid, _, _, _, defined = _pair_system(p, y, lam)
@@ -496,13 +480,13 @@ def proximal_nm_prune(
     else:
         damp_diagonal(h, damp)
         scale = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
-    lmax = _lambda_max(h)
+    lmax = lambda_max(h)
     if lmax <= 0:
         raise SolverError(
             f"{name}: every input of this layer was zero during calibration; there is no loss to guide the "
             "mask. Use magnitude pruning for this layer."
         )
-    _check_lr(name, lr, lmax)
+    check_lr(name, lr, lmax)
     eta = lr if lr is not None else 1.0 / (2.0 * lmax)
 
     with torch.no_grad():
@@ -529,104 +513,9 @@ def proximal_nm_prune(
         mask = spec.keep_mask(score)
         pruned = w.masked_fill(~mask, 0)
         if refine_steps:
-            pruned = _masked_descent(w0, pruned, mask, h, refine_steps, lr)
+            pruned = masked_descent(w0, pruned, mask, h, refine_steps, lr)
         pruned = (pruned / scale[None, :]).masked_fill(~mask, 0).to(weight.dtype)
 
-    err, rel = reconstruction_error(weight.detach(), pruned, stats.xtx.to(weight.device))  # type: ignore[union-attr]
-    info: dict[str, Any] = {
-        "steps": taken,
-        "strength": strength,
-        "projected_groups": projected,
-        "refine_steps": refine_steps,
-        "sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1),
-        "error": err,
-        "rel_error": rel,
-    }
-    return SolveResult(weight=pruned, mask=mask, info=info)
-
-
-def masked_gd_refine(
-    weight_orig: Tensor,
-    pruned: Tensor,
-    mask: Tensor,
-    stats: LayerStats,
-    steps: int = 50,
-    lr: float | None = None,
-    *,
-    name: str = "weight",
-) -> Tensor:
-    """Masked gradient steps reducing ``‖(W₀ − Ŵ)X‖²`` with ``Ŵ`` fixed to ``mask``.
-
-    Args:
-        weight_orig: the dense weight ``W₀ [out, in]``.
-        pruned: the pruned weight to start from (entries off ``mask`` are ignored).
-        mask: boolean keep-mask ``[out, in]``; it is kept exactly.
-        stats: calibration statistics with ``stats.xtx``.
-        steps: number of steps (0 returns ``pruned`` masked).
-        lr: None = exact line search per row; else a fixed step in units of
-            ``f = tr(ΔHΔᵀ)``, ``H = XᵀX/n``, at most ``1/λ_max(H)``.
-        name: how errors refer to this weight.
-
-    Returns:
-        The refined weight (dtype of ``pruned``, zero off ``mask``); no row's loss is
-        larger than at the start.
-    """
-    if weight_orig.dim() != 2 or pruned.shape != weight_orig.shape or mask.shape != weight_orig.shape:
-        raise SolverError(
-            f"{name}: masked_gd_refine needs weight, pruned weight and mask of one 2-D shape, got "
-            f"{tuple(weight_orig.shape)}, {tuple(pruned.shape)} and {tuple(mask.shape)}."
-        )
-    if mask.dtype != torch.bool:
-        raise SolverError(f"{name}: the mask must be boolean (True = kept), got {mask.dtype}.")
-    check_int(name, "steps", steps, 0)
-    if stats.in_features != weight_orig.shape[1]:
-        raise SolverError(
-            f"{name}: statistics are for {stats.in_features} inputs but the weight has {weight_orig.shape[1]}."
-        )
-    if not torch.isfinite(pruned).all() or not torch.isfinite(weight_orig).all():
-        raise SolverError(f"{name}: masked_gd_refine got NaN or Inf weights.")
-    if stats.xtx is None:
-        raise SolverError(
-            f"{name}: masked gradient refinement needs the input Hessian XᵀX; collect it (e.g. use a solver "
-            "that needs the Hessian) or drop --refine."
-        )
-    h = layer_hessian(stats, weight_orig.shape[1], name, weight_orig.device)
-    if lr is not None:
-        check_number(name, "lr", lr, positive=True)
-        _check_lr(name, lr, _lambda_max(h))
-    with torch.no_grad():
-        w0 = weight_orig.detach().to(F64)
-        start = pruned.detach().to(F64).masked_fill(~mask, 0)
-        out = _masked_descent(w0, start, mask, h, steps, lr)
-    return out.masked_fill(~mask, 0).to(pruned.dtype)
-
-
-def _masked_descent(w0: Tensor, w: Tensor, mask: Tensor, h: Tensor, steps: int, lr: float | None) -> Tensor:
-    """Steepest descent on ``tr((W − W₀)H(W − W₀)ᵀ)`` restricted to ``mask``; float64."""
-    m = mask.to(F64)
-    w = w * m
-    resid = (w - w0) @ h  # ΔH, kept up to date with one product per step
-    for _ in range(steps):
-        g = 2.0 * resid * m
-        gh = g @ h
-        if lr is None:
-            num = g.square().sum(1)
-            den = 2.0 * (gh * g).sum(1)
-            alpha = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
-        else:
-            alpha = torch.full((w.shape[0],), lr, dtype=F64, device=w.device)
-        w = w - alpha[:, None] * g
-        resid = resid - alpha[:, None] * gh
-    return w
-
-
-def _lambda_max(h: Tensor) -> float:
-    return float(torch.linalg.eigvalsh(h)[-1])
-
-
-def _check_lr(name: str, lr: float | None, lmax: float) -> None:
-    if lr is not None and lr * lmax > 1.0 + 1e-9:
-        raise ConfigError(
-            f"{name}: lr={lr:g} exceeds 1/λ_max(H) = {1.0 / lmax:g}, so gradient steps could increase the loss; "
-            "use a smaller lr or leave it unset for the exact line search."
-        )
+    return solve_result(
+        weight, pruned, mask, stats.xtx, steps=taken, strength=strength, projected_groups=projected, refine_steps=refine_steps
+    )

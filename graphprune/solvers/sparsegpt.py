@@ -52,7 +52,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, reconstruction_error
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, solve_result
 from graphprune.solvers.spec import SparsitySpec
 
 log = logging.getLogger(__name__)
@@ -143,18 +143,9 @@ def sparsegpt_prune(
         mask = keep_t.t().contiguous()
         pruned = wt.t().to(weight.dtype).contiguous()
 
-    err, rel = reconstruction_error(weight.detach(), pruned, stats.xtx.to(weight.device))  # type: ignore[union-attr]
-    info: dict[str, Any] = {
-        "damp": damp,
-        "percdamp": frac,
-        "damp_retries": retries,
-        "dead_columns": n_dead,
-        "blocksize": blocksize,
-        "sparsity": 1.0 - mask.sum().item() / max(mask.numel(), 1),
-        "error": err,
-        "rel_error": rel,
-    }
-    return SolveResult(weight=pruned, mask=mask, info=info)
+    return solve_result(
+        weight, pruned, mask, stats.xtx, damp=damp, percdamp=frac, damp_retries=retries, dead_columns=n_dead, blocksize=blocksize
+    )
 
 
 def _inverse_hessian_factor(h: Tensor, percdamp: float, name: str) -> tuple[Tensor, float, float, int]:

@@ -161,9 +161,9 @@ class SparsitySpec:
         """Raise if ``mask`` violates the pattern (used by tests and the prune pass)."""
         if self.is_nm:
             m, n = self.m, self.n
-            assert m is not None
+            assert m is not None and n is not None
             per_group = mask.reshape(mask.shape[0], -1, m).sum(-1)
-            if (per_group != n).any():
+            if bool(per_group.ne(n).any()):
                 raise ConfigError(f"{name}: mask does not keep exactly {n} of every {m} weights.")
         else:
             k = self.prune_count(mask.shape[1])

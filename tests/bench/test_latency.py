@@ -14,17 +14,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import graphprune.bench.latency as latency
 import graphprune.exporters.onnx as onnx_exporter
-from graphprune.bench import (
-    BenchResult,
-    BenchTarget,
-    Case,
-    bench_latency,
-    machine_info,
-    to_markdown,
-    write_json,
-    write_markdown,
-    write_plot,
-)
+from graphprune.bench import BenchResult, BenchTarget, Case, LatencyRecord, bench_latency, machine_info, to_markdown, write_json, write_markdown, write_plot
+from graphprune.bench.report import PLOT_COLUMNS, plot_figure
 from graphprune.errors import ConfigError
 from graphprune.exporters import ExportReport
 from graphprune.kernels import CSRLinear
@@ -115,6 +106,56 @@ def test_png_plot(result: BenchResult, tmp_path: Path) -> None:
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     assert [p.name for p in path.parent.iterdir()] == ["latency.png"]
+
+
+def _synthetic(cases: list[tuple[str, int, int]], runtimes: list[str], speedups: dict[str, float]) -> BenchResult:
+    """Records with known speedups (the first target is the baseline); IQR is speedup +- 10 %."""
+    records = []
+    for case, batch, seq in cases:
+        for runtime in runtimes:
+            for target, s in speedups.items():
+                q1, q3 = (s, s) if s == 1.0 else (0.9 * s, 1.1 * s)
+                records.append(
+                    LatencyRecord(target, runtime, case, batch, seq, 5, 0.01 / s, 0.009 / s, 0.011 / s, 0.008 / s, 0.012 / s,
+                                  "dense", s, q1, q3)
+                )
+    return BenchResult(records, {"cpu": "Synthetic CPU", "torch_threads": 2}, "dense", 5, 1)
+
+
+def test_plot_has_one_panel_per_case_and_runtime(tmp_path: Path) -> None:
+    speedups = {"dense": 1.0, "sgpt-50": 1.5, "sgpt-2of4": 0.8}
+    result = _synthetic([("prefill", 1, 128), ("step", 1, 1)], ["eager", "onnxruntime"], speedups)
+    fig = plot_figure(result)
+    titles = sorted(ax.get_title() for ax in fig.axes)
+    assert titles == ["prefill (1x128), eager", "prefill (1x128), onnxruntime", "step (1x1), eager", "step (1x1), onnxruntime"]
+    for ax in fig.axes:
+        assert ax.get_subplotspec().get_geometry()[:2] == (2, 2)  # a row per case, a column per runtime
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["dense", "sgpt-50", "sgpt-2of4"]
+        assert [round(bar.get_height(), 6) for bar in ax.patches] == [1.0, 1.5, 0.8]  # the medians
+        assert any(list(line.get_ydata()) == [1.0, 1.0] for line in ax.get_lines())  # the 1.0 reference
+        errorbars = [c for c in ax.containers if type(c).__name__ == "ErrorbarContainer"]
+        assert len(errorbars) == 3
+        _, _, (segments,) = errorbars[1]
+        (_, low), (_, high) = segments.get_segments()[0]
+        assert (low, high) == pytest.approx((1.35, 1.65))  # the interquartile range of sgpt-50
+        assert {"1.50x", "0.80x"} <= {t.get_text() for t in ax.texts}
+    assert fig.axes[0].get_ylabel() == "speedup vs dense" and fig.axes[0].get_ylim()[0] == 0
+    assert fig.get_size_inches() == pytest.approx((8.0, 7.2))  # 4 x 3.2 inches per panel (+ title)
+    path = write_plot(result, tmp_path / "latency.png", title="tiny, speedup vs dense")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # the IHDR chunk
+    assert (width, height) == (800, 720)
+    assert [p.name for p in tmp_path.iterdir()] == ["latency.png"]
+
+
+def test_plot_wraps_many_panels(tmp_path: Path) -> None:
+    """One runtime and six cases: panels wrap after PLOT_COLUMNS instead of one long strip."""
+    cases = [(f"c{i}", 1, 2**i) for i in range(6)]
+    fig = plot_figure(_synthetic(cases, ["eager"], {"dense": 1.0, "pruned": 2.0}))
+    assert len(fig.axes) == 6
+    assert {ax.get_subplotspec().get_geometry()[:2] for ax in fig.axes} == {(2, PLOT_COLUMNS)}
+    assert fig.get_size_inches()[0] == pytest.approx(4.0 * PLOT_COLUMNS)
 
 
 def test_targets_are_interleaved_with_rotation(models, monkeypatch: pytest.MonkeyPatch) -> None:

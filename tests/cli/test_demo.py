@@ -13,6 +13,8 @@ import pytest
 
 from graphprune.data import default_text
 
+pytestmark = pytest.mark.slow  # heavy: subprocesses running the whole job
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -16,12 +16,12 @@ from graphprune.cli import main
 from graphprune.errors import CaptureError, ModelLoadError, SolverError
 from graphprune.graph.capture import capture
 from graphprune.models import load_model
+from graphprune.models.tiny import random_tokens, tiny_llama
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass
+from graphprune.passes.prune import PruneConfig, SequentialPrunePass
 from graphprune.pipeline import EvalJob, PruneJob
 from graphprune.solvers import SparsitySpec
-from graphprune.models.tiny import random_tokens, tiny_llama
 
 
 def one_line_error(args: list[str], capsys) -> str:
@@ -62,7 +62,7 @@ def test_non_finite_statistics_name_the_observer(tiny_gm) -> None:
     with torch.no_grad():
         tiny_gm.model.get_input_embeddings().weight[:, 0] = float("nan")  # what feeds the first block
     config = PruneConfig("sparsegpt", SparsitySpec(0.5))
-    ctx = PassContext(progress=False, verify=False, data={CALIBRATION: random_tokens(2, 8, seed=1)})
+    ctx = PassContext(progress=False, verify=False, calibration=random_tokens(2, 8, seed=1))
     with pytest.raises(SolverError, match=r"calibration statistics of model\.layers\.0\.\S+ contain NaN/Inf"):
         PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(tiny_gm)
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 from graphprune.distributed import Dist, current
 from graphprune.pipeline import PruneJob, run_prune
 
+pytestmark = pytest.mark.slow  # heavy: spawns process groups and torchrun
+
 # (method, calibration samples, batch size): 24/8 gives 3 micro-batches, an uneven 2 + 1 split
 CASES = [("wanda", 24, 8), ("sparsegpt", 32, 4), ("gblm", 8, 4)]
 
@@ -34,7 +36,7 @@ def _job(method: str, samples: int, batch: int, evaluate: bool = False) -> Prune
 
 def _result(outcome) -> dict[str, torch.Tensor]:
     gm = outcome.gm
-    out = {f"mask:{n}": m.to(torch.uint8) for n, m in gm.meta["masks"].items()}
+    out = {f"mask:{n}": m.to(torch.uint8) for n, m in gm.state.masks.items()}
     for li in gm.block_linears():
         out[f"weight:{li.name}"] = gm.get_attr(li.weight).detach().clone()
     out["ppl"] = torch.tensor([outcome.report.get("ppl", 0.0)], dtype=torch.float64)

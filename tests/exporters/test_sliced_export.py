@@ -10,8 +10,8 @@ import torch
 
 from graphprune.exporters import LogitsOnly, export_onnx, export_torchscript
 from graphprune.models import load_model
-from graphprune.pipeline import PruneJob, run_prune
 from graphprune.models.tiny import random_tokens
+from graphprune.pipeline import PruneJob, run_prune
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
-from graphprune.graph.model import GraphModel
 from graphprune.graph import queries as q
+from graphprune.graph.model import GraphModel
 
 
 def _modules_of(model: torch.nn.Module, kind: type | tuple[type, ...]) -> set[str]:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from graphprune.errors import ConfigError
+from graphprune.graph.edit import parameter_count, replace_parameter
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import find_stream, parameter_count, replace_parameter
+from graphprune.graph.stream import find_stream
 
 
 def _suffixes(tiny_name: str) -> tuple[set[str], set[str]]:
@@ -28,7 +29,10 @@ def test_finds_every_reader_writer_and_embedding(tiny_gm: GraphModel, tiny_name:
     assert {li.name for li in stream.writers} == expected_writers
     assert expected_readers | expected_writers == linears  # every Linear touches the stream in these models
     embeddings = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    found = {name for name, mod in model.named_modules() if isinstance(mod, torch.nn.Embedding) and any(tiny_gm.get_attr(t) is mod.weight for _, t in stream.embeddings)}
+    found = {
+        name for name, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Embedding) and any(tiny_gm.get_attr(t) is mod.weight for _, t in stream.embeddings)
+    }
     assert found == embeddings  # tokens (and OPT's learned positions)
     assert stream.width == model.config.hidden_size
     assert len(stream.norms) == 2 * model.config.num_hidden_layers + 1

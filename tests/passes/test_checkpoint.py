@@ -62,3 +62,39 @@ def test_manifest_of_another_job_is_replaced(tmp_path) -> None:
     manifest.write_text(json.dumps({"format": 1, "key": "aa" * 16 + "bb" * 16}))  # same prefix, other job
     again = StageCheckpoint(tmp_path, "aa" * 32, resume=True)
     assert again.finished() == [] and json.loads(manifest.read_text())["key"] == "aa" * 32
+
+
+def test_a_failed_write_leaves_no_temporaries_and_keeps_finished_stages(tmp_path, monkeypatch) -> None:
+    """No space for a stage: with nothing finished the checkpoint goes away entirely (nothing to
+    resume); with finished stages they stay intact and the message says --resume continues."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    import graphprune.passes.checkpoint as checkpoint_module
+    from graphprune.errors import OutputError
+
+    real_save = checkpoint_module.save_file
+
+    def full_disk(tensors, filename, *args, **kwargs):  # what safetensors (Rust) raises on ENOSPC
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        raise SafetensorError(f"Error while serializing: I/O error: No space left on device (os error {errno.ENOSPC})")
+
+    root = tmp_path / "new" / "ck"
+    ck = StageCheckpoint(root, "12" * 32)
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    message = r"block-0000\.safetensors: No space left on device; free space or choose another --checkpoint-dir\.$"
+    with pytest.raises(OutputError, match=message):
+        ck.save(_record(0))
+    assert list(tmp_path.iterdir()) == []  # the folders made for the checkpoint are gone too
+
+    ck = StageCheckpoint(root, "12" * 32)
+    monkeypatch.setattr(checkpoint_module, "save_file", real_save)
+    ck.save(_record(0))
+    monkeypatch.setattr(checkpoint_module, "save_file", full_disk)
+    with pytest.raises(OutputError, match=r"1 finished stage is kept in .+ for --resume\.$"):
+        ck.save(_record(1))
+    assert sorted(p.name for p in ck.dir.iterdir()) == ["block-0000.json", "block-0000.safetensors", "manifest.json"]
+    again = StageCheckpoint(root, "12" * 32, resume=True)
+    assert again.finished() == [0] and torch.equal(again.load(0).weights["l.q"], _record(0).weights["l.q"])

@@ -10,11 +10,11 @@ import hashlib
 import pytest
 
 from graphprune.exporters.hf import save_hf_folder
+from graphprune.models.tiny import random_tokens
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules
+from graphprune.passes.prune import PruneConfig, SequentialPrunePass, parse_rules
 from graphprune.solvers import SparsitySpec
-from graphprune.models.tiny import random_tokens
 
 
 @pytest.mark.parametrize("tiny_name", ["tiny-llama"])
@@ -24,7 +24,7 @@ def test_two_runs_save_bit_identical_weights(tiny_gm, tmp_path) -> None:
     for run in range(2):
         gm = tiny_gm.clone()
         config = PruneConfig("sparsegpt", spec, parse_rules({"*.down_proj": "2:4"}, spec), batch_size=3)
-        ctx = PassContext(seed=0, progress=False, data={CALIBRATION: random_tokens(6, 24, seed=2)})
+        ctx = PassContext(seed=0, progress=False, calibration=random_tokens(6, 24, seed=2))
         gm = PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(gm)
         save_hf_folder(gm.model, None, tmp_path / f"run{run}")
         hashes.append(hashlib.sha256((tmp_path / f"run{run}" / "model.safetensors").read_bytes()).hexdigest())

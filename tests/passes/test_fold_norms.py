@@ -5,8 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from graphprune.graph.edit import export_blockers
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import export_blockers, find_stream
+from graphprune.graph.stream import find_stream
 from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import PassContext, PassManager, Prop, relative_diff
 
@@ -41,7 +42,7 @@ def test_folding_preserves_logits_and_leaves_unit_norms(tiny_gm: GraphModel, tin
 def test_layernorm_stream_is_centred(tiny_gm: GraphModel, tiny_name: str) -> None:
     gm = _fold(tiny_gm)
     if tiny_name != "tiny-opt":
-        assert "stream_centred" not in gm.meta
+        assert not gm.state.stream_centred
         return
     stream = find_stream(gm)
     for _, target in stream.embeddings:

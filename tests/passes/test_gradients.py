@@ -6,18 +6,18 @@ import torch
 import torch.nn.functional as F
 
 from graphprune.errors import DataError, PassOrderError
-from graphprune.passes.gradients import CALIBRATION, GradientStatsPass
+from graphprune.models.tiny import random_tokens
+from graphprune.passes.gradients import GradientStatsPass
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass
 from graphprune.passes.prune import PruneConfig, SequentialPrunePass
 from graphprune.solvers import SparsitySpec
-from graphprune.models.tiny import random_tokens
 
 
 def test_gradients_match_autograd(tiny_gm) -> None:
     calib = random_tokens(3, 16, seed=4)
-    gm = PassManager([GradientStatsPass()], PassContext(progress=False, data={CALIBRATION: calib})).run(tiny_gm)
-    got = gm.meta["grad_sq"]
+    gm = PassManager([GradientStatsPass()], PassContext(progress=False, calibration=calib)).run(tiny_gm)
+    got = gm.state.grad_sq
     # the pass leaves no gradients behind and restores requires_grad
     assert all(p.grad is None for p in gm.gm.parameters())
     model = gm.model

@@ -4,9 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphprune.errors import PassOrderError, VerificationError
-from graphprune.graph.model import GraphModel
-from graphprune.passes.infra import Pass, PassContext, PassManager, PassResult, Prop
+from graphprune.errors import PassOrderError, SolverError, VerificationError
+from graphprune.passes.infra import Instrument, Pass, PassContext, PassManager, PassResult, Prop, Sequential
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
 from graphprune.passes.prune import PruneConfig, SequentialPrunePass
 from graphprune.solvers import SparsitySpec
@@ -65,6 +64,135 @@ def test_detects_a_pass_that_changes_logits(tiny_gm) -> None:
         PassManager([Honest(), SneakyScale()], PassContext(progress=False)).run(gm)
 
 
+class SneakyRewire(Pass):
+    """Claims to preserve function, but inserts an observer (a new node and module) and scales
+    every block weight before the check catches it: the most a pass can leave half-changed."""
+
+    preserves_function = True
+
+    def run(self, gm, ctx):
+        InsertObserversPass().run(gm, ctx)
+        for li in gm.block_linears():
+            gm.set_weight(li.weight, gm.get_attr(li.weight) * 2.0)
+        return PassResult(gm, True)
+
+
+def test_a_failing_pass_leaves_the_callers_graph_as_it_was(tiny_gm, tokens) -> None:
+    gm = tiny_gm
+    model = gm.model  # what callers (the exporters) hold
+    logits = gm(tokens)
+    eager = model(input_ids=tokens, use_cache=False).logits.detach()
+    nodes = len(gm.gm.graph.nodes)
+    props = set(gm.props)
+    with pytest.raises(VerificationError, match="SneakyRewire .* restored"):
+        PassManager([SneakyRewire()], PassContext(progress=False)).run(gm)
+    assert torch.equal(gm(tokens), logits)
+    assert torch.equal(model(input_ids=tokens, use_cache=False).logits, eager)  # the very model object is restored
+    assert len(gm.gm.graph.nodes) == nodes and not gm.state.observers and gm.props == props
+    assert gm.model is model
+    # graph and model still share every weight: a write through the graph reaches the model
+    li = gm.block_linears()[0]
+    gm.set_weight(li.weight, torch.zeros_like(gm.get_attr(li.weight)))
+    assert not model.get_submodule(li.name).weight.any()
+
+
+class FailsMidway(Pass):
+    """An in-place pass that is not function-preserving and raises after writing a weight."""
+
+    def run(self, gm, ctx):
+        li = gm.block_linears()[0]
+        gm.set_weight(li.weight, torch.zeros_like(gm.get_attr(li.weight)))
+        raise SolverError("boom")
+
+
+def test_rollback_policy(tiny_gm, tokens) -> None:
+    gm = tiny_gm
+    logits = gm(tokens)
+    with pytest.raises(SolverError):
+        PassManager([FailsMidway()], PassContext(progress=False, rollback="all")).run(gm)
+    assert torch.equal(gm(tokens), logits)  # "all": every in-place pass is snapshotted
+    with pytest.raises(SolverError):
+        PassManager([FailsMidway()], PassContext(progress=False)).run(gm)
+    assert not torch.equal(gm(tokens), logits)  # default: only verified passes are (no model copy per prune)
+
+
+class Recorder(Instrument):
+    def __init__(self):
+        self.calls = []
+
+    def before_pass(self, p, gm, ctx):
+        self.calls.append(("before", p.name))
+
+    def after_pass(self, p, result, ctx):
+        self.calls.append(("after", p.name))
+        return {"recorded": True}
+
+    def on_failure(self, p, exc, ctx):
+        self.calls.append(("failed", p.name))
+
+
+def test_sequential_composes_and_instruments_see_every_pass(tiny_gm) -> None:
+    rec = Recorder()
+    seq = Sequential([InsertObserversPass(), NeedsObserversMarker(), RemoveObserversPass()], name="observe")
+    assert seq.requires == frozenset()  # the marker's requirement is met inside
+    assert seq.establishes == {"test.marked"} and seq.invalidates == {Prop.OBSERVERS}
+    assert seq.preserves_function
+    pm = PassManager([seq], PassContext(progress=False, instruments=[rec]))
+    gm = pm.run(tiny_gm)
+    assert rec.calls == [
+        ("before", "observe"),
+        ("before", "insert_observers"), ("after", "insert_observers"),
+        ("before", "NeedsObserversMarker"), ("after", "NeedsObserversMarker"),
+        ("before", "remove_observers"), ("after", "remove_observers"),
+        ("after", "observe"),
+    ]
+    (entry,) = pm.report()
+    assert entry["pass"] == "observe" and entry["recorded"] and entry["seconds"] >= 0 and "peak_rss_mb" in entry
+    assert [e["pass"] for e in entry["passes"]] == ["insert_observers", "NeedsObserversMarker", "remove_observers"]
+    assert "test.marked" in gm.props and Prop.OBSERVERS not in gm.props
+    with pytest.raises(PassOrderError, match=r"pass lonely requires \['graph.observers_inserted'\]"):
+        PassManager([Sequential([NeedsObserversMarker()], name="lonely")]).run(tiny_gm)
+
+
+class NeedsObserversMarker(Pass):
+    requires = frozenset({Prop.OBSERVERS})
+    establishes = frozenset({"test.marked"})
+    preserves_function = True
+
+    def run(self, gm, ctx):
+        return PassResult(gm, False)
+
+
+def test_failure_reaches_the_instruments(tiny_gm) -> None:
+    rec = Recorder()
+    with pytest.raises(VerificationError):
+        PassManager([SneakyScale()], PassContext(progress=False, instruments=[rec])).run(tiny_gm)
+    # the context's instruments wrap the built-in ones, so they hear of the failed verification
+    assert rec.calls == [("before", "SneakyScale"), ("failed", "SneakyScale")]
+
+
+class DropsALinear(Pass):
+    """Rewires the first block Linear's node away (a structural change) and reports it."""
+
+    def __init__(self, report: bool) -> None:
+        self.report = report
+
+    def run(self, gm, ctx):
+        li = gm.block_linears()[0]
+        li.node.replace_all_uses_with(li.node.args[0])  # a square Linear: shapes still fit
+        gm.gm.graph.eliminate_dead_code()
+        return PassResult(gm, self.report)
+
+
+def test_manager_invalidates_caches_after_a_modifying_pass(tiny_gm) -> None:
+    gm = tiny_gm
+    before = len(gm.linears)  # cached
+    first = gm.block_linears()[0]
+    assert first.in_features == first.out_features  # q_proj is square in both tiny models
+    PassManager([DropsALinear(report=True)], PassContext(progress=False, verify=False)).run(gm)
+    assert len(gm.linears) == before - 1
+
+
 def test_honest_passes_and_observers_preserve_logits(tiny_gm, tokens) -> None:
     gm = tiny_gm
     before = gm(tokens)
@@ -79,7 +207,7 @@ def test_observers_share_inputs(tiny_gm) -> None:
     gm = tiny_gm
     res = InsertObserversPass().run(gm, PassContext())
     assert res.stats["observers"] == 2 * 4  # qkv, o, gate/up (fc1), down (fc2) per block
-    names = {li.name.rsplit(".", 1)[1]: gm.meta["observers"][li.name] for li in gm.blocks[0].linears}
+    names = {li.name.rsplit(".", 1)[1]: gm.state.observers[li.name] for li in gm.blocks[0].linears}
     assert names["q_proj"] == names["k_proj"] == names["v_proj"]
     assert len(set(names.values())) == 4
 

@@ -6,17 +6,18 @@ import torch
 
 from graphprune.errors import ConfigError, DataError
 from graphprune.graph.model import GraphModel
+from graphprune.models.tiny import random_tokens
 from graphprune.passes.infra import PassContext, PassManager
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass, parse_rules
+from graphprune.passes.prune import PruneConfig, SequentialPrunePass, parse_rules
 from graphprune.solvers import SparsitySpec
-from graphprune.models.tiny import random_tokens
 
 
-def _prune(gm, method="magnitude", spec=SparsitySpec(0.5), keep_stats=False, calib=None, rules=()):
+def _prune(gm, method="magnitude", spec=None, keep_stats=False, calib=None, rules=()):
+    spec = SparsitySpec(0.5) if spec is None else spec
     calib = random_tokens(8, 24, seed=11) if calib is None else calib
     config = PruneConfig(method, spec, list(rules), batch_size=3, keep_stats=keep_stats)
-    ctx = PassContext(progress=False, data={CALIBRATION: calib})
+    ctx = PassContext(progress=False, calibration=calib)
     return PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(gm), calib
 
 
@@ -25,11 +26,11 @@ def _prune(gm, method="magnitude", spec=SparsitySpec(0.5), keep_stats=False, cal
 def test_exact_patterns_on_every_weight(tiny_gm, method, pattern) -> None:
     spec = SparsitySpec.parse(0.6 if pattern == "unstructured" else None, pattern)
     gm, _ = _prune(tiny_gm, method, spec)
-    report = gm.meta["prune_report"]
+    report = gm.state.prune_report
     assert len(report["layers"]) == len(gm.block_linears())
     for li in gm.block_linears():
         w = gm.model.get_submodule(li.name).weight.detach()
-        mask = gm.meta["masks"][li.name]
+        mask = gm.state.masks[li.name]
         assert torch.equal(w != 0, mask) or ((w == 0) | mask).all()  # pruned weights are exactly zero
         assert not w[~mask].any()
         if spec.is_nm:
@@ -57,7 +58,7 @@ def test_pruned_outputs_feed_the_next_stage() -> None:
             model(input_ids=ids, use_cache=False)
     handle.remove()
     x = torch.cat(captured).double()
-    used = gm.meta["stats"]["model.layers.1.self_attn.q_proj"]
+    used = gm.state.stats["model.layers.1.self_attn.q_proj"]
     assert used.count == x.shape[0]
     expected = x.T @ x  # float32 micro-batch products summed in float64 vs a float64 product
     torch.testing.assert_close(used.xtx, expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max()))
@@ -78,14 +79,15 @@ def test_sparsegpt_beats_wanda_beats_magnitude_on_layer_error(tiny_gm) -> None:
     errs = {}
     for method in ("magnitude", "wanda", "sparsegpt"):
         gm, _ = _prune(tiny_gm.clone(), method, SparsitySpec(0.5))
-        errs[method] = sum(e["error"] for e in gm.meta["prune_report"]["layers"])
+        errs[method] = sum(e["error"] for e in gm.state.prune_report["layers"])
     assert errs["sparsegpt"] < errs["wanda"] < errs["magnitude"]
 
 
 def test_overrides_and_skip(tiny_gm) -> None:
-    rules = parse_rules({"*.down_proj": "skip", "*.fc2": "skip", "*.q_proj": 0.25, "*.k_proj": "2:4"}, SparsitySpec(0.5))
+    down = "*.down_proj" if any(li.name.endswith("down_proj") for li in tiny_gm.linears) else "*.fc2"
+    rules = parse_rules({down: "skip", "*.q_proj": 0.25, "*.k_proj": "2:4"}, SparsitySpec(0.5))
     gm, _ = _prune(tiny_gm, "wanda", SparsitySpec(0.5), rules=rules)
-    by_name = {e["name"]: e for e in gm.meta["prune_report"]["layers"]}
+    by_name = {e["name"]: e for e in gm.state.prune_report["layers"]}
     assert not any(n.endswith(("down_proj", "fc2")) for n in by_name)
     q = next(e for n, e in by_name.items() if n.endswith("q_proj"))
     k = next(e for n, e in by_name.items() if n.endswith("k_proj"))
@@ -101,3 +103,11 @@ def test_bad_inputs(tiny_gm) -> None:
         pm.run(gm)
     with pytest.raises(ConfigError, match="must be a sparsity"):
         parse_rules({"*": [1]}, SparsitySpec(0.5))
+
+
+def test_an_override_that_matches_nothing_is_refused(tiny_gm) -> None:
+    """A typo in a glob must not silently prune with the default: the error names the glob and near names."""
+    leaf = tiny_gm.block_linears()[0].name.rsplit(".", 1)[1]
+    rules = parse_rules({f"*.{leaf}x": "skip"}, SparsitySpec(0.5))
+    with pytest.raises(ConfigError, match=rf"override '\*\.{leaf}x' matches none of the \d+ prunable Linears; nearest: .*{leaf}"):
+        _prune(tiny_gm, "magnitude", SparsitySpec(0.5), rules=rules)

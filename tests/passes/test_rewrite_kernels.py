@@ -11,8 +11,7 @@ from graphprune.exporters.hf import save_hf_folder
 from graphprune.graph.model import GraphModel
 from graphprune.kernels import CSRLinear, DenseLinear, KernelLinear, kernels_lowered
 from graphprune.passes.infra import PassContext, PassManager, Prop
-from graphprune.passes.prune import META_MASKS
-from graphprune.passes.rewrite_kernels import META_KERNELS, RewriteKernelsPass, kernel_summary
+from graphprune.passes.rewrite_kernels import RewriteKernelsPass, kernel_summary
 
 aten = torch.ops.aten
 
@@ -32,7 +31,7 @@ DENSE_WINS = fake_timer({"dense": 1.0, "csr": 2.0})
 
 def magnitude_prune(gm: GraphModel, sparsity: float = 0.5) -> GraphModel:
     """What SequentialPrunePass leaves behind, without calibration: zeroed weights, masks, Prop.PRUNED."""
-    masks = gm.meta.setdefault(META_MASKS, {})
+    masks = gm.state.masks
     for li in gm.block_linears():
         w = gm.get_attr(li.weight).detach().clone()
         k = int(w.shape[1] * sparsity)
@@ -54,7 +53,7 @@ def kernel_nodes(gm: GraphModel) -> list[torch.fx.Node]:
 
 def test_forced_csr_rewrites_every_pruned_linear(tiny_gm, tokens) -> None:
     gm = magnitude_prune(tiny_gm)
-    pruned = set(gm.meta[META_MASKS])
+    pruned = set(gm.state.masks)
     before = gm(tokens)
     dense_linears = len(linear_nodes(gm))
     manager = PassManager([RewriteKernelsPass(tokens=16, timer=CSR_WINS)], PassContext(progress=False))
@@ -78,7 +77,7 @@ def test_forced_csr_rewrites_every_pruned_linear(tiny_gm, tokens) -> None:
         eager = gm.model(input_ids=tokens, use_cache=False).logits
     torch.testing.assert_close(eager, before, atol=1e-5, rtol=1e-5)
 
-    meta = gm.meta[META_KERNELS]
+    meta = gm.state.kernels
     assert set(meta) == pruned
     entry = next(iter(meta.values()))
     assert entry["choice"] == "csr" and entry["rewritten"] and entry["times"] == {"dense": 2.0, "csr": 1.0}
@@ -98,7 +97,7 @@ def test_dense_stays_dense_when_sparse_is_slower(tiny_gm, tokens) -> None:
     code = gm.gm.code
     result = RewriteKernelsPass(tokens=16, timer=DENSE_WINS).run(gm, PassContext(progress=False))
     assert not result.modified and result.stats["rewritten"] == 0
-    assert result.stats["choices"] == {"dense": len(gm.meta[META_MASKS])}
+    assert result.stats["choices"] == {"dense": len(gm.state.masks)}
     assert gm.gm.code == code and not kernel_nodes(gm)
     assert not any(isinstance(m, KernelLinear) for m in gm.model.modules())
 
@@ -115,8 +114,8 @@ def test_a_sparse_win_that_does_not_repeat_keeps_dense(tiny_gm) -> None:
         return 2.0
 
     result = RewriteKernelsPass(tokens=8, timer=flaky).run(gm, PassContext(progress=False))
-    assert not result.modified and result.stats["choices"] == {"dense": len(gm.meta[META_MASKS])}
-    entry = next(iter(gm.meta[META_KERNELS].values()))
+    assert not result.modified and result.stats["choices"] == {"dense": len(gm.state.masks)}
+    entry = next(iter(gm.state.kernels.values()))
     assert entry["times"]["csr"] < entry["times"]["dense"] and "did not win again" in entry["kept_dense_because"]
 
 

@@ -5,20 +5,21 @@ import pytest
 import torch
 
 from graphprune.errors import ConfigError, PassOrderError
+from graphprune.graph.edit import export_blockers
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import export_blockers, find_stream
+from graphprune.graph.stream import find_stream
+from graphprune.models.tiny import random_tokens
 from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import PassContext, PassManager, Prop, relative_diff
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass
-from graphprune.passes.rotate import META_ROTATION, LearnConfig, RotatePass
+from graphprune.passes.prune import PruneConfig, SequentialPrunePass
+from graphprune.passes.rotate import LearnConfig, RotatePass
 from graphprune.solvers import SparsitySpec
 from graphprune.solvers.rotation import random_orthogonal
-from graphprune.models.tiny import random_tokens
 
 
 def _ctx() -> PassContext:
-    return PassContext(progress=False, data={CALIBRATION: random_tokens(6, 32, seed=3)})
+    return PassContext(progress=False, calibration=random_tokens(6, 32, seed=3))
 
 
 def _rotate(gm: GraphModel, source: str, **kw) -> tuple[GraphModel, PassManager]:
@@ -42,7 +43,7 @@ def test_every_rotation_preserves_logits(tiny_gm: GraphModel, tiny_name: str, to
     gm, _ = _rotate(tiny_gm, source, learn=learn)
     assert {Prop.NORMS_FOLDED, Prop.ROTATED} <= gm.props
     assert relative_diff(gm(tokens), before) <= 1e-4
-    info = gm.meta[META_ROTATION]
+    info = gm.state.rotation
     assert info["source"] == source and info["orthonormality_error"] < 1e-5
     # the weights really changed (a rotation, not a no-op)
     moved = [float((gm.get_attr(li.weight) - weights_before[li.name]).abs().max()) for li in gm.block_linears()]
@@ -72,7 +73,7 @@ def test_a_given_rotation_is_absorbed_exactly(tiny_gm: GraphModel, tiny_name: st
     # folding leaves LLaMA's token table alone and unties the head: E -> EQ, head·diag(g) -> head·diag(g)·Q
     torch.testing.assert_close(gm.get_attr(stream.embeddings[0][1]).detach().double(), emb_before @ q, rtol=0, atol=1e-5)
     torch.testing.assert_close(gm.get_attr(stream.lm_head.weight).detach().double(), head_before @ q, rtol=0, atol=1e-5)
-    assert gm.meta[META_ROTATION]["source"] == "given"
+    assert gm.state.rotation["source"] == "given"
 
 
 def test_rotation_needs_folded_norms(tiny_gm: GraphModel) -> None:
@@ -96,7 +97,7 @@ def test_any_solver_runs_in_the_rotated_space(tiny_gm: GraphModel, tiny_name: st
     ]
     gm = PassManager(passes, _ctx()).run(tiny_gm)
     assert {Prop.ROTATED, Prop.PRUNED} <= gm.props
-    rep = gm.meta["prune_report"]
+    rep = gm.state.prune_report
     assert abs(rep["achieved_sparsity"] - 0.5) < 0.01
     for li in gm.block_linears():  # the rotated weights themselves are sparse
         w = gm.get_attr(li.weight)
@@ -113,7 +114,7 @@ def test_learned_rotation_objective_follows_the_method(tiny_gm: GraphModel, toke
     assert LearnConfig(SparsitySpec(0.5), "sparsegpt", init="pca").start == "pca"  # an explicit init wins
     before = tiny_gm(tokens)
     gm, _ = _rotate(tiny_gm, "learned", learn=LearnConfig(SparsitySpec(0.5), "sparsegpt", steps=6, lr=0.1, blocks_per_step=2))
-    info = gm.meta[META_ROTATION]
+    info = gm.state.rotation
     assert (info["mask_score"], info["init"]) == ("obs", "identity")
     assert info["objective_final"] <= info["objective_initial"] and info["orthonormality_error"] < 1e-5
     assert relative_diff(gm(tokens), before) <= 1e-4

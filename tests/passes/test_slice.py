@@ -7,20 +7,20 @@ import pytest
 import torch
 
 from graphprune.errors import ConfigError, ExportError
+from graphprune.graph.edit import parameter_count
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import find_stream, parameter_count
+from graphprune.graph.stream import find_stream
 from graphprune.models import load_model
+from graphprune.models.tiny import random_tokens
 from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import PassContext, PassManager, Prop, relative_diff
-from graphprune.passes.prune import CALIBRATION
 from graphprune.passes.rotate import RotatePass
-from graphprune.passes.slice import META_SLICING, SlicePass, slice_multiple, sliced_width
+from graphprune.passes.slice import SlicePass, slice_multiple, sliced_width
 from graphprune.pipeline import PruneJob, run_prune
-from graphprune.models.tiny import random_tokens
 
 
 def _ctx() -> PassContext:
-    return PassContext(progress=False, data={CALIBRATION: random_tokens(6, 32, seed=3)})
+    return PassContext(progress=False, calibration=random_tokens(6, 32, seed=3))
 
 
 def _rotated(gm: GraphModel, source: str = "pca") -> GraphModel:
@@ -71,7 +71,7 @@ def _check_slice_matches_zeroing(gm: GraphModel, tokens: torch.Tensor) -> GraphM
     assert stream.width == keep
     assert all(li.in_features == keep for li in stream.readers)
     assert all(li.out_features == keep for li in stream.writers)
-    info = gm.meta[META_SLICING]
+    info = gm.state.slicing
     assert info["parameters_after"] < info["parameters_before"] == parameter_count(reference.model)
     assert 0 < info["kept_energy"] <= 1
     return gm

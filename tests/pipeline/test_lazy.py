@@ -10,10 +10,9 @@ from safetensors.torch import load_file
 
 from graphprune.cli import main
 from graphprune.errors import ConfigError, ModelLoadError
-from graphprune.graph.lazy import LazyWeights, retarget_meta
+from graphprune.graph.lazy import LazyStageIO, LazyWeights, retarget_meta
 from graphprune.graph.model import GraphModel
 from graphprune.models.lazy import load_lazy
-from graphprune.graph.lazy import LazyStageIO
 from graphprune.pipeline import PruneJob, run_prune
 
 
@@ -75,13 +74,13 @@ def test_only_one_block_is_materialised_at_a_time(folder: Path, tmp_path: Path) 
 
     from graphprune.passes.infra import PassContext, PassManager
     from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-    from graphprune.passes.prune import CALIBRATION, PruneConfig, SequentialPrunePass
+    from graphprune.passes.prune import PruneConfig, SequentialPrunePass
     from graphprune.solvers import SparsitySpec
 
     calib = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))
     io = Probe(weights, writer=None)
     passes = [InsertObserversPass(), SequentialPrunePass(PruneConfig("wanda", SparsitySpec(0.5)), stage_io=io), RemoveObserversPass()]
-    PassManager(passes, PassContext(verify=False, progress=False, data={CALIBRATION: calib})).run(gm)
+    PassManager(passes, PassContext(verify=False, progress=False, calibration=calib)).run(gm)
     assert seen == list(range(len(gm.blocks)))
     shared = sum(p.numel() * 4 for n, p in gm.model.named_parameters() if n in weights.shared)
     block = max(sum(gm.model.get_parameter(n).numel() * 4 for n in names) for names in weights.by_block)
@@ -108,7 +107,7 @@ def test_lazy_refuses_what_it_cannot_do(folder: Path, tmp_path: Path) -> None:
 def test_a_failed_lazy_run_leaves_no_folder(folder: Path, tmp_path: Path) -> None:
     job = _job(folder, tmp_path / "z", True)
     job.options = {"blocksize": -3}  # the solver rejects it in the first block, after the writer started
-    with pytest.raises(Exception):
+    with pytest.raises(ConfigError, match="blocksize must be an integer >= 1"):
         run_prune(job, progress=False)
     assert not (tmp_path / "z").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".z")]  # no staging folder left behind

@@ -85,9 +85,10 @@ def test_killed_run_resumes_bit_identical_to_an_uninterrupted_run(smoke, tmp_pat
     script = (
         "import os, signal, sys, torch\n"
         "torch.set_num_threads(int(sys.argv[2]))\n"
-        "from graphprune.recipes.recipe import Recipe, run_recipe\n"
+        "from graphprune.pipeline.steps import run_pipeline\n"
+        "from graphprune.recipes.recipe import Recipe\n"
         "r = Recipe.load('recipes/tiny-smoke.yaml', {'output.dir': sys.argv[1], 'eval': None, 'export': None, 'bench': None})\n"
-        "run_recipe(r, progress=False, on_stage=lambda block, total, info: os.kill(os.getpid(), signal.SIGKILL))\n"
+        "run_pipeline(r.to_pipeline(), progress=False, on_stage=lambda block, total, info: os.kill(os.getpid(), signal.SIGKILL))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script, str(out), str(torch.get_num_threads())], cwd=REPO, capture_output=True, timeout=600)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]

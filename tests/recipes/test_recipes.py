@@ -2,18 +2,24 @@
 pipeline, recipe errors (each naming the key and the line), extension by new sections."""
 from __future__ import annotations
 
+import ast
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import Field
 
+from graphprune.bench import Case
 from graphprune.cli import main
-from graphprune.errors import RecipeError
-from graphprune.recipes import recipe as recipe_mod
+from graphprune.errors import ConfigError, RecipeError
 from graphprune.pipeline import PruneJob
-from graphprune.recipes.recipe import SECTIONS, Recipe, Section, register_section
-from graphprune.recipes.schema import Mapping, Scalar
+from graphprune.pipeline.steps import BenchStep, ExportStep, OnnxExport, PipelineJob, Step, StepContext, TorchScriptExport
+from graphprune.recipes.recipe import Recipe
+from graphprune.recipes.sections import Bench, Eval, Export, Rotate
+from graphprune.recipes.validation import OnOff, RecipeModel, walk_fields
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -28,7 +34,8 @@ def test_example_recipes_validate_and_round_trip(path: Path) -> None:
     r = Recipe.load(path)
     assert Recipe.from_yaml(r.to_yaml()) == r
     job = r.to_job()
-    assert Recipe.from_job(job, export=r.data["export"], bench=r.data["bench"]) == r
+    assert Recipe.from_job(job, export=r.export, bench=r.bench) == r
+    assert Recipe.from_pipeline(r.to_pipeline()) == r
     job.spec()
 
 
@@ -47,7 +54,9 @@ _jobs = st.builds(
     sparsity=st.one_of(st.none(), st.floats(0, 0.99)),
     pattern=st.just("unstructured"),
     overrides=st.dictionaries(_globs, _override, max_size=3),
-    options=st.dictionaries(st.sampled_from(["blocksize", "percdamp", "note"]), st.one_of(st.integers(1, 512), st.floats(0, 1), st.text(max_size=4)), max_size=2),
+    options=st.dictionaries(
+        st.sampled_from(["blocksize", "percdamp", "note"]), st.one_of(st.integers(1, 512), st.floats(0, 1), st.text(max_size=4)), max_size=2
+    ),
     refine_steps=st.integers(0, 50),
     calib_samples=st.integers(1, 128),
     calib_len=st.integers(2, 2048),
@@ -140,8 +149,8 @@ def test_cli_check_prints_the_full_recipe(tmp_path, capsys) -> None:
     (tmp_path / "r.yaml").write_text("model: tiny-llama\nprune: {method: wanda, pattern: '2:4'}\neval: true\n")
     assert main(["run", str(tmp_path / "r.yaml"), "--check", "--set", "calibration.samples=4", "--out", "o"]) == 0
     printed = Recipe.from_yaml(capsys.readouterr().out)
-    assert printed.data["calibration"]["samples"] == 4 and printed.data["output"]["dir"] == "o"
-    assert printed.data["eval"] == {"length": 512} and printed.data["prune"]["pattern"] == "2:4"
+    assert printed.calibration.samples == 4 and printed.output.dir == "o"
+    assert printed.eval == Eval(length=512) and printed.prune.pattern == "2:4"
 
 
 def test_rotate_and_slice_only_recipes() -> None:
@@ -149,7 +158,7 @@ def test_rotate_and_slice_only_recipes() -> None:
     assert job.slicing == 0.25 and job.rotation is None and not job.prunes()
     job = PruneJob(model="m", rotation="learned", rotation_options={"steps": 5}, rotation_samples=8, pattern="2:4", slicing=0.1)
     assert Recipe.from_job(job).to_job() == job
-    assert Recipe.from_job(job).data["rotate"] == {"method": "learned", "options": {"steps": 5}, "samples": 8}
+    assert Recipe.from_job(job).rotate == Rotate(method="learned", options={"steps": 5}, samples=8)
 
 
 def test_a_job_the_schema_cannot_express_is_refused() -> None:
@@ -158,28 +167,89 @@ def test_a_job_the_schema_cannot_express_is_refused() -> None:
         Recipe.from_job(job)
 
 
-def test_new_sections_extend_the_schema(monkeypatch) -> None:
-    monkeypatch.setattr(recipe_mod, "SECTIONS", dict(SECTIONS))
-    seen = {}
+def test_shorthands() -> None:
+    r = Recipe.from_yaml("model: m\ntext: a.txt\nprune: {sparsity: 0.5, refine: true}\neval: true\nexport: {onnx: true}\nbench: true\n")
+    assert r.text == ["a.txt"] and r.prune.refine is not None and r.prune.refine.steps == 20
+    assert r.eval == Eval() and r.export == Export.model_validate({"onnx": {}}) and r.bench == Bench()
+    assert Recipe.from_yaml("model: m\nprune: {sparsity: 0.5}\neval: false\nbench: {runtimes: torchscript, cases: step}\n").eval is None
+    steps = Recipe.from_yaml("model: m\nprune: {sparsity: 0.5}\nbench: {runtimes: torchscript, cases: step}\n").steps()
+    assert steps == [BenchStep(runtimes=("torchscript",), cases=(Case("step", 1, 1),))]
+    again = r.with_settings({"eval.length": 64, "bench": None})
+    assert again.eval == Eval(length=64) and again.bench is None and r.bench == Bench()  # a copy; r is unchanged
 
-    def to_job(value):
-        seen["quantize"] = value
-        return {}
 
-    schema = Mapping({"bits": Scalar((int,), 8, choices=(4, 8))}, default=None, nullable=True, shorthand={})
-    register_section(Section("quantize", schema, to_job), before="export")
-    assert list(recipe_mod.SECTIONS).index("quantize") == list(recipe_mod.SECTIONS).index("export") - 1
-    r = Recipe.from_yaml("model: m\nquantize: true\nprune: {sparsity: 0.5}\n")
-    r.to_job()
-    assert seen["quantize"] == {"bits": 8}
-    with pytest.raises(RecipeError, match=r"r.yaml:2: quantize.bits: 3 is not allowed"):
-        Recipe.from_yaml("model: m\nquantize: {bits: 3}\nprune: {sparsity: 0.5}\n", "r.yaml")
+def test_recipes_become_pipeline_jobs() -> None:
+    job = Recipe.load(REPO / "recipes" / "wanda-2of4.yaml").to_pipeline()
+    assert job.prune.pattern == "2:4" and job.prune.overrides == {"*.down_proj": "skip"}
+    assert job.steps == [
+        ExportStep(onnx=OnnxExport(sparse_initializers=True)),
+        BenchStep(runtimes=("eager", "onnxruntime"), cases=(Case("prefill", 1, 128), Case("step", 1, 1)), repeats=10),
+    ]
+    smoke = Recipe.load(REPO / "recipes" / "tiny-smoke.yaml").to_pipeline()
+    assert smoke.steps[0] == ExportStep(torchscript=TorchScriptExport(path="model.pt", check=False))
+    assert smoke.steps[1].cases == (Case("tiny", 1, 16),)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="must be a file name inside the output folder"):
+        BenchStep(path="/tmp/bench.json")  # the driver layer checks its own steps too
+    with pytest.raises(ConfigError, match="each step may appear once"):
+        PipelineJob(job.prune, [BenchStep(), BenchStep()]).validate()
+
+
+@dataclass(frozen=True)
+class NoteStep(Step):
+    """A step the recipe schema does not know."""
+
+    name: ClassVar[str] = "note"
+
+    def run(self, ctx: StepContext) -> dict[str, Any]:
+        (ctx.folder / "NOTE").write_text("hello")
+        return {"path": "NOTE"}
+
+
+def test_a_pipeline_the_schema_cannot_express_is_refused() -> None:
+    job = PipelineJob(PruneJob(model="m", sparsity=0.5), [NoteStep()])
+    with pytest.raises(RecipeError, match=r"no section for the step NoteStep \('note'\)"):
+        Recipe.from_pipeline(job)
+    job = PipelineJob(PruneJob(model="m", sparsity=0.5), [BenchStep(), ExportStep(torchscript=TorchScriptExport())])
+    with pytest.raises(RecipeError, match=r"runs its steps as \['export', 'bench'\], not \['bench', 'export'\]"):
+        Recipe.from_pipeline(job)
+
+
+class Quantize(RecipeModel):
+    bits: Literal[4, 8] = Field(8, description="weight bits")
+
+
+class ExtendedRecipe(Recipe):
+    """A new job section (``quantize``) and a new step (``note``), added by subclassing."""
+
+    quantize: Annotated[Quantize | None, OnOff] = None  # a real one would also extend job_fields / job_sections
+    note: bool = False
+
+    def steps(self) -> list[Step]:
+        return [NoteStep(), *super().steps()] if self.note else super().steps()
+
+
+def test_new_sections_extend_the_schema() -> None:
+    r = ExtendedRecipe.from_yaml("model: m\nquantize: true\nprune: {sparsity: 0.5}\nnote: true\nbench: true\n")
+    assert r.quantize == Quantize(bits=8) and r.to_job() == Recipe.from_yaml("model: m\nprune: {sparsity: 0.5}\n").to_job()
+    assert [s.name for s in r.to_pipeline().steps] == ["note", "bench"]
+    assert ExtendedRecipe.from_yaml(r.to_yaml()) == r
+    with pytest.raises(RecipeError, match=r"r.yaml:2: quantize.bits: 3 is not allowed; choose one of: 4, 8"):
+        ExtendedRecipe.from_yaml("model: m\nquantize: {bits: 3}\nprune: {sparsity: 0.5}\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"r.yaml:2: quantise: unknown key; did you mean 'quantize'\?"):
+        ExtendedRecipe.from_yaml("model: m\nquantise: {bits: 4}\nprune: {sparsity: 0.5}\n", "r.yaml")
+    with pytest.raises(RecipeError, match=r"r.yaml:2: quantize: unknown key"):
+        Recipe.from_yaml("model: m\nquantize: true\nprune: {sparsity: 0.5}\n", "r.yaml")  # the base schema is unchanged
+
+
+def test_recipes_only_describe_jobs() -> None:
+    """graphprune/recipes turns YAML into jobs and back; running them is the driver layer's (pipeline/steps.py)."""
+    runners = {"run_prune", "run_eval", "run_pipeline", "run_export", "run_bench", "bench_latency", "export_onnx", "export_torchscript", "load_model"}
+    for path in (REPO / "graphprune" / "recipes").glob("*.py"):
+        names = {a.name for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom) for a in node.names}
+        assert not names & runners, f"{path.name} imports {sorted(names & runners)}"
 
 
 def test_every_schema_key_is_documented() -> None:
-    from graphprune.recipes.recipe import recipe_schema
-    from graphprune.recipes.schema import walk_fields
-
     doc = (REPO / "docs" / "RECIPES.md").read_text()
-    missing = [name for name, _ in walk_fields(recipe_schema()) if f"| `{name}` |" not in doc]
+    missing = [name for name, _ in walk_fields(Recipe) if f"| `{name}` |" not in doc]
     assert not missing, f"document these recipe keys in docs/RECIPES.md: {missing}"

@@ -11,7 +11,8 @@ import torch
 from graphprune.errors import ConfigError, SolverError
 from graphprune.solvers import LayerStats, SparsitySpec, get_solver
 from graphprune.solvers.magnitude import magnitude_prune
-from graphprune.solvers.proximal import masked_gd_refine, nm_regularizer, prox_nm_group, proximal_nm_prune
+from graphprune.solvers.proximal import nm_regularizer, prox_nm_group, proximal_nm_prune
+from graphprune.solvers.refine import masked_gd_refine
 from graphprune.solvers.wanda import wanda_prune
 
 F64 = torch.float64

@@ -139,7 +139,7 @@ def test_learned_rotation_lowers_the_objective_and_stays_orthonormal() -> None:
     spec = SparsitySpec(0.5)
     q0 = torch.eye(16, dtype=torch.float64)
     seen = []
-    res = learn_rotation(q0, prob, spec, steps=25, lr=0.1, blocks_per_step=2, callback=lambda s, l: seen.append(s))
+    res = learn_rotation(q0, prob, spec, steps=25, lr=0.1, blocks_per_step=2, callback=lambda s, _loss: seen.append(s))
     assert seen == list(range(25))
     assert not res.kept_initial and res.final_loss < res.initial_loss
     assert orthonormality_error(res.q) < 1e-5

@@ -1,0 +1,165 @@
+"""Generate the README's result tables from the committed results files (no hand-typed figures).
+
+Each table sits in README.md between ``<!-- table:NAME -->`` and ``<!-- /table:NAME -->``;
+this script rewrites what is between the markers from ``benchmarks/results/*.json``:
+
+* ``prune_quality``: perplexity per method and pattern (``prune_quality.json``, ``dense.json``),
+  with the commits the rows were measured at;
+* ``llmcompressor``: the side-by-side with llm-compressor (``llmcompressor.json``);
+* ``rotations``: rotations x solvers (``rotations.json``);
+* ``latency``: paired speed-ups per case and runtime (``latency.json``).
+
+    python scripts/readme_tables.py           # rewrite README.md
+    python scripts/readme_tables.py --check   # exit 1 if README.md is not what the results give
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+
+METHODS = {"alps": "ALPS", "proximal": "proximal", "sparsegpt": "SparseGPT", "gblm": "GBLM", "wanda": "Wanda", "magnitude": "magnitude"}
+PATTERNS = ("50%", "60%", "70%", "80%", "2:4")
+
+
+def _load(name: str) -> Any:
+    return json.loads((RESULTS / name).read_text(encoding="utf-8"))
+
+
+def _short_commit(row: dict[str, Any]) -> str:
+    commit = str((row.get("provenance") or {}).get("commit", "?"))
+    return commit.split(" ")[0]
+
+
+def prune_quality() -> str:
+    rows = _load("prune_quality.json")
+    dense = _load("dense.json")
+    best = {p: min((r["ppl"] for n, r in rows.items() if n.split(" ")[1:] == [p]), default=None) for p in PATTERNS}
+    head = "| method | " + " | ".join(p.replace("%", " %") for p in PATTERNS) + " | prune s (2:4) |"
+    lines = [head, "|---|" + "---:|" * (len(PATTERNS) + 1)]
+    for key, label in METHODS.items():
+        cells = []
+        for p in PATTERNS:
+            r = rows.get(f"{key} {p}")
+            if r is None:
+                cells.append("n/a" if key == "proximal" else "-")
+            else:
+                text = f"{r['ppl']:.3f}"
+                cells.append(f"**{text}**" if r["ppl"] == best[p] else text)
+        r24 = rows.get(f"{key} 2:4")
+        cells.append(f"{r24['prune_seconds']:.0f}" if r24 else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    commits = sorted({_short_commit(r) for r in rows.values()})
+    lines += [
+        "",
+        f"Perplexity (dense {dense['ppl']:.3f} over {dense['tokens']:,} tokens), best per column in bold. "
+        f"Rows measured at commits {', '.join(f'`{c}`' for c in commits)}; each row's commit, date, load average "
+        "and command are in [benchmarks/results/prune_quality.md](benchmarks/results/prune_quality.md).",
+    ]
+    return "\n".join(lines)
+
+
+def llmcompressor() -> str:
+    data = _load("llmcompressor.json")["rows"]
+    lines = [
+        "| method | llm-compressor ppl | graphprune ppl | llm-compressor prune s | graphprune prune s | time ratio |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, label in (("sparsegpt", "SparseGPT 50 %"), ("wanda", "Wanda 50 %")):
+        r = data[key]
+        lc, gp = r["llmcompressor"], r["graphprune"]
+        ppl = [f"{lc['ppl']:.3f}", f"{gp['ppl']:.3f}"]
+        ppl[0 if lc["ppl"] < gp["ppl"] else 1] = f"**{ppl[0 if lc['ppl'] < gp['ppl'] else 1]}**"
+        sec = [f"{lc['prune_seconds']:.1f}", f"{gp['prune_seconds']:.1f}"]
+        sec[0 if lc["prune_seconds"] < gp["prune_seconds"] else 1] = f"**{sec[0 if lc['prune_seconds'] < gp['prune_seconds'] else 1]}**"
+        lines.append(f"| {label} | {ppl[0]} | {ppl[1]} | {sec[0]} | {sec[1]} | {r['time_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+def rotations() -> str:
+    rows = _load("rotations.json")["rows"]
+    configs = (("no rotation", ""), ("PCA", "pca + "), ("random Hadamard", "hadamard + "), ("learned (Cayley SGD)", "learned + "))
+    lines = ["| configuration | Wanda 50 % | SparseGPT 50 % |", "|---|---:|---:|"]
+    cells: dict[str, list[float | None]] = {}
+    for label, prefix in configs:
+        w = rows.get(f"{prefix}wanda 50%")
+        s = rows.get(f"{prefix}sparsegpt 50%")
+        if not prefix:  # the unrotated rows are the pruning benchmark's
+            quality = _load("prune_quality.json")
+            w, s = quality.get("wanda 50%"), quality.get("sparsegpt 50%")
+        cells[label] = [w["ppl"] if w else None, s["ppl"] if s else None]
+    best = [min(v[i] for v in cells.values() if v[i] is not None) for i in range(2)]
+    for label, vals in cells.items():
+        out = ["-" if v is None else (f"**{v:.3f}**" if v == best[i] else f"{v:.3f}") for i, v in enumerate(vals)]
+        lines.append(f"| {label} | {out[0]} | {out[1]} |")
+    sliced = sorted((r for r in rows.values() if r.get("slicing")), key=lambda r: r["slicing"])
+    if sliced:
+        parts = [f"{r['slicing']:.0%} (width {r['width']}) {r['ppl']:.3f}" for r in sliced]
+        lines += ["", "PCA slicing without pruning: " + ", ".join(parts) + "."]
+    return "\n".join(lines)
+
+
+def latency() -> str:
+    data = _load("latency.json")
+    targets = [t for t in data["targets"] if t != "dense"]
+    order: list[tuple[str, str]] = []
+    cell: dict[tuple[str, str, str], str] = {}
+    shape: dict[str, str] = {}
+    for r in data["records"]:
+        key = (r["case"], r["runtime"])
+        if key not in order:
+            order.append(key)
+        shape[r["case"]] = f"{r['batch']}x{r['seq']}"
+        if r["target"] != r["baseline"]:
+            cell[(r["case"], r["runtime"], r["target"])] = f"{r['speedup']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}]"
+    lines = ["| case | runtime | " + " | ".join(targets) + " |", "|---|---|" + "---:|" * len(targets)]
+    for case, runtime in order:
+        row = [f"{case} {shape[case]}", runtime] + [cell.get((case, runtime, t), "-") for t in targets]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", f"Measured {data['started'][:10]} at commit `{_short_commit(data)}` by `{data['provenance']['command']}`; machine, "
+              "load average and every time in [benchmarks/results/latency.md](benchmarks/results/latency.md)."]
+    return "\n".join(lines)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "prune_quality": prune_quality,
+    "llmcompressor": llmcompressor,
+    "rotations": rotations,
+    "latency": latency,
+}
+
+
+def render(readme: str) -> str:
+    for name, fn in TABLES.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n)(.*?)(<!-- /table:{name} -->)", re.S)
+        if not pattern.search(readme):
+            raise SystemExit(f"README.md has no <!-- table:{name} --> ... <!-- /table:{name} --> block.")
+        table = fn()
+        readme = pattern.sub(lambda m, table=table: m.group(1) + table + "\n" + m.group(3), readme)
+    return readme
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if README.md differs from what the results give")
+    args = ap.parse_args()
+    current = README.read_text(encoding="utf-8")
+    new = render(current)
+    if args.check:
+        if new != current:
+            print("README.md tables are out of date: run python scripts/readme_tables.py", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new, encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
