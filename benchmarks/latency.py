@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import os
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from provenance import commit  # noqa: E402
 
 from graphprune.bench import BenchResult, BenchTarget, Case, bench_latency, machine_info, to_markdown  # noqa: E402
 from graphprune.bench.report import atomic_write, write_plot  # noqa: E402
@@ -81,16 +84,25 @@ def folder_stem(model: str) -> str:
     return "smollm2" if model == "smollm2-135m" else Path(model).name
 
 
+def cache_key(*parts: Any) -> str:
+    """12 hex digits over everything that decides a cached file's content: the settings given and
+    the graphprune code it was made with (the commit, ``+dirty`` included)."""
+    blob = json.dumps([*parts, commit()], sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
 def pruned_folder(models_dir: Path, model: str, method: str, suffix: str) -> Path:
     label = f"{method}-{suffix}"
-    folder = models_dir / f"{folder_stem(model)}-{label}"
-    if (folder / "config.json").is_file():
-        say(f"{label}: using {folder}")
-        return folder
     # magnitude uses no calibration statistics: its masks are the same for any calibration set
     calib = {} if method != "magnitude" else {"calib_samples": 1, "calib_len": 32}
+    job = PruneJob(model=model, method=method, **PATTERNS[suffix], **calib)
+    folder = models_dir / f"{folder_stem(model)}-{label}-{cache_key(asdict(job))}"
+    if (folder / "config.json").is_file():
+        say(f"{label}: using {folder} (same job, same code)")
+        return folder
+    job.out = str(folder)
     say(f"{label}: pruning into {folder} ({method}, {calib or '64x512 calibration'}, seed 0) ...")
-    run_prune(PruneJob(model=model, method=method, out=str(folder), **PATTERNS[suffix], **calib), progress=False)
+    run_prune(job, progress=False)
     return folder
 
 
@@ -143,16 +155,18 @@ def sparse_copy(plain: Path, out: Path, vocab: int) -> dict[str, Any]:
     }
 
 
-def export_files(name: str, model: torch.nn.Module, files_dir: Path, *, onnx: bool, sparse: bool, reuse: bool) -> dict[str, Any]:
+def export_files(name: str, model: torch.nn.Module, files_dir: Path, *, onnx: bool, sparse: bool, reuse: bool, source: str) -> dict[str, Any]:
     """ONNX (+ sparse initializers) and TorchScript files of ``model`` with their parity checks.
 
     With ``reuse``, files whose report (``<name>.files.json``, written only after every check
-    passed) exists are not exported again.
+    passed) exists are not exported again -- if it was written for the same ``source`` (the model
+    folder or name) by the same code (:func:`cache_key`).
     """
     record = files_dir / f"{name}.files.json"
+    key = cache_key(source, onnx, sparse)
     if reuse and record.is_file():
         out = json.loads(record.read_text())
-        if all(Path(v["path"]).is_file() for v in out.values()):
+        if out.pop("key", None) == key and all(Path(v["path"]).is_file() for v in out.values()):
             say(f"{name}: reusing the files listed in {record}")
             return out
     out: dict[str, Any] = {}
@@ -166,7 +180,7 @@ def export_files(name: str, model: torch.nn.Module, files_dir: Path, *, onnx: bo
     say(f"{name}: TorchScript trace (parity in a fresh process) ...")
     rep = export_torchscript(model, files_dir / f"{name}.pt", atol=ATOL)
     out["torchscript"] = {"path": str(rep.path), "bytes": rep.bytes, "max_abs_diff": rep.max_abs_diff, "seconds": rep.seconds}
-    atomic_write(record, (json.dumps(out, indent=2) + "\n").encode())
+    atomic_write(record, (json.dumps({**out, "key": key}, indent=2) + "\n").encode())
     return out
 
 
@@ -319,7 +333,8 @@ def main() -> None:
             **linear_sparsity(model),
             # ONNX lowers kernels to dense Linears: the kernels model's file would be the 50 % model's
             "files": export_files(
-                name, model, files_dir, onnx=name != kernels_name, sparse=name in pruned, reuse=args.reuse_files
+                name, model, files_dir, onnx=name != kernels_name, sparse=name in pruned, reuse=args.reuse_files,
+                source=sources[name],
             ),
         }
     if kernels_name in targets:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from provenance import commit
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a quick smoke run")
     ap.add_argument("--calib", nargs=2, type=int, default=None, metavar=("N", "L"), help="calibration samples and length (default: protocol)")
-    ap.add_argument("--work", default=str(ROOT / "out" / "scale-out"))
+    # runs are reused only by the same code: the work folder is keyed by the commit
+    ap.add_argument("--work", default=str(ROOT / "out" / "scale-out" / commit().replace("+", "-")))
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--markdown", action="store_true", help="only rewrite the table from the JSON")
     ap.add_argument("--skip-lazy", action="store_true", help="keep the lazy-loading rows already in the JSON")
@@ -129,8 +131,10 @@ def main() -> None:
             say(f"reusing the single-process run in {one_dir}")
         else:
             one = run([*PRUNE, "--model", args.model, "--method", method, "--out", str(one_dir)], threads=1)
-        earlier = ROOT / "out" / f"q-{method}-50"  # the same job, one process with 2 threads (the llm-compressor pair)
-        if args.model == "smollm2-135m" and not args.calib and (earlier / "model.safetensors").is_file():
+        earlier = WORK / f"{method}-1proc-2threads"  # the same job with the default 2 threads
+        if args.model == "smollm2-135m" and not args.calib:
+            if not (earlier / "model.safetensors").is_file():
+                run([*PRUNE, "--model", args.model, "--method", method, "--out", str(earlier)])
             dp_two_threads = compare(earlier, one_dir)
         else:
             dp_two_threads = None

@@ -204,22 +204,30 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         job.spec()
     job.out = args.out or str(job.default_out_dir())
     outcome = run_prune(job, progress=not args.quiet)
-    if not _is_main():
-        return 0  # rank 0 reports
     rep = outcome.report
+    if _report_json(args, rep):
+        return 0
+    print(f"{_summary(rep)}; prune {rep['prune_seconds']:.1f}s, peak RSS {rep['peak_rss_mb']:.0f} MiB; wrote {job.out}")
+    if "rotation" in rep:
+        sl = rep.get("slicing")
+        width = f", stream {sl['width']} -> {sl['sliced_width']}" if sl else ""
+        print(f"  rotation {rep['rotation']['source']}{width}; parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}")
+    return 0
+
+
+def _report_json(args: argparse.Namespace, rep: dict[str, Any]) -> bool:
+    """True when nothing more is to be printed: another rank reports, or ``--json`` printed the report."""
+    if not _is_main():
+        return True  # rank 0 reports
     if args.json:
         print(json.dumps({k: v for k, v in rep.items() if k != "layers"}, indent=2, default=str))
-    else:
-        ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
-        print(
-            f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}; "
-            f"prune {rep['prune_seconds']:.1f}s, peak RSS {rep['peak_rss_mb']:.0f} MiB; wrote {job.out}"
-        )
-        if "rotation" in rep:
-            sl = rep.get("slicing")
-            width = f", stream {sl['width']} -> {sl['sliced_width']}" if sl else ""
-            print(f"  rotation {rep['rotation']['source']}{width}; parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}")
-    return 0
+        return True
+    return False
+
+
+def _summary(rep: dict[str, Any]) -> str:
+    ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
+    return f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}"
 
 
 def _quiet_onnx_exporter(args: argparse.Namespace) -> None:
@@ -287,15 +295,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     job = recipe.to_pipeline()
     job.prune.resume = args.resume
     outcome = run_pipeline(job, progress=not args.quiet)
-    if not _is_main():
-        return 0  # rank 0 reports
     rep = outcome.report
-    if args.json:
-        print(json.dumps({k: v for k, v in rep.items() if k != "layers"}, indent=2, default=str))
-    else:
-        ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
+    if not _report_json(args, rep):
         steps = "".join(f"; {name} done" for name in rep.get("steps", {}))
-        print(f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}{steps}; wrote {rep['out']}")
+        print(f"{_summary(rep)}{steps}; wrote {rep['out']}")
     return 0
 
 

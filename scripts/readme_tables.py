@@ -80,6 +80,9 @@ def llmcompressor() -> str:
         sec = [f"{lc['prune_seconds']:.1f}", f"{gp['prune_seconds']:.1f}"]
         sec[0 if lc["prune_seconds"] < gp["prune_seconds"] else 1] = f"**{sec[0 if lc['prune_seconds'] < gp['prune_seconds'] else 1]}**"
         lines.append(f"| {label} | {ppl[0]} | {ppl[1]} | {sec[0]} | {sec[1]} | {r['time_ratio']:.2f}x |")
+    prov = _load("llmcompressor.json")["provenance"]
+    lines += ["", f"Measured {prov['date']} at commit `{_short_commit({'provenance': prov})}` (one run after the other, not interleaved; "
+              "load conditions in the linked file)."]
     return "\n".join(lines)
 
 

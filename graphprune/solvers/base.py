@@ -122,6 +122,22 @@ def solve_result(weight: Tensor, pruned: Tensor, mask: Tensor, xtx: Tensor | Non
     return SolveResult(weight=pruned, mask=mask, info=out)
 
 
+def prune_by_score(weight: Tensor, stats: LayerStats, spec: SparsitySpec, name: str, column_scale: Tensor | None = None) -> SolveResult:
+    """Masks without a weight update: keep the largest ``|W_ij| · s_j`` (``s = 1`` without
+    ``column_scale``) per ``spec``, zero the rest. Ranking runs in at least float32, since
+    half-precision ties would make the mask depend on rounding."""
+    check_inputs(weight, stats, spec, name)
+    with torch.no_grad():
+        w = weight.detach()
+        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
+        score = w.to(compute).abs()
+        if column_scale is not None:
+            score = score * column_scale.to(device=w.device, dtype=compute)
+        mask = spec.keep_mask(score)
+        pruned = w.masked_fill(~mask, 0)
+    return solve_result(w, pruned, mask, stats.xtx)
+
+
 def check_number(name: str, key: str, value: Any, *, positive: bool = False, hint: str = "") -> None:
     """Raise :class:`ConfigError` unless ``value`` is a finite real number ``> 0`` (``positive``) or ``>= 0``."""
     bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, solve_result
+from graphprune.solvers.base import LayerStats, SolveResult, prune_by_score
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -40,11 +39,4 @@ def magnitude_prune(
     """
     if options:
         raise ConfigError(f"{name}: magnitude_prune takes no options, got {sorted(options)}.")
-    check_inputs(weight, stats, spec, name)
-    with torch.no_grad():
-        w = weight.detach()
-        # Rank in at least float32: half-precision ties would make the mask depend on rounding.
-        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        mask = spec.keep_mask(w.to(compute).abs())
-        pruned = w.masked_fill(~mask, 0)
-    return solve_result(w, pruned, mask, stats.xtx)
+    return prune_by_score(weight, stats, spec, name)

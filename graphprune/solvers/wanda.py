@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError
-from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, solve_result
+from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, prune_by_score
 from graphprune.solvers.spec import SparsitySpec
 
 
@@ -40,11 +39,5 @@ def wanda_prune(
     """
     if options:
         raise ConfigError(f"{name}: wanda_prune takes no options, got {sorted(options)}.")
-    check_inputs(weight, stats, spec, name)
-    with torch.no_grad():
-        w = weight.detach()
-        compute = torch.float64 if w.dtype == torch.float64 else torch.float32
-        norms = stats.col_norms().to(device=w.device, dtype=compute)
-        mask = spec.keep_mask(w.to(compute).abs() * norms)
-        pruned = w.masked_fill(~mask, 0)
-    return solve_result(w, pruned, mask, stats.xtx)
+    check_inputs(weight, stats, spec, name)  # before the statistics are read
+    return prune_by_score(weight, stats, spec, name, column_scale=stats.col_norms())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from brute import brute_force_keep
 
 from graphprune.errors import ConfigError, SolverError
 from graphprune.solvers import LayerStats, SparsitySpec, get_solver
@@ -27,16 +28,6 @@ def _stats(x: torch.Tensor, grads: torch.Tensor | None) -> LayerStats:
     return stats
 
 
-def _brute_force_keep(score: torch.Tensor, drop: int, span: int) -> torch.Tensor:
-    rows, cols = score.shape
-    keep = torch.ones(rows, cols, dtype=torch.bool)
-    for r in range(rows):
-        for start in range(0, cols, span):
-            for j in sorted(range(start, start + span), key=lambda j: float(score[r, j]))[:drop]:
-                keep[r, j] = False
-    return keep
-
-
 def test_registered_as_needing_gradients():
     info = get_solver("gblm")
     assert info.fn is gblm_prune and info.needs_grad and not info.needs_hessian
@@ -46,7 +37,7 @@ def test_registered_as_needing_gradients():
 def test_zero_gradients_give_wandas_mask(sparsity):
     w, x, grads = _problem()
     res = gblm_prune(w, _stats(x, torch.zeros_like(grads)), SparsitySpec(sparsity))
-    expected = _brute_force_keep(w.double().abs() * x.double().norm(dim=0), int(sparsity * 24), 24)
+    expected = brute_force_keep(w.double().abs() * x.double().norm(dim=0), int(sparsity * 24), 24)
     assert torch.equal(res.mask, expected)
     assert torch.equal(res.mask, wanda_prune(w, _stats(x, None), SparsitySpec(sparsity)).mask)
     assert torch.equal(res.weight, torch.where(expected, w, torch.zeros_like(w)))
@@ -60,7 +51,7 @@ def test_mask_is_the_ranking_of_the_gblm_score(pattern):
     # ‖G_ij‖₂ over samples, straight from the per-sample gradients
     score = w.double().abs() * x.double().norm(dim=0) + 100.0 * w.double().abs() * grads.double().norm(dim=0)
     drop, span = (16, 32) if pattern is None else (spec.m - spec.n, spec.m)  # type: ignore[operator]
-    assert torch.equal(res.mask, _brute_force_keep(score, drop, span))
+    assert torch.equal(res.mask, brute_force_keep(score, drop, span))
     # the gradient term changes the choice compared with Wanda
     assert not torch.equal(res.mask, wanda_prune(w, _stats(x, None), spec).mask)
     assert res.info["alpha"] == 100.0 and "rel_error" in res.info
@@ -82,7 +73,7 @@ def test_samples_reproduces_the_reference_activation_scaling():
     res = gblm_prune(w, _stats(x, grads), SparsitySpec(0.5), alpha=3.0, samples=6)
     act = (x.double().square().sum(0) / 6).sqrt()
     score = w.double().abs() * act + 3.0 * w.double().abs() * grads.double().norm(dim=0)
-    assert torch.equal(res.mask, _brute_force_keep(score, 12, 24))
+    assert torch.equal(res.mask, brute_force_keep(score, 12, 24))
 
 
 def test_pure_and_checked():

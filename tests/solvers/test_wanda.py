@@ -4,21 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from brute import brute_force_keep
 
 from graphprune.errors import ConfigError, SolverError
 from graphprune.solvers import LayerStats, SparsitySpec, get_solver
 from graphprune.solvers.magnitude import magnitude_prune
 from graphprune.solvers.wanda import wanda_prune
-
-
-def _brute_force_keep(score: torch.Tensor, drop: int, span: int) -> torch.Tensor:
-    rows, cols = score.shape
-    keep = torch.ones(rows, cols, dtype=torch.bool)
-    for r in range(rows):
-        for start in range(0, cols, span):
-            for j in sorted(range(start, start + span), key=lambda j: float(score[r, j]))[:drop]:
-                keep[r, j] = False
-    return keep
 
 
 def _problem(rows: int = 10, cols: int = 24, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +28,7 @@ def test_mask_is_the_per_row_ranking_of_the_wanda_score(sparsity):
     w, x = _problem()
     res = wanda_prune(w, LayerStats.from_inputs(x, with_hessian=False), SparsitySpec(sparsity))
     score = w.double().abs() * x.double().norm(dim=0)  # ‖X_j‖ straight from the inputs
-    expected = _brute_force_keep(score, int(sparsity * 24), 24)
+    expected = brute_force_keep(score, int(sparsity * 24), 24)
     assert torch.equal(res.mask, expected)
     assert torch.equal(res.weight, torch.where(expected, w, torch.zeros_like(w)))
     # the test discriminates: activations change the choice compared with |W|
@@ -52,7 +43,7 @@ def test_nm_mask_is_the_per_group_ranking_and_exact(pattern):
     assert spec.n is not None and spec.m is not None
     res = wanda_prune(w, LayerStats.from_inputs(x), spec)
     score = w.double().abs() * x.double().norm(dim=0)
-    assert torch.equal(res.mask, _brute_force_keep(score, spec.m - spec.n, spec.m))
+    assert torch.equal(res.mask, brute_force_keep(score, spec.m - spec.n, spec.m))
     assert (res.mask.reshape(10, -1, spec.m).sum(-1) == spec.n).all()
     assert (res.weight[~res.mask] == 0).all()
 
