@@ -24,6 +24,9 @@ def test_solver_through_the_pipeline(method: str, tiny_name: str, tmp_path: Path
     job = PruneJob(
         model=tiny_name, method=method, sparsity=None if nm else 0.5, pattern="2:4" if nm else "unstructured",
         calib_samples=4, calib_len=32, batch_size=2, text=(str(text),), evaluate=True, eval_len=64,
+        # proximal: fewer iterations than its defaults (its per-step cost dominates on tiny layers); the
+        # groups not yet 2:4 after them keep their two largest weights, so the pattern stays exact
+        options={"steps": 40, "refine_steps": 10} if nm else {},
         out=str(tmp_path / "out"), checkpoint=False,
     )
     outcome = run_prune(job, progress=False)
