@@ -13,39 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import ExportError
+from graphprune.graph.capture import LogitsOnly
 
 DEFAULT_EXAMPLE_SHAPE = (2, 16)
-
-
-class LogitsOnly(nn.Module):
-    """``input_ids [batch, seq] -> logits [batch, seq, vocab]`` for a causal LM, no KV cache.
-
-    HF models are called with ``use_cache=False`` so the traced graph has one tensor
-    output and no cache plumbing; a plain module returning a tensor (or a tuple whose
-    first item is the logits) is accepted too.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self._hf = hasattr(model, "config") and hasattr(model, "generate")
-
-    def forward(self, input_ids: Tensor) -> Tensor:
-        if self._hf:
-            out = self.model(input_ids=input_ids, use_cache=False, return_dict=True)
-        else:
-            out = self.model(input_ids)
-        if isinstance(out, Tensor):
-            return out
-        logits = getattr(out, "logits", None)
-        if logits is None and isinstance(out, (tuple, list)):
-            logits = out[0]
-        if not isinstance(logits, Tensor):
-            raise ExportError(
-                f"{type(self.model).__name__} returned {type(out).__name__}, not logits; "
-                "wrap it in a module returning the logits tensor."
-            )
-        return logits
 
 
 @contextmanager

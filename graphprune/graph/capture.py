@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.export import Dim
 
-from graphprune.errors import CaptureError
+from graphprune.errors import CaptureError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -29,14 +29,32 @@ ROOT = "lm"
 
 
 class LogitsOnly(nn.Module):
-    """``input_ids [batch, seq] -> logits [batch, seq, vocab]`` (no cache, no dict)."""
+    """``input_ids [batch, seq] -> logits [batch, seq, vocab]`` for a causal LM, no KV cache.
+
+    The one wrapper the capture and the exporters trace. Hugging Face models are called with
+    ``use_cache=False`` so the traced graph has one tensor output and no cache plumbing; a
+    plain module returning a tensor (or a tuple whose first item is the logits) is accepted
+    too. The model sits at attribute :data:`ROOT`, the prefix of every parameter name.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.lm = model
+        self._hf = hasattr(model, "config") and hasattr(model, "generate")
 
     def forward(self, input_ids: Tensor) -> Tensor:
-        return self.lm(input_ids=input_ids, use_cache=False).logits
+        out = self.lm(input_ids=input_ids, use_cache=False, return_dict=True) if self._hf else self.lm(input_ids)
+        if isinstance(out, Tensor):
+            return out
+        logits = getattr(out, "logits", None)
+        if logits is None and isinstance(out, (tuple, list)):
+            logits = out[0]
+        if not isinstance(logits, Tensor):
+            raise ExportError(
+                f"{type(self.lm).__name__} returned {type(out).__name__}, not logits; "
+                "wrap it in a module returning the logits tensor."
+            )
+        return logits
 
 
 def example_tokens(vocab: int, batch: int = 2, seq: int = 16) -> Tensor:
