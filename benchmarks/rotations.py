@@ -97,7 +97,7 @@ def run_config(name: str, run: Run, save_sliced: Path | None = None) -> dict[str
         "prune_seconds": rep["prune_seconds"],
         "rotation_seconds": rep.get("rotation_seconds", 0.0),
         "eval_seconds": rep["eval_seconds"],
-        "width": (rep.get("slicing") or {}).get("width", int(outcome.gm.model.config.hidden_size)),
+        "width": int(outcome.gm.model.config.hidden_size),  # the stream's width after slicing
         "parameters_before": rep["parameters_before"],
         "parameters_after": rep["parameters_after"],
     }
