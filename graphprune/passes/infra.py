@@ -120,7 +120,12 @@ class Sequential(Pass):
         self.in_place = any(p.in_place for p in self.passes)
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
+        # the members run between the enclosing manager's instruments (one timer, one progress
+        # indentation, one verifier) and inside its snapshot, if it took one
+        outer = ctx._running[-1] if ctx._running else None
         manager = PassManager(self.passes, ctx)
+        if outer is not None:
+            manager._instruments, manager._covered = outer
         out = manager.run(gm)
         modified = any(r.modified for _, r, _ in manager.history)
         return PassResult(out, modified, {"passes": manager.report()})
@@ -275,6 +280,8 @@ class PassContext:
     calibration: Tensor | None = None
     rollback: Rollback = "verified"
     instruments: list[Instrument] = field(default_factory=list)
+    #: (instruments, covered by a snapshot) of each manager running now, innermost last
+    _running: list[tuple[list[Instrument], bool]] = field(default_factory=list, init=False, repr=False, compare=False)
 
     def probe_batch(self, gm: GraphModel) -> Tensor:
         if self.probe is None:
@@ -300,6 +307,8 @@ class PassManager:
         self.passes = list(passes)
         self.ctx = ctx or PassContext()
         self.history: list[tuple[str, PassResult, dict[str, Any]]] = []
+        self._instruments: list[Instrument] | None = None  # set by an enclosing Sequential
+        self._covered = False  # an enclosing manager's snapshot restores whatever this one changes
 
     def check_order(self, established: Iterable[str] = ()) -> None:
         """Refuse a pipeline whose passes' requirements would not be met, before running anything."""
@@ -328,13 +337,13 @@ class PassManager:
 
     def _needs_snapshot(self, p: Pass) -> bool:
         mode = self.ctx.rollback
-        if not p.in_place or mode == "none":
+        if self._covered or not p.in_place or mode == "none":
             return False
         return mode == "all" or (self.ctx.verify and p.preserves_function)
 
     def run(self, gm: GraphModel) -> GraphModel:
         self.check_order(gm.props)
-        instruments = self.instruments()
+        instruments = self._instruments if self._instruments is not None else self.instruments()
         for p in self.passes:
             missing = p.requires - gm.props
             if missing:  # a pass removed a property at run time
@@ -345,7 +354,11 @@ class PassManager:
                 for ins in instruments:
                     ins.before_pass(p, gm, self.ctx)
                     started.append(ins)
-                result = p.run(gm, self.ctx)
+                self.ctx._running.append((instruments, self._covered or snapshot is not None))
+                try:
+                    result = p.run(gm, self.ctx)
+                finally:
+                    self.ctx._running.pop()
                 if not isinstance(result, PassResult):
                     raise VerificationError(f"pass {p.name} returned {type(result).__name__}, not a PassResult.")
                 if result.modified:

@@ -12,7 +12,7 @@ below it (passes, solvers, graph, exporters) knows nothing of jobs.
 """
 from graphprune.pipeline.export_bench import run_bench, run_export
 from graphprune.pipeline.jobs import BenchJob, EvalJob, ExportJob, PruneJob
-from graphprune.pipeline.prune import PruneOutcome, build_passes, run_eval, run_prune
+from graphprune.pipeline.prune import PruneOutcome, PrunePlan, build_passes, run_eval, run_prune
 from graphprune.pipeline.steps import BenchStep, ExportStep, PipelineJob, Step, run_pipeline
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PruneJob",
     "PruneOutcome",
     "Step",
+    "PrunePlan",
     "build_passes",
     "run_bench",
     "run_eval",

@@ -28,8 +28,9 @@ from typing import Any, cast
 from torch import nn
 
 from graphprune.bench import BenchResult, BenchTarget, bench_latency, to_markdown
-from graphprune.bench.report import atomic_write, write_plot
+from graphprune.bench.report import write_plot
 from graphprune.errors import ConfigError
+from graphprune.fileio import publish, staging_dir, write_text
 from graphprune.kernels import KernelLinear
 from graphprune.models import LoadedModel, load_model
 from graphprune.pipeline.jobs import BenchJob, ExportJob
@@ -195,10 +196,12 @@ def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
     }
     if job.out is not None:
         out = Path(job.out)
-        md = atomic_write(out / "latency.md", bench_markdown(result, info, load).encode())
         data = result.to_dict() | {"targets": info}
-        js = atomic_write(out / "latency.json", (json.dumps(data, indent=2) + "\n").encode())
-        png = write_plot(result, out / "latency.png", title=f"speedup vs {result.baseline} ({result.machine.get('cpu')})")
+        with staging_dir(out / "latency.md") as stage:  # the three files land together or not at all
+            write_text(stage / "latency.md", bench_markdown(result, info, load))
+            write_text(stage / "latency.json", json.dumps(data, indent=2) + "\n")
+            write_plot(result, stage / "latency.png", title=f"speedup vs {result.baseline} ({result.machine.get('cpu')})")
+            md, js, png = publish([stage / "latency.md", stage / "latency.json", stage / "latency.png"], out)
         summary["files"] = {"markdown": str(md), "json": str(js), "plot": str(png)}
     summary["result"] = result
     return summary

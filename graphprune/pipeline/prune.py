@@ -32,14 +32,35 @@ from graphprune.models.loader import check_finite
 from graphprune.passes.checkpoint import StageCheckpoint
 from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb
-from graphprune.passes.prune import PruneConfig, StageIO, parse_rules, prune_pass
+from graphprune.passes.prune import LayerRule, PruneConfig, StageIO, parse_rules, prune_pass
 from graphprune.passes.rotate import LearnConfig, RotatePass
 from graphprune.passes.slice import SlicePass
 from graphprune.pipeline.checkpoints import open_checkpoint
 from graphprune.pipeline.jobs import EvalJob, PruneJob
-from graphprune.solvers import SparsitySpec, get_solver
+from graphprune.solvers import SolverInfo, SparsitySpec, get_solver
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What a :class:`PruneJob` asks for, validated once: the rotation (``None`` for none),
+    whether it prunes, the sparsity target, the override rules and the solver."""
+
+    rotation: str | None
+    prunes: bool
+    spec: SparsitySpec
+    rules: list[LayerRule]
+    solver: SolverInfo
+
+    @classmethod
+    def of(cls, job: PruneJob) -> "PrunePlan":
+        """Validate ``job`` (rotation, sparsity, overrides, method) before anything is loaded."""
+        rotation = job.rotation_source()
+        prunes = job.prunes()
+        spec = job.spec() if prunes else SparsitySpec(0.0)
+        solver = get_solver(job.method)  # unknown method -> clear error before loading anything
+        return cls(rotation, prunes, spec, parse_rules(job.overrides, spec), solver)
 
 
 @dataclass
@@ -93,15 +114,11 @@ def run_prune(
     t0 = time.perf_counter()
     dist = current()  # torchrun: every rank runs this; rank 0 writes files and shows progress
     progress = progress and dist.is_main
-    rotation = job.rotation_source()
-    prunes = job.prunes()
-    spec = job.spec() if prunes else SparsitySpec(0.0)
-    solver = get_solver(job.method)  # unknown method -> clear error before loading anything
-    parse_rules(job.overrides, spec)  # bad override values too
+    plan = PrunePlan.of(job)
     if job.out is not None:
         check_output_dir(job.out, job.overwrite)  # on every rank, so all stop together
     if job.lazy:
-        check_lazy(job, rotation, solver.needs_grad, finish is not None)
+        check_lazy(job, plan.rotation, plan.solver.needs_grad, finish is not None)
     torch.manual_seed(job.seed)
     source: SafetensorsSource | None = None
     if job.lazy:
@@ -127,47 +144,47 @@ def run_prune(
         writer = ShardedWriter(job.out, job.overwrite) if dist.is_main else None
         retarget_meta(gm)  # the skeleton was traced on the meta device
         stage_io = LazyStageIO(LazyWeights(gm, source.get), writer)
-    passes = build_passes(job, gm, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io)
-    manager = PassManager(passes, ctx)
-    try:
+    try:  # lazy: any failure until the folder is published removes the shards written so far
+        passes = build_passes(job, gm, plan=plan, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io)
+        manager = PassManager(passes, ctx)
         gm = manager.run(gm)
+        t_prune = time.perf_counter()
+        pruned = gm.state.prune_report
+        report: dict[str, Any] = dict(pruned) if pruned is not None else {"method": "none", "pattern": "dense", "achieved_sparsity": 0.0}
+        report.update(
+            {
+                "model": loaded.name,
+                "job": {k: v for k, v in asdict(job).items() if k not in ("overwrite",)},
+                "solver": plan.solver.description if plan.prunes else "none",
+                "load_seconds": round(t_load - t0, 2),
+                "capture_seconds": round(t_capture - t_load, 2),
+                "prune_seconds": round(t_prune - t_capture, 2),
+                "parameters_before": parameters_before,
+                "parameters_after": parameter_count(loaded.model),
+            }
+        )
+        if plan.rotation is not None:
+            report.update(_rotation_report(gm, manager))
+        if job.evaluate:
+            res = sharded_perplexity(gm, splits.eval_windows(job.eval_len), dist, progress=progress)
+            report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
+        if dist.active:
+            report["processes"] = dist.world
+        report["total_seconds"] = round(time.perf_counter() - t0, 2)
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        outcome = PruneOutcome(gm, loaded, report)
+        if stage_io is not None:
+            report["lazy"] = stage_io.summary()
+            if dist.is_main:
+                stage_io.finish(loaded.model, loaded.tokenizer, report)
+        elif job.out is not None and dist.is_main:
+            _check_exportable(gm)
+            extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
+            save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
     except BaseException:
         if stage_io is not None:
             stage_io.abort()
         raise
-    t_prune = time.perf_counter()
-    pruned = gm.state.prune_report
-    report: dict[str, Any] = dict(pruned) if pruned is not None else {"method": "none", "pattern": "dense", "achieved_sparsity": 0.0}
-    report.update(
-        {
-            "model": loaded.name,
-            "job": {k: v for k, v in asdict(job).items() if k not in ("overwrite",)},
-            "solver": solver.description if prunes else "none",
-            "load_seconds": round(t_load - t0, 2),
-            "capture_seconds": round(t_capture - t_load, 2),
-            "prune_seconds": round(t_prune - t_capture, 2),
-            "parameters_before": parameters_before,
-            "parameters_after": parameter_count(loaded.model),
-        }
-    )
-    if rotation is not None:
-        report.update(_rotation_report(gm, manager))
-    if job.evaluate:
-        res = sharded_perplexity(gm, splits.eval_windows(job.eval_len), dist, progress=progress)
-        report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
-    if dist.active:
-        report["processes"] = dist.world
-    report["total_seconds"] = round(time.perf_counter() - t0, 2)
-    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
-    outcome = PruneOutcome(gm, loaded, report)
-    if stage_io is not None:
-        report["lazy"] = stage_io.summary()
-        if dist.is_main:
-            stage_io.finish(loaded.model, loaded.tokenizer, report)
-    elif job.out is not None and dist.is_main:
-        _check_exportable(gm)
-        extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
-        save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
     if checkpoint is not None:
         checkpoint.remove()
     dist.barrier()  # every rank returns once rank 0 has written the outputs
@@ -192,16 +209,18 @@ def build_passes(
     job: PruneJob,
     gm: GraphModel,
     *,
+    plan: PrunePlan | None = None,
     on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
     checkpoint: StageCheckpoint | None = None,
     stage_io: StageIO | None = None,
 ) -> list[Pass]:
     """The passes of ``job`` on ``gm``: fold, rotate and slice (with a rotation), then the
-    calibrate-and-prune pass (unless the job only rotates). The one place that wires them."""
-    spec = job.spec() if job.prunes() else SparsitySpec(0.0)
-    passes = _rotation_passes(job, job.rotation_source(), spec, gm)
-    if job.prunes():
-        config = PruneConfig(job.method, spec, parse_rules(job.overrides, spec), dict(job.options), job.refine_steps, job.batch_size)
+    calibrate-and-prune pass (unless the job only rotates). The one place that wires them.
+    ``plan`` is ``PrunePlan.of(job)`` when the caller has already validated the job."""
+    plan = plan or PrunePlan.of(job)
+    passes = _rotation_passes(job, plan.rotation, plan.spec, gm)
+    if plan.prunes:
+        config = PruneConfig(job.method, plan.spec, plan.rules, dict(job.options), job.refine_steps, job.batch_size)
         passes.append(prune_pass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))
     return passes
 

@@ -271,6 +271,18 @@ def test_bench(code, phase, root, monkeypatch, capsys) -> None:
     assert snapshot(root) == {}
 
 
+def test_bench_files_land_all_or_none(root, monkeypatch, capsys) -> None:
+    """Only the plot's write fails: the table and the JSON, already written, must not be left
+    alone in the folder (a report without its plot, or a plot from an older run beside them)."""
+    out = root / "bench" / "run"
+    faults = Faults(monkeypatch, root, ENOSPC, "write", only=lambda p: "png" in p.name)
+    args = ["bench", "tiny-llama", "--runtimes", "eager", "--cases", "c=1x4", "--repeats", "1", "--warmup", "0", "--out", str(out)]
+    line = one_line_failure(args, capsys)
+    assert faults.hits and all("png" in p.name for p in faults.hits)
+    check_line(line, ENOSPC, out)
+    assert snapshot(root) == {}
+
+
 @pytest.mark.parametrize("code, phase, existing", [(ENOSPC, "write", False), (EACCES, "create", False), (EACCES, "rename", True)])
 def test_convert(code, phase, existing, root, monkeypatch, capsys) -> None:
     out = root / "converted"

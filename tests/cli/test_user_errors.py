@@ -18,8 +18,7 @@ from graphprune.graph.capture import capture
 from graphprune.models import load_model
 from graphprune.models.tiny import random_tokens, tiny_llama
 from graphprune.passes.infra import PassContext, PassManager
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import PruneConfig, SequentialPrunePass
+from graphprune.passes.prune import PruneConfig, prune_pass
 from graphprune.pipeline import EvalJob, PruneJob
 from graphprune.solvers import SparsitySpec
 
@@ -64,7 +63,7 @@ def test_non_finite_statistics_name_the_observer(tiny_gm) -> None:
     config = PruneConfig("sparsegpt", SparsitySpec(0.5))
     ctx = PassContext(progress=False, verify=False, calibration=random_tokens(2, 8, seed=1))
     with pytest.raises(SolverError, match=r"calibration statistics of model\.layers\.0\.\S+ contain NaN/Inf"):
-        PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(tiny_gm)
+        PassManager([prune_pass(config)], ctx).run(tiny_gm)
 
 
 def test_pickled_checkpoints_are_refused(tmp_path, capsys) -> None:

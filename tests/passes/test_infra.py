@@ -154,6 +154,38 @@ def test_sequential_composes_and_instruments_see_every_pass(tiny_gm) -> None:
         PassManager([Sequential([NeedsObserversMarker()], name="lonely")]).run(tiny_gm)
 
 
+class Writes(Pass):
+    """In place, not function-preserving: scales the first block Linear (no failure)."""
+
+    def run(self, gm, ctx):
+        li = gm.block_linears()[0]
+        gm.set_weight(li.weight, gm.get_attr(li.weight) * 3.0)
+        return PassResult(gm, True)
+
+
+def test_nested_members_share_the_outer_instruments_and_snapshot(tiny_gm, tokens, caplog, monkeypatch) -> None:
+    gm = tiny_gm
+    logits = gm(tokens)
+    snapshots: list[int] = []
+    take = type(gm).snapshot
+
+    def counting(self):
+        snapshots.append(1)
+        return take(self)
+
+    monkeypatch.setattr(type(gm), "snapshot", counting)
+    inner = Sequential([Writes(), FailsMidway()], name="inner")
+    with caplog.at_level("INFO", logger="graphprune.passes.infra"), pytest.raises(SolverError):
+        PassManager([Sequential([inner], name="outer")], PassContext(progress=True, rollback="all")).run(gm)
+    # one snapshot (the outermost) covers both members: the first member's write is undone too
+    assert len(snapshots) == 1
+    assert torch.equal(gm(tokens), logits)
+    # one Progress instrument across the levels: members are indented under their Sequential
+    lines = [r.getMessage() for r in caplog.records if "pass " in r.getMessage()]
+    assert lines[:3] == [f"pass outer on {gm.name}", f"  pass inner on {gm.name}", f"    pass Writes on {gm.name}"]
+    assert "    pass FailsMidway failed: boom" in lines
+
+
 class NeedsObserversMarker(Pass):
     requires = frozenset({Prop.OBSERVERS})
     establishes = frozenset({"test.marked"})

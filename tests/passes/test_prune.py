@@ -8,8 +8,8 @@ from graphprune.errors import ConfigError, DataError
 from graphprune.graph.model import GraphModel
 from graphprune.models.tiny import random_tokens
 from graphprune.passes.infra import PassContext, PassManager
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import PruneConfig, SequentialPrunePass, parse_rules
+from graphprune.passes.observe import InsertObserversPass
+from graphprune.passes.prune import PruneConfig, SequentialPrunePass, parse_rules, prune_pass
 from graphprune.solvers import SparsitySpec
 
 
@@ -18,7 +18,7 @@ def _prune(gm, method="magnitude", spec=None, keep_stats=False, calib=None, rule
     calib = random_tokens(8, 24, seed=11) if calib is None else calib
     config = PruneConfig(method, spec, list(rules), batch_size=3, keep_stats=keep_stats)
     ctx = PassContext(progress=False, calibration=calib)
-    return PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(gm), calib
+    return PassManager([prune_pass(config)], ctx).run(gm), calib
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])

@@ -113,6 +113,29 @@ def test_a_failed_lazy_run_leaves_no_folder(folder: Path, tmp_path: Path) -> Non
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".z")]  # no staging folder left behind
 
 
+def test_a_lazy_run_failing_after_its_passes_leaves_no_folder(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block is written when the failure comes (here: the report summary), so only a
+    cleanup around the whole run, not just around the passes, removes the shards."""
+
+    def fail(self: LazyStageIO) -> dict[str, object]:
+        raise OSError(28, "No space left on device")
+
+    aborted: list[bool] = []
+    abort = LazyStageIO.abort
+
+    def spy(self: LazyStageIO) -> None:
+        aborted.append(True)
+        abort(self)
+
+    monkeypatch.setattr(LazyStageIO, "summary", fail)
+    monkeypatch.setattr(LazyStageIO, "abort", spy)
+    with pytest.raises(OSError, match="No space left"):
+        run_prune(_job(folder, tmp_path / "w", True), progress=False)
+    assert aborted == [True]  # removed at once, not left to garbage collection
+    assert not (tmp_path / "w").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".w")]
+
+
 def test_cli_lazy_and_recipe_key(folder: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli"
     assert main(["prune", "--model", str(folder), "--method", "magnitude", "--sparsity", "0.5", "--lazy", "--out", str(out), "-q"]) == 0

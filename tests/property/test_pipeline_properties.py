@@ -22,8 +22,7 @@ from graphprune.exporters.hf import save_hf_folder
 from graphprune.graph.model import GraphModel
 from graphprune.models.tiny import _finish, random_tokens
 from graphprune.passes.infra import PassContext, PassManager
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass
-from graphprune.passes.prune import PruneConfig, SequentialPrunePass, parse_rules
+from graphprune.passes.prune import PruneConfig, parse_rules, prune_pass
 from graphprune.solvers import SparsitySpec
 
 
@@ -97,7 +96,7 @@ def test_random_pipelines_keep_their_invariants(model, pipes, tmp_path_factory) 
         before = {li.name: gm.get_attr(li.weight).detach().clone() for li in gm.block_linears()}
         # verify=True: the manager checks on ``probe`` that the observer passes leave the logits unchanged
         ctx = PassContext(progress=False, verify=True, probe=probe, calibration=calib)
-        gm = PassManager([InsertObserversPass(), SequentialPrunePass(config), RemoveObserversPass()], ctx).run(gm)
+        gm = PassManager([prune_pass(config)], ctx).run(gm)
         masks = gm.state.masks
         for li in gm.block_linears():
             w = gm.get_attr(li.weight).detach()
