@@ -1,4 +1,4 @@
-"""Command line: ``graphprune inspect | eval | prune | export | bench | run``.
+"""Command line: ``graphprune inspect | eval | prune | export | generate | bench | convert | run``.
 
 User errors (any :class:`graphprune.errors.GraphPruneError`) print one clear line and
 exit with status 2; no traceback. So do outputs that cannot be written (no space, no
@@ -83,12 +83,33 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", parents=[common], help="export a model folder to ONNX or TorchScript, check parity")
     p.add_argument("model", metavar="DIR", help="model folder (or a built-in model name / .gguf file)")
     p.add_argument("--format", choices=["onnx", "torchscript"], required=True)
-    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx / .pt file to write")
+    p.add_argument("--out", required=True, metavar="PATH", help="the .onnx / .pt file to write (a folder with --for generation)")
+    p.add_argument(
+        "--for", dest="purpose", choices=["logits", "generation"], default="logits",
+        help="logits: input_ids -> logits of every position (default); generation: a folder with a KV-cache model "
+        "(last-position logits), its tokenizer and generation.json, for `graphprune generate` and decode benchmarks",
+    )
+    p.add_argument("--check-tokens", type=int, default=32, help="--for generation: greedy tokens the file must reproduce (0: no check)")
     p.add_argument("--sparse-initializers", action="store_true", help="ONNX: store mostly-zero weights compactly")
     p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logits difference| vs PyTorch (default 1e-3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    p = sub.add_parser("generate", parents=[common], help="generate text from a model or a generation export")
+    p.add_argument("--model", default=None, help="model folder, built-in name, .gguf file or generation export folder (default smollm2-135m)")
+    p.add_argument("--prompt", action="append", required=True, help="the prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--runtime", choices=["eager", "torchscript", "onnxruntime"], default="eager",
+        help="where a model runs (an export runs in its own format's runtime); torchscript/onnxruntime export it first",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: unchanged)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("bench", parents=[common], help="latency of models side by side (first = baseline)")
     p.add_argument("targets", nargs="+", metavar="TARGET", help="model folders (or built-in names); the first is the baseline")
@@ -242,9 +263,35 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from graphprune.pipeline.export_bench import export_line
 
     _quiet_onnx_exporter(args)
-    job = ExportJob(args.model, args.format, args.out, args.sparse_initializers, args.overwrite, args.trust_remote_code, args.atol)
+    job = ExportJob(
+        args.model, args.format, args.out, args.sparse_initializers, args.overwrite, args.trust_remote_code, args.atol,
+        purpose=args.purpose, check_tokens=args.check_tokens,
+    )
     res = run_export(job)
     print(json.dumps(res, indent=2) if args.json else export_line(res))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from graphprune.models import DEFAULT_MODEL
+    from graphprune.pipeline import GenerateJob, run_generate
+
+    _quiet_onnx_exporter(args)
+    job = GenerateJob(
+        args.model or DEFAULT_MODEL, list(args.prompt), args.max_new_tokens, args.runtime, args.temperature, args.top_k,
+        args.seed, args.threads, args.trust_remote_code,
+    )
+    res = run_generate(job, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    for prompt, text in zip(res["prompts"], res["texts"], strict=True):
+        print(prompt + text)
+    print(
+        f"{res['model']} ({res['runtime']}, {res['sampling']}): {res['new_tokens']} new tokens, first token after "
+        f"{res['ttft_ms']:.0f} ms, then {res['tokens_per_s']:.1f} tokens/s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -305,7 +352,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 DISTRIBUTED_COMMANDS = ("prune", "run", "eval")
 COMMANDS = {
     "convert": _cmd_convert, "inspect": _cmd_inspect, "eval": _cmd_eval, "prune": _cmd_prune,
-    "export": _cmd_export, "bench": _cmd_bench, "run": _cmd_run,
+    "export": _cmd_export, "generate": _cmd_generate, "bench": _cmd_bench, "run": _cmd_run,
 }
 
 

@@ -79,7 +79,7 @@ def _run_onnxruntime(path: Path, inputs: list[Tensor]) -> list[np.ndarray]:
         raise ExportError(f"onnxruntime could not run the exported model: {exc}") from exc
 
 
-def _raw_bytes(model: onnx.ModelProto) -> int:
+def raw_bytes(model: onnx.ModelProto) -> int:
     graph = model.graph
     dense = sum(len(t.raw_data) for t in graph.initializer)
     return dense + sum(len(s.values.raw_data) + len(s.indices.raw_data) for s in graph.sparse_initializer)
@@ -131,7 +131,7 @@ def export_onnx(
     dense_bytes = None
     coo = packed = 0
     if mode:
-        raw = _raw_bytes(proto)
+        raw = raw_bytes(proto)
         dense_bytes = proto.ByteSize() if raw < SINGLE_FILE_LIMIT else raw  # ByteSize overflows past 2 GB
         stats = sparsify_initializers(proto, mode)
         coo, packed = stats.coo, stats.bitmask
@@ -143,7 +143,7 @@ def export_onnx(
             stats.bytes_after,
         )
 
-    external = _raw_bytes(proto) >= SINGLE_FILE_LIMIT
+    external = raw_bytes(proto) >= SINGLE_FILE_LIMIT
     data_name = final.name + ".data"
     with staging_dir(final) as stage:
         staged = stage / final.name

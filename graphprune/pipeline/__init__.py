@@ -1,8 +1,9 @@
 """The driver layer: one-call pipelines behind the CLI, the recipes and the benchmarks.
 
-* :mod:`~graphprune.pipeline.jobs` -- typed jobs (``PruneJob``, ``EvalJob``, ``ExportJob``, ``BenchJob``);
+* :mod:`~graphprune.pipeline.jobs` -- typed jobs (``PruneJob``, ``EvalJob``, ``ExportJob``, ``GenerateJob``, ``BenchJob``);
 * :mod:`~graphprune.pipeline.prune` -- ``run_prune`` / ``run_eval`` and the pass pipelines they build;
 * :mod:`~graphprune.pipeline.export_bench` -- ``run_export`` / ``run_bench``;
+* :mod:`~graphprune.pipeline.generate` -- ``run_generate`` (``graphprune generate``);
 * :mod:`~graphprune.pipeline.checkpoints` -- which checkpoint belongs to which job;
 * :mod:`~graphprune.pipeline.steps` -- ``PipelineJob`` (a prune job plus export and bench
   steps, what ``graphprune run`` executes) and ``run_pipeline``.
@@ -11,7 +12,8 @@ This package is the only place that wires passes together into a pipeline; every
 below it (passes, solvers, graph, exporters) knows nothing of jobs.
 """
 from graphprune.pipeline.export_bench import run_bench, run_export
-from graphprune.pipeline.jobs import BenchJob, EvalJob, ExportJob, PruneJob
+from graphprune.pipeline.generate import run_generate
+from graphprune.pipeline.jobs import BenchJob, EvalJob, ExportJob, GenerateJob, PruneJob
 from graphprune.pipeline.prune import PruneOutcome, PrunePlan, build_passes, run_eval, run_prune
 from graphprune.pipeline.steps import BenchStep, ExportStep, PipelineJob, Step, run_pipeline
 
@@ -21,6 +23,7 @@ __all__ = [
     "EvalJob",
     "ExportJob",
     "ExportStep",
+    "GenerateJob",
     "PipelineJob",
     "PruneJob",
     "PruneOutcome",
@@ -30,6 +33,7 @@ __all__ = [
     "run_bench",
     "run_eval",
     "run_export",
+    "run_generate",
     "run_pipeline",
     "run_prune",
 ]

@@ -67,6 +67,8 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     job.validate()
     t0 = time.perf_counter()
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
+    if job.purpose == "generation":
+        return _export_generation(job, loaded, t0)
     if job.format == "onnx":
         report = export_onnx(loaded.model, job.out, sparse_initializers=job.sparse_initializers, atol=job.atol)
     else:
@@ -85,12 +87,44 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     return res
 
 
+def _export_generation(job: ExportJob, loaded: LoadedModel, t0: float) -> dict[str, Any]:
+    from graphprune.exporters.generation import export_generation
+
+    report = export_generation(
+        loaded.model, job.out, format=cast(Any, job.format), tokenizer=loaded.tokenizer,
+        check_tokens=job.check_tokens, atol=job.atol, overwrite=job.overwrite,
+    )
+    res = report.to_dict()
+    res.update(
+        {
+            "model": loaded.name,
+            "source": job.model,
+            "purpose": "generation",
+            "folder": job.out,
+            "parameters": sum(p.numel() for p in loaded.model.parameters()),
+            **linear_sparsity(loaded.model),
+            "checked_in": "onnxruntime (CPUExecutionProvider)" if job.format == "onnx" else "torch.jit.load",
+            "total_seconds": round(time.perf_counter() - t0, 2),
+        }
+    )
+    return res
+
+
 def mib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**20:.1f} MiB"
 
 
 def export_line(res: dict[str, Any]) -> str:
     """One human line for an export result."""
+    if res.get("purpose") == "generation":
+        check = "no decoding check"
+        if res["check_tokens"]:
+            agree = "the same tokens" if res["tokens_equal"] else f"the same tokens up to a tie at step {res['tie_divergences'][0]['step']}"
+            check = f"{res['check_tokens']} greedy tokens from 2 prompts in {res['checked_in']}: {agree}, max |dlogits| {res['max_abs_diff']:.2g}"
+        return (
+            f"{res['model']}: wrote {res['folder']} (generation, {res['format']} with KV cache: {mib(res['bytes'])}, "
+            f"{len(res['layout']['keys'])} layers); weight sparsity {res['sparsity']:.3f}; {check}; {res['total_seconds']:.1f}s"
+        )
     size = mib(res["bytes"])
     if res.get("dense_bytes"):
         size = (

@@ -18,6 +18,7 @@ from graphprune.models.tiny import TINY_MODELS
 from graphprune.solvers import SparsitySpec
 
 FORMATS = ("onnx", "torchscript")
+PURPOSES = ("logits", "generation")
 CASES = {c.name: c for c in PROTOCOL_CASES}
 _CUSTOM_CASE = re.compile(r"^([A-Za-z_][\w-]*)=(\d+)x(\d+)$")
 
@@ -119,6 +120,11 @@ class ExportJob:
     trust_remote_code: bool = False
     #: logits of a real LM are O(10); float32 reassociation over many layers reaches ~1e-4 absolute
     atol: float = 1e-3
+    #: ``"logits"``: one file, ``input_ids -> logits`` of every position; ``"generation"``: a
+    #: folder with a KV-cache model file, its tokenizer and generation.json
+    purpose: str = "logits"
+    #: greedy tokens a generation export must reproduce from eager PyTorch
+    check_tokens: int = 32
 
     def validate(self) -> None:
         """Check the job before loading anything (cheap errors first)."""
@@ -126,14 +132,54 @@ class ExportJob:
             raise ConfigError(f"--atol must be > 0, got {self.atol}.")
         if self.format not in FORMATS:
             raise ConfigError(f"unknown export format {self.format!r}; choose from {list(FORMATS)}.")
+        if self.purpose not in PURPOSES:
+            raise ConfigError(f"unknown export purpose {self.purpose!r} (--for); choose from {list(PURPOSES)}.")
         if self.sparse_initializers and self.format != "onnx":
             raise ConfigError("--sparse-initializers applies to --format onnx only (TorchScript stores the weights as they are).")
+        if self.check_tokens < 0:
+            raise ConfigError(f"--check-tokens must be >= 0, got {self.check_tokens}.")
         out = Path(self.out)
+        if self.purpose == "generation":
+            if self.sparse_initializers:
+                raise ConfigError("--sparse-initializers applies to logits exports only; drop it with --for generation.")
+            if out.is_file():
+                raise ExportError(f"output {out} is a file; --for generation writes a folder (model file, tokenizer, generation.json): give a folder name.")
+            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+                raise ExportError(f"output {out} already exists; choose another --out or pass --overwrite.")
+            check_model_spec(self.model)
+            return
         if out.is_dir():
             raise ExportError(f"output {out} is a folder; give a file name, e.g. {out / ('model.onnx' if self.format == 'onnx' else 'model.pt')}.")
         if out.exists() and not self.overwrite:
             raise ExportError(f"output {out} already exists; choose another --out or pass --overwrite.")
         check_model_spec(self.model)
+
+
+@dataclass
+class GenerateJob:
+    """Everything ``graphprune generate`` needs."""
+
+    model: str
+    prompts: list[str]
+    max_new_tokens: int = 64
+    runtime: str = "eager"
+    temperature: float = 0.0
+    top_k: int = 0
+    seed: int = 0
+    threads: int | None = None
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"unknown runtime {self.runtime!r}; choose from {list(RUNTIMES)}.")
+        if not self.prompts or any(not p for p in self.prompts):
+            raise ConfigError("give a non-empty --prompt (repeat it for a batch).")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}.")
+        if self.temperature < 0 or self.top_k < 0:
+            raise ConfigError(f"--temperature and --top-k must be >= 0, got {self.temperature} and {self.top_k}.")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {self.threads}.")
 
 
 def parse_cases(names: Sequence[str]) -> list[Case]:

@@ -1,0 +1,273 @@
+"""Decoding loops over a KV-cache step function, in eager PyTorch, TorchScript or onnxruntime.
+
+A runner has one method, ``step(input_ids, attention_mask, position_ids, past) -> (logits,
+present)`` with the interface of :mod:`graphprune.exporters.generation`; :func:`generate` drives
+any runner: a prefill of the (left-padded) prompts, then one token per step with the cache,
+greedy or sampled, stopping at the end-of-text ids or ``max_new_tokens``. It times the first
+token (prefill plus the first pick) and the decode steps separately.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from graphprune.errors import ConfigError, ExportError
+from graphprune.exporters.kv import CacheLayout, KVCacheLM, read_description
+
+
+class Runner(Protocol):
+    layout: CacheLayout
+    name: str
+
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]: ...
+
+
+class EagerRunner:
+    """The Hugging Face model itself, through :class:`KVCacheLM` (the reference)."""
+
+    name = "eager"
+
+    def __init__(self, model: nn.Module, layout: CacheLayout | None = None) -> None:
+        self.layout = layout or CacheLayout.probe(model)
+        self.module = KVCacheLM(model, self.layout).eval()
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        logits, *present = self.module(input_ids, attention_mask, position_ids, *past)
+        return logits, present
+
+
+class TorchScriptRunner:
+    """A generation ``model.pt`` loaded with ``torch.jit.load``."""
+
+    name = "torchscript"
+
+    def __init__(self, path: Path, layout: CacheLayout) -> None:
+        self.layout = layout
+        self.module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+
+    @torch.no_grad()
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        logits, *present = self.module(input_ids, attention_mask, position_ids, *past)
+        return logits, list(present)
+
+
+class OnnxRunner:
+    """A generation ``model.onnx`` in an onnxruntime session (CPUExecutionProvider)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, layout: CacheLayout, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.layout = layout
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ExportError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.inputs = layout.input_names()
+        self.outputs = layout.output_names()
+
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        feeds = dict(zip(self.inputs, (t.numpy() for t in (input_ids, attention_mask, position_ids, *past)), strict=True))
+        logits, *present = self.session.run(self.outputs, feeds)
+        return torch.from_numpy(logits), [torch.from_numpy(p) for p in present]
+
+
+def load_runner(folder: str | Path, threads: int | None = None) -> Runner:
+    """The runner of a generation export folder (its ``generation.json`` names the format)."""
+    desc = read_description(folder)
+    layout = CacheLayout.from_dict(desc["layout"])
+    path = Path(folder) / desc["file"]
+    if desc["format"] == "onnx":
+        return OnnxRunner(path, layout, threads)
+    return TorchScriptRunner(path, layout)
+
+
+def left_padded(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> tuple[Tensor, Tensor]:
+    """Token id lists -> ``(input_ids, attention_mask)``, left-padded to the longest."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ConfigError("every prompt needs at least one token.")
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+@dataclass
+class Generation:
+    """Tokens a runner generated and how long it took.
+
+    Attributes:
+        tokens: ``[batch, new]`` generated ids (rows that stopped early are padded with their
+            end-of-text id).
+        logits: the logits of every step ``[batch, new, vocab]`` when asked for, else ``None``.
+        ttft_s: seconds from the start to the first generated token (prefill and first pick).
+        decode_s: seconds of the remaining steps.
+        steps: decode steps after the first token.
+    """
+
+    tokens: Tensor
+    ttft_s: float
+    decode_s: float
+    steps: int
+    logits: Tensor | None = None
+    per_step_s: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: tokens generated after the first, over all rows, per second."""
+        return self.steps * self.tokens.shape[0] / self.decode_s if self.decode_s > 0 else float("nan")
+
+
+def generate(
+    runner: Runner,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    *,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    stop_at_eos: bool = True,
+    keep_logits: bool = False,
+    on_token: Callable[[int, Tensor], None] | None = None,
+) -> Generation:
+    """Decode ``max_new_tokens`` tokens after ``input_ids`` (``[batch, seq]``, left-padded).
+
+    ``temperature == 0`` is greedy; otherwise sampling from the softmax at that temperature,
+    among the ``top_k`` best tokens when ``top_k > 0``, with a seeded generator. ``on_token``
+    is called with the step index and the new ``[batch]`` ids after every step.
+    """
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if temperature < 0 or top_k < 0:
+        raise ConfigError(f"temperature and top_k must be >= 0, got {temperature} and {top_k}.")
+    batch = input_ids.shape[0]
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    eos = torch.tensor(runner.layout.eos_token_ids or [-1], dtype=torch.long)
+    done = torch.zeros(batch, dtype=torch.bool)
+    out: list[Tensor] = []
+    kept: list[Tensor] = []
+    times: list[float] = []
+    past = runner.layout.empty_past(batch)
+    ids = input_ids.to(torch.long)
+    position = (mask.cumsum(1) - 1).clamp(min=0)
+    t0 = time.perf_counter()
+    t_first = t0
+    for step in range(max_new_tokens):
+        t_step = time.perf_counter()
+        logits, past = runner.step(ids, mask, position, past)
+        last = logits[:, -1, :].float()
+        if keep_logits:
+            kept.append(last)
+        nxt = _pick(last, temperature, top_k, gen)
+        if stop_at_eos and runner.layout.eos_token_ids:
+            nxt = torch.where(done, out[-1] if out else nxt, nxt)
+            done |= torch.isin(nxt, eos)
+        out.append(nxt)
+        now = time.perf_counter()
+        times.append(now - t_step)
+        if step == 0:
+            t_first = now
+        if on_token is not None:
+            on_token(step, nxt)
+        if stop_at_eos and bool(done.all()):
+            break
+        ids = nxt[:, None]
+        position = position[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones(batch, 1, dtype=torch.long)], dim=1)
+    t_end = time.perf_counter()
+    return Generation(
+        tokens=torch.stack(out, dim=1),
+        ttft_s=t_first - t0,
+        decode_s=t_end - t_first,
+        steps=len(out) - 1,
+        logits=torch.stack(kept, dim=1) if keep_logits else None,
+        per_step_s=times,
+    )
+
+
+def _pick(logits: Tensor, temperature: float, top_k: int, gen: torch.Generator) -> Tensor:
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    scaled = logits / temperature
+    if top_k > 0:
+        k = min(top_k, scaled.shape[-1])
+        threshold = scaled.topk(k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < threshold, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+
+def check_prompts(vocab: int, lengths: Sequence[int] = (11, 6), seed: int = 5) -> tuple[Tensor, Tensor]:
+    """Seeded random prompts of ``lengths`` tokens, left-padded into one batch."""
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+    return left_padded(prompts)
+
+
+def compare_greedy(reference: Runner, candidate: Runner, tokens: int, atol: float) -> tuple[float, bool, list[dict[str, Any]]]:
+    """Greedy-decode ``tokens`` tokens with both runners from the same prompts; the candidate
+    must give the reference's tokens, its logits within ``atol`` along the way.
+
+    Both decode freely (each from its own tokens). If they part, the step is accepted only
+    at a tie (the reference's two best logits closer than twice the measured difference);
+    later steps are then no longer comparable and the check stops there.
+
+    Returns ``(max |Δlogits|, tokens equal, ties)``; raises :class:`ExportError` otherwise.
+    """
+    ids, mask = check_prompts(reference.layout.vocab)
+    ref = generate(reference, ids, mask, max_new_tokens=tokens, stop_at_eos=False, keep_logits=True)
+    got = generate(candidate, ids, mask, max_new_tokens=tokens, stop_at_eos=False, keep_logits=True)
+    assert ref.logits is not None and got.logits is not None
+    same = (ref.tokens == got.tokens).all(dim=0)  # per step, over the batch
+    n = int(same.long().cumprod(0).sum())  # steps before the first divergence
+    upto = min(n + 1, tokens)  # the divergent step's logits are still comparable
+    diff = float((ref.logits[:, :upto] - got.logits[:, :upto]).abs().max())
+    name = f"{candidate.name} generation file"
+    if not diff <= atol:
+        raise ExportError(
+            f"the {name}'s logits differ from eager PyTorch by {diff:.3g} (> atol {atol:g}) within the first "
+            f"{upto} greedy steps; the file was not written."
+        )
+    ties: list[dict[str, Any]] = []
+    if n < tokens:
+        top2 = ref.logits[:, n].topk(2, dim=-1).values
+        margin = float((top2[:, 0] - top2[:, 1]).min())
+        if margin > 2 * max(diff, 1e-6):
+            raise ExportError(
+                f"the {name} decodes other tokens than eager PyTorch from step {n} "
+                f"(eager {ref.tokens[:, n].tolist()}, file {got.tokens[:, n].tolist()}; logits margin {margin:.3g}, "
+                f"difference {diff:.3g}); the file was not written."
+            )
+        ties.append({"step": n, "margin": margin, "max_abs_diff": diff})
+    return diff, n == tokens, ties
+
+
+__all__ = [
+    "EagerRunner",
+    "Generation",
+    "OnnxRunner",
+    "Runner",
+    "TorchScriptRunner",
+    "check_prompts",
+    "compare_greedy",
+    "generate",
+    "left_padded",
+    "load_runner",
+]
