@@ -114,7 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", parents=[common], help="latency of models side by side (first = baseline)")
     p.add_argument("targets", nargs="+", metavar="TARGET", help="model folders (or built-in names); the first is the baseline")
     p.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime"], help="eager, torchscript, onnxruntime")
-    p.add_argument("--cases", nargs="+", default=["prefill", "step", "throughput"], help="prefill, step, throughput or NAME=BxS")
+    p.add_argument(
+        "--cases", nargs="+", default=["prefill", "ttft", "decode"],
+        help="prefill (1x128), ttft (time to first token after 128 and 512 tokens), decode (64 tokens after 128 with "
+        "the KV cache, batch 1 and 8), step-nocache (1 token, no cache), throughput (8x512), or NAME=BxS (default: prefill ttft decode)",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed runs per model, runtime and case")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before them")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: unchanged)")

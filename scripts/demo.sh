@@ -33,7 +33,7 @@ graphprune export "$OUT/sparsegpt-50" --format onnx --sparse-initializers --out 
     > "$OUT/export.json"
 echo "[4/5] latency, dense vs pruned, eager / TorchScript / onnxruntime"
 # few repeats so the demo finishes; benchmarks/latency.py runs the full protocol (incl. throughput 8x512)
-graphprune bench "$MODEL" "$OUT/sparsegpt-50" --names dense sparsegpt-50 --cases prefill step --repeats 5 --warmup 1 \
+graphprune bench "$MODEL" "$OUT/sparsegpt-50" --names dense sparsegpt-50 --cases prefill step-nocache --repeats 5 --warmup 1 \
     --out "$OUT/bench" -q
 echo "[5/5] summary"
 python scripts/demo_summary.py "$OUT"

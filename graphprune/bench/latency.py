@@ -1,14 +1,20 @@
 """Latency harness: dense vs pruned models, side by side, in several runtimes.
 
-The measurement protocol defines three cases:
+Cases are of three kinds:
 
-* ``prefill`` -- batch 1, 128 tokens;
-* ``step`` -- batch 1, 1 token: one forward of a single token **without a KV cache**
-  (the exported graphs take ``input_ids`` only), so it measures the per-token cost of
-  the weights, not of attention over a cached context;
-* ``throughput`` -- batch 8, 512 tokens;
+* ``forward`` -- one call on ``[batch, seq]`` token ids, logits of every position, no
+  KV cache: ``prefill`` (1x128), ``throughput`` (8x512) and ``step-nocache`` (1x1: one token
+  *without* a cache, the per-token cost of the weights but not of a real decode step;
+  ``step`` is its former name);
+* ``ttft`` -- time to first token: a ``seq``-token prompt through the generation interface
+  (empty KV cache, last-position logits) and the pick of the first token: ``ttft-128``,
+  ``ttft-512`` (group ``ttft``);
+* ``decode`` -- ``new_tokens`` greedy tokens after a ``seq``-token prompt, one step at a
+  time with the KV cache; the time is that of the steps after the first token, and
+  tokens per second are ``batch * new_tokens / time``: ``decode-b1`` and ``decode-b8``
+  (64 tokens after 128, batch 1 and 8; group ``decode``).
 
-each timed ``repeats`` times after ``warmup`` untimed runs. Within a case and runtime
+Each is timed ``repeats`` times after ``warmup`` untimed runs. Within a case and runtime
 the targets are **interleaved**: repeat ``r`` runs every target once, in an order
 rotated by ``r``, so drift (thermal, other processes) hits all targets alike and
 per-repeat ratios are paired. Every record carries the median and the spread
@@ -17,7 +23,9 @@ target (``baseline time / target time``; > 1 means faster than the baseline).
 
 Runtimes: ``eager`` (the nn.Module under ``torch.inference_mode``), ``torchscript``
 (a given file, else the module traced in memory) and ``onnxruntime``
-(CPUExecutionProvider; a given file, else exported to a temporary file, unchecked).
+(CPUExecutionProvider, spin-waiting off; a given file, else exported to a temporary file,
+unchecked). ``ttft`` and ``decode`` cases run generation exports
+(:mod:`graphprune.exporters.generation`): a given folder, else one made in a temporary folder.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -42,16 +50,42 @@ from graphprune.errors import ConfigError
 RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
 
+CaseKind = Literal["forward", "ttft", "decode"]
+
+
 @dataclass(frozen=True)
 class Case:
-    """One input shape: ``batch`` sequences of ``seq`` tokens."""
+    """One measurement: ``batch`` sequences of ``seq`` tokens, of a kind (see the module
+    docstring); ``decode`` cases generate ``new_tokens`` tokens after the prompt."""
 
     name: str
     batch: int
     seq: int
+    kind: CaseKind = "forward"
+    new_tokens: int = 0
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.seq}" + (f"+{self.new_tokens}" if self.kind == "decode" else "")
 
 
-PROTOCOL_CASES = (Case("prefill", 1, 128), Case("step", 1, 1), Case("throughput", 8, 512))
+PROTOCOL_CASES = (
+    Case("prefill", 1, 128),
+    Case("step-nocache", 1, 1),
+    Case("throughput", 8, 512),
+    Case("ttft-128", 1, 128, "ttft"),
+    Case("ttft-512", 1, 512, "ttft"),
+    Case("decode-b1", 1, 128, "decode", 64),
+    Case("decode-b8", 8, 128, "decode", 64),
+)
+_BY_NAME = {c.name: c for c in PROTOCOL_CASES}
+#: every protocol case by name, groups (``ttft``, ``decode``) and the former name ``step``
+CASE_GROUPS: dict[str, tuple[Case, ...]] = {
+    **{c.name: (c,) for c in PROTOCOL_CASES},
+    "step": (_BY_NAME["step-nocache"],),
+    "ttft": (_BY_NAME["ttft-128"], _BY_NAME["ttft-512"]),
+    "decode": (_BY_NAME["decode-b1"], _BY_NAME["decode-b8"]),
+}
 
 
 @dataclass
@@ -64,12 +98,15 @@ class BenchTarget:
             used to make the TorchScript / ONNX artifact when no file is given.
         onnx: an ONNX file with input ``input_ids`` and output ``logits``.
         torchscript: a TorchScript file mapping ids to logits.
+        generation: generation export folders (``graphprune export --for generation``) by
+            runtime (``"onnxruntime"``, ``"torchscript"``), for the ``ttft`` and ``decode`` cases.
     """
 
     name: str
     model: nn.Module | None = None
     onnx: str | Path | None = None
     torchscript: str | Path | None = None
+    generation: dict[str, str | Path] = field(default_factory=dict)
 
 
 @dataclass
@@ -92,9 +129,23 @@ class LatencyRecord:
     speedup_q1: float
     speedup_q3: float
     times_s: list[float] = field(repr=False, default_factory=list)
+    kind: str = "forward"
+    new_tokens: int = 0
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.seq}" + (f"+{self.new_tokens}" if self.kind == "decode" else "")
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        """Decode cases: generated tokens (all rows) per second of the median run."""
+        return self.batch * self.new_tokens / self.median_s if self.kind == "decode" and self.median_s > 0 else None
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if self.kind == "decode":
+            data["tokens_per_s"] = self.tokens_per_s
+        return data
 
 
 @dataclass
@@ -221,6 +272,35 @@ def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | Non
     return run
 
 
+def _generation_runner(target: BenchTarget, runtime: str, threads: int | None, scratch: Path) -> Callable[[Case, Tensor], float]:
+    """A function timing one ``ttft`` or ``decode`` run of ``target`` in ``runtime``."""
+    from graphprune.exporters.runners import EagerRunner, generate, load_runner
+    from graphprune.exporters.runners import Runner as StepRunner
+
+    runner: StepRunner
+    if runtime == "eager":
+        if target.model is None:
+            raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
+        runner = EagerRunner(target.model)
+    else:
+        folder = target.generation.get(runtime)
+        if folder is None:
+            if target.model is None:
+                raise ConfigError(f"target {target.name!r} has neither a generation export for {runtime} nor a model to export.")
+            from graphprune.exporters.generation import export_generation
+
+            fmt: Literal["onnx", "torchscript"] = "onnx" if runtime == "onnxruntime" else "torchscript"
+            folder = export_generation(target.model, scratch.with_name(f"{scratch.name}-{runtime}-generation"), format=fmt, check_tokens=0).path.parent
+        runner = load_runner(folder, threads, spinning=False)
+
+    def run(case: Case, ids: Tensor) -> float:
+        if case.kind == "ttft":
+            return generate(runner, ids, max_new_tokens=1, stop_at_eos=False).ttft_s
+        return generate(runner, ids, max_new_tokens=case.new_tokens + 1, stop_at_eos=False).decode_s
+
+    return run
+
+
 def _check_available(target: BenchTarget, runtime: str) -> None:
     """Fail before any timing when a target cannot run in a runtime."""
     if runtime == "eager" and target.model is None:
@@ -290,7 +370,7 @@ def bench_latency(
     Args:
         targets: :class:`BenchTarget` list, or ``{name: model}``.
         runtimes: any of ``"eager"``, ``"torchscript"``, ``"onnxruntime"``.
-        cases: input shapes; default the protocol's prefill / step / throughput.
+        cases: what to time; default every protocol case (forward, ttft and decode).
         repeats: timed runs per (target, runtime, case).
         warmup: untimed runs before them.
         baseline: name of the target speedups are measured against (default: the first).
@@ -340,26 +420,34 @@ def bench_latency(
                 disable=not progress,
             )
         )
+        forward = [c for c in cases if c.kind == "forward"]
+        generating = [c for c in cases if c.kind != "forward"]
         for runtime in runtimes:
             bar.set_postfix_str(f"{runtime}: preparing")
-            runners = {
-                t.name: _make_runner(t, runtime, example, threads, tmp / f"target{i}") for i, t in enumerate(targets)
-            }
+            timers: dict[str, Callable[[Case, Tensor], float]] = {}
+            gen_timers: dict[str, Callable[[Case, Tensor], float]] = {}
+            for i, t in enumerate(targets):
+                if forward:
+                    run = _make_runner(t, runtime, example, threads, tmp / f"target{i}")
+                    timers[t.name] = lambda case, ids, run=run: _seconds(run, ids)  # type: ignore[misc]
+                if generating:
+                    gen_timers[t.name] = _generation_runner(t, runtime, threads, tmp / f"target{i}")
             for case in cases:
                 bar.set_postfix_str(f"{runtime} / {case.name}")
                 ids = inputs[case.name]
-                for run in runners.values():
+                timer = timers if case.kind == "forward" else gen_timers
+                for target in targets:
                     for _ in range(warmup):
-                        run(ids)
+                        timer[target.name](case, ids)
                         bar.update(1)
                 times: dict[str, list[float]] = {t.name: [] for t in targets}
                 for r in range(repeats):
                     shift = r % len(targets)
                     for target in targets[shift:] + targets[:shift]:
-                        times[target.name].append(_seconds(runners[target.name], ids))
+                        times[target.name].append(timer[target.name](case, ids))
                         bar.update(1)
                 records.extend(_records(times, baseline, runtime, case))
-            del runners
+            del timers, gen_timers
     return BenchResult(records=records, machine=machine, baseline=baseline, repeats=repeats, warmup=warmup)
 
 
@@ -388,6 +476,8 @@ def _records(times: dict[str, list[float]], baseline: str, runtime: str, case: C
                 speedup_q1=r1,
                 speedup_q3=r3,
                 times_s=list(values),
+                kind=case.kind,
+                new_tokens=case.new_tokens,
             )
         )
     return out

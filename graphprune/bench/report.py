@@ -69,13 +69,15 @@ def to_markdown(result: BenchResult, *, absolute: bool | None = None) -> str:
     for r in result.records:
         row = [
             r.case,
-            f"{r.batch}x{r.seq}",
+            r.shape,
             r.runtime,
             r.target,
             f"{r.speedup:.2f}x [{r.speedup_q1:.2f}, {r.speedup_q3:.2f}]",
         ]
         if show_ms:
             row.append(f"{r.median_s * 1e3:.3f} [{r.q1_s * 1e3:.3f}, {r.q3_s * 1e3:.3f}]")
+        if r.tokens_per_s is not None:
+            row[-1 if show_ms else 4] += f"; {r.tokens_per_s:.1f} tok/s"
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -63,14 +63,18 @@ class OnnxRunner:
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, layout: CacheLayout, threads: int | None = None) -> None:
+    def __init__(self, path: Path, layout: CacheLayout, threads: int | None = None, spinning: bool = True) -> None:
         import onnxruntime as ort
 
         self.layout = layout
+        self.path = path
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if not spinning:  # sessions timed in turn must not keep cores busy between runs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if threads:
             options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
@@ -84,13 +88,14 @@ class OnnxRunner:
         return torch.from_numpy(logits), [torch.from_numpy(p) for p in present]
 
 
-def load_runner(folder: str | Path, threads: int | None = None) -> Runner:
-    """The runner of a generation export folder (its ``generation.json`` names the format)."""
+def load_runner(folder: str | Path, threads: int | None = None, spinning: bool = True) -> Runner:
+    """The runner of a generation export folder (its ``generation.json`` names the format);
+    ``spinning=False`` keeps onnxruntime's threads from spin-waiting between runs."""
     desc = read_description(folder)
     layout = CacheLayout.from_dict(desc["layout"])
     path = Path(folder) / desc["file"]
     if desc["format"] == "onnx":
-        return OnnxRunner(path, layout, threads)
+        return OnnxRunner(path, layout, threads, spinning)
     return TorchScriptRunner(path, layout)
 
 

@@ -159,8 +159,10 @@ def summary_table(result: BenchResult) -> str:
             targets.append(r.target)
         if (r.case, r.runtime) not in rows:
             rows.append((r.case, r.runtime))
-        shapes[r.case] = f"{r.batch}x{r.seq}"
+        shapes[r.case] = r.shape
         cell = "1.00x" if r.target == result.baseline else f"{r.speedup:.2f}x [{r.speedup_q1:.2f}, {r.speedup_q3:.2f}]"
+        if r.tokens_per_s is not None:
+            cell += f" ({r.tokens_per_s:.1f} tok/s)"
         cells[(r.case, r.runtime, r.target)] = cell
     header = ["case", "runtime"] + [f"{t} (baseline)" if t == result.baseline else t for t in targets]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

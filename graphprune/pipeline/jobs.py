@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from graphprune.bench.latency import PROTOCOL_CASES, RUNTIMES, Case
+from graphprune.bench.latency import CASE_GROUPS, RUNTIMES, Case
 from graphprune.errors import ConfigError, ExportError, ModelLoadError
 from graphprune.models import DEFAULT_MODEL
 from graphprune.models.tiny import TINY_MODELS
@@ -19,7 +19,8 @@ from graphprune.solvers import SparsitySpec
 
 FORMATS = ("onnx", "torchscript")
 PURPOSES = ("logits", "generation")
-CASES = {c.name: c for c in PROTOCOL_CASES}
+#: the cases ``graphprune bench`` times unless told otherwise
+DEFAULT_CASES = ("prefill", "ttft", "decode")
 _CUSTOM_CASE = re.compile(r"^([A-Za-z_][\w-]*)=(\d+)x(\d+)$")
 
 
@@ -183,15 +184,17 @@ class GenerateJob:
 
 
 def parse_cases(names: Sequence[str]) -> list[Case]:
-    """``prefill``, ``step``, ``throughput`` (the protocol's) or custom ``NAME=BATCHxSEQ``."""
+    """Protocol cases and groups (``prefill``, ``ttft``, ``decode``, ``step-nocache``,
+    ``throughput``, ``ttft-512``, ...; see :mod:`graphprune.bench.latency`) or custom
+    forward cases ``NAME=BATCHxSEQ``."""
     cases: list[Case] = []
     for name in names:
-        if name in CASES:
-            cases.append(CASES[name])
+        if name in CASE_GROUPS:
+            cases.extend(CASE_GROUPS[name])
             continue
         m = _CUSTOM_CASE.match(name)
         if not m:
-            raise ConfigError(f"unknown case {name!r}; use {sorted(CASES)} or NAME=BATCHxSEQ such as short=1x16.")
+            raise ConfigError(f"unknown case {name!r}; use {sorted(CASE_GROUPS)} or NAME=BATCHxSEQ such as short=1x16.")
         batch, seq = int(m.group(2)), int(m.group(3))
         if batch < 1 or seq < 1:
             raise ConfigError(f"case {name!r} needs batch and sequence >= 1.")
@@ -207,7 +210,7 @@ class BenchJob:
 
     targets: Sequence[str]
     runtimes: Sequence[str] = RUNTIMES
-    cases: Sequence[str] = tuple(CASES)
+    cases: Sequence[str] = DEFAULT_CASES
     repeats: int = 10
     warmup: int = 2
     out: str | None = "out/bench"

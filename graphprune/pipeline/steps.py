@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar
 from torch import nn
 from tqdm.auto import tqdm
 
-from graphprune.bench import PROTOCOL_CASES, BenchTarget, Case, bench_latency, write_json, write_markdown
+from graphprune.bench import CASE_GROUPS, BenchTarget, Case, bench_latency, write_json, write_markdown
 from graphprune.errors import ConfigError
 from graphprune.exporters import ExportReport, export_onnx, export_torchscript
 from graphprune.models import load_model
@@ -137,7 +137,6 @@ class ExportStep(Step):
 
 
 # ---------------------------------------------------------------------------- bench
-_PROTOCOL = {c.name: c for c in PROTOCOL_CASES}
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ class BenchStep(Step):
 
     name: ClassVar[str] = "bench"
     runtimes: tuple[str, ...] = ("eager",)
-    cases: tuple[Case, ...] = (_PROTOCOL["prefill"], _PROTOCOL["step"])
+    cases: tuple[Case, ...] = (*CASE_GROUPS["prefill"], *CASE_GROUPS["step-nocache"])
     repeats: int = 10
     warmup: int = 2
     threads: int | None = None

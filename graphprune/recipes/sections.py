@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
-from graphprune.bench.latency import PROTOCOL_CASES, RUNTIMES, Case
+from graphprune.bench.latency import CASE_GROUPS, RUNTIMES, Case
 from graphprune.exporters.onnx_sparse import MODES
 from graphprune.passes.prune import parse_rules
 from graphprune.passes.rotate import SOURCES
@@ -25,7 +25,8 @@ from graphprune.pipeline.steps import BenchStep, ExportStep, OnnxExport, TorchSc
 from graphprune.recipes.validation import Either, NullIsEmpty, OneOrMore, OnOff, RecipeModel, blame, checked, not_one_of
 from graphprune.solvers import METHODS, SparsitySpec, get_solver
 
-PROTOCOL = {c.name: c for c in PROTOCOL_CASES}
+#: single protocol cases by name (``step`` is the former name of ``step-nocache``)
+PROTOCOL = {name: group[0] for name, group in CASE_GROUPS.items() if len(group) == 1}
 
 
 def _check_pattern(pattern: str) -> None:
@@ -156,7 +157,7 @@ class Export(RecipeModel):
 class BenchCase(RecipeModel):
     """An input shape: a protocol case by name (``prefill``) or ``{name, batch, seq}``; dumped the way it was written."""
 
-    name: str = Field(description="a protocol case (prefill, step, throughput) or a label")
+    name: str = Field(description="a protocol case (prefill, step-nocache, throughput, ttft-128, ttft-512, decode-b1, decode-b8) or a label")
     batch: int | None = Field(default=None, ge=1, description="sequences")
     seq: int | None = Field(default=None, ge=1, description="tokens")
 
@@ -195,7 +196,7 @@ class Bench(RecipeModel):
         default_factory=lambda: ["eager"], description="runtimes to time in"
     )
     cases: Annotated[list[BenchCase], OneOrMore, Field(min_length=1)] = Field(
-        default_factory=lambda: [BenchCase(name="prefill"), BenchCase(name="step")], description="protocol case names or {name, batch, seq}"
+        default_factory=lambda: [BenchCase(name="prefill"), BenchCase(name="step-nocache")], description="protocol case names or {name, batch, seq}"
     )
     repeats: int = Field(10, ge=1, description="timed runs per target, runtime and case")
     warmup: int = Field(2, ge=0, description="untimed runs before them")

@@ -241,3 +241,32 @@ def test_bad_targets(tmp_path: Path) -> None:
         bench_latency(
             [BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("eager",), vocab_size=VOCAB, progress=False
         )
+
+
+def test_generation_cases_time_prefill_and_cached_decode(tmp_path) -> None:
+    """ttft and decode cases run the KV-cache interface in every runtime (a sparse-kernel model
+    included) and report decode tokens per second; forward cases still run beside them."""
+    dense = tiny_llama().eval()
+    cases = [Case("fwd", 1, 8), Case("ttft-s", 1, 8, "ttft"), Case("decode-s", 2, 8, "decode", 4)]
+    result = bench_latency(
+        {"dense": dense, "pruned": _pruned(dense)}, ["eager", "torchscript", "onnxruntime"], cases, repeats=2, warmup=0, progress=False
+    )
+    keys = {(r.case, r.runtime, r.target) for r in result.records}
+    assert keys == {(c.name, rt, t) for c in cases for rt in ("eager", "torchscript", "onnxruntime") for t in ("dense", "pruned")}
+    for r in result.records:
+        assert r.kind == {"fwd": "forward", "ttft-s": "ttft", "decode-s": "decode"}[r.case]
+        if r.kind == "decode":
+            assert r.shape == "2x8+4" and r.tokens_per_s == pytest.approx(2 * 4 / r.median_s)
+            assert r.to_dict()["tokens_per_s"] == r.tokens_per_s
+        else:
+            assert r.tokens_per_s is None
+    assert "tok/s" in to_markdown(result)
+
+
+def test_case_groups_expand() -> None:
+    from graphprune.pipeline.jobs import parse_cases
+
+    names = [c.name for c in parse_cases(["prefill", "ttft", "decode", "step"])]
+    assert names == ["prefill", "ttft-128", "ttft-512", "decode-b1", "decode-b8", "step-nocache"]
+    decode = parse_cases(["decode-b8"])[0]
+    assert (decode.kind, decode.batch, decode.seq, decode.new_tokens) == ("decode", 8, 128, 64)

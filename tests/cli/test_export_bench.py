@@ -95,7 +95,7 @@ def test_bench_writes_table_plot_and_json(folder, tmp_path, capsys) -> None:
     assert data["targets"][0]["sparsity"] == 0 and data["targets"][1]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert {"cpu", "usable_cores", "torch", "onnxruntime", "load_average"} <= set(data["machine"])
     keys = {(r["case"], r["runtime"], r["target"]) for r in data["records"]}
-    assert keys == {(c, rt, t) for c in ("step", "tiny") for rt in ("eager", "torchscript") for t in ("tiny-llama", "tiny-50")}
+    assert keys == {(c, rt, t) for c in ("step-nocache", "tiny") for rt in ("eager", "torchscript") for t in ("tiny-llama", "tiny-50")}
     assert all(len(r["times_s"]) == 2 and r["median_s"] > 0 for r in data["records"])
     assert all(r["speedup"] == 1.0 for r in data["records"] if r["target"] == "tiny-llama")
     assert {(r["batch"], r["seq"]) for r in data["records"] if r["case"] == "tiny"} == {(2, 8)}

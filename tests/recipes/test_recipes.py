@@ -173,7 +173,7 @@ def test_shorthands() -> None:
     assert r.eval == Eval() and r.export == Export.model_validate({"onnx": {}}) and r.bench == Bench()
     assert Recipe.from_yaml("model: m\nprune: {sparsity: 0.5}\neval: false\nbench: {runtimes: torchscript, cases: step}\n").eval is None
     steps = Recipe.from_yaml("model: m\nprune: {sparsity: 0.5}\nbench: {runtimes: torchscript, cases: step}\n").steps()
-    assert steps == [BenchStep(runtimes=("torchscript",), cases=(Case("step", 1, 1),))]
+    assert steps == [BenchStep(runtimes=("torchscript",), cases=(Case("step-nocache", 1, 1),))]
     again = r.with_settings({"eval.length": 64, "bench": None})
     assert again.eval == Eval(length=64) and again.bench is None and r.bench == Bench()  # a copy; r is unchanged
 
@@ -183,7 +183,7 @@ def test_recipes_become_pipeline_jobs() -> None:
     assert job.prune.pattern == "2:4" and job.prune.overrides == {"*.down_proj": "skip"}
     assert job.steps == [
         ExportStep(onnx=OnnxExport(sparse_initializers=True)),
-        BenchStep(runtimes=("eager", "onnxruntime"), cases=(Case("prefill", 1, 128), Case("step", 1, 1)), repeats=10),
+        BenchStep(runtimes=("eager", "onnxruntime"), cases=(Case("prefill", 1, 128), Case("step-nocache", 1, 1)), repeats=10),
     ]
     smoke = Recipe.load(REPO / "recipes" / "tiny-smoke.yaml").to_pipeline()
     assert smoke.steps[0] == ExportStep(torchscript=TorchScriptExport(path="model.pt", check=False))
