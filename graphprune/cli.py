@@ -40,11 +40,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    p = sub.add_parser("eval", parents=[common], help="perplexity per the protocol")
+    p = sub.add_parser("eval", parents=[common], help="perplexity per the protocol (of a model, or of an exported .onnx / .pt file)")
     _add_model(p)
     _add_text(p)
     p.add_argument("--eval-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--tokenizer", default=None, metavar="DIR|MODEL",
+        help="for an exported .onnx/.pt file: its tokenizer (default: the file's folder)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
     p = sub.add_parser("prune", parents=[common], help="calibrate and prune stage by stage, save a model folder")
@@ -179,7 +183,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.pipeline import EvalJob, run_eval
 
-    res = run_eval(EvalJob(args.model, args.text, args.eval_len, args.batch_size, args.trust_remote_code), progress=not args.quiet)
+    job = EvalJob(args.model, args.text, args.eval_len, args.batch_size, args.trust_remote_code, tokenizer=args.tokenizer)
+    res = run_eval(job, progress=not args.quiet)
     if not _is_main():
         return 0  # rank 0 reports
     if args.json:

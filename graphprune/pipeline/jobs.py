@@ -44,6 +44,9 @@ class EvalJob:
     eval_len: int = 512
     batch_size: int = 4
     trust_remote_code: bool = False
+    #: for an exported file (``.onnx``, ``.pt``): where its tokenizer is (a folder with
+    #: tokenizer files, or a model ``load_model`` takes); default the file's own folder
+    tokenizer: str | None = None
 
 
 @dataclass

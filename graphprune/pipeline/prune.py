@@ -20,7 +20,7 @@ import torch
 
 from graphprune.data import TokenSplits, read_texts
 from graphprune.distributed import current
-from graphprune.errors import ConfigError, ExportError
+from graphprune.errors import ConfigError, ExportError, ModelLoadError
 from graphprune.eval import perplexity, sharded_perplexity
 from graphprune.exporters.hf import ShardedWriter, check_output_dir, save_hf_folder
 from graphprune.graph.edit import export_blockers, parameter_count
@@ -28,7 +28,7 @@ from graphprune.graph.lazy import LazyStageIO, LazyWeights, retarget_meta
 from graphprune.graph.model import GraphModel
 from graphprune.models import LoadedModel, load_model
 from graphprune.models.lazy import SafetensorsSource, load_lazy
-from graphprune.models.loader import check_finite
+from graphprune.models.loader import check_finite, load_tokenizer
 from graphprune.passes.checkpoint import StageCheckpoint
 from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb
@@ -80,8 +80,13 @@ def _splits(loaded: LoadedModel, text: Sequence[str]) -> TokenSplits:
     return TokenSplits.from_text(loaded.tokenizer, read_texts(text) if text else None)
 
 
+EXPORTED_SUFFIXES = (".onnx", ".pt")
+
+
 def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
-    """Perplexity of a model per the protocol."""
+    """Perplexity of a model per the protocol (a model, or an exported ``.onnx`` / ``.pt`` logits file)."""
+    if Path(job.model).suffix in EXPORTED_SUFFIXES:
+        return _eval_file(job, progress)
     t0 = time.perf_counter()
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
     check_length(loaded, job.eval_len, "--eval-len")
@@ -98,6 +103,64 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
         else:
             res = perplexity(logits, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
     return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
+
+
+def _eval_file(job: EvalJob, progress: bool) -> dict[str, Any]:
+    """Perplexity of the file that ships: an ONNX file in onnxruntime or a TorchScript file,
+    both ``input_ids -> logits`` as ``graphprune export`` writes them."""
+    t0 = time.perf_counter()
+    path = Path(job.model)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; give an exported .onnx or .pt file (graphprune export).")
+    tokenizer = _file_tokenizer(path, job)
+    logits_fn: Callable[[torch.Tensor], torch.Tensor]
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
+            raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
+        names = [i.name for i in session.get_inputs()]
+        if names != ["input_ids"]:
+            raise ConfigError(f"{path} takes {names}, not input_ids alone: evaluate a logits export (graphprune export without --for generation).")
+
+        def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(session.run(["logits"], {"input_ids": ids.numpy()})[0])
+
+        runtime = "onnxruntime (CPUExecutionProvider)"
+    else:
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+        except Exception as exc:  # torch raises RuntimeError for non-TorchScript files
+            raise ModelLoadError(f"{path} is not a TorchScript file torch.jit.load can read: {exc}") from exc
+
+        def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+            out = module(ids)
+            if not isinstance(out, torch.Tensor):
+                raise ConfigError(f"{path} does not return a logits tensor: evaluate a logits export (graphprune export without --for generation).")
+            return out
+
+        runtime = "torch.jit.load"
+    splits = TokenSplits.from_text(tokenizer, read_texts(job.text) if job.text else None)
+    with torch.no_grad():
+        res = perplexity(logits_fn, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+    return {"model": path.name, "runtime": runtime, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
+
+
+def _file_tokenizer(path: Path, job: EvalJob) -> Any:
+    spec = job.tokenizer
+    if spec is None:
+        try:
+            return load_tokenizer(path.parent)
+        except ModelLoadError as exc:
+            raise ConfigError(
+                f"{path.parent} holds no tokenizer for {path.name}; give --tokenizer (the model folder it was exported "
+                "from, or a built-in model name such as smollm2-135m)."
+            ) from exc
+    if Path(spec).is_dir():
+        return load_tokenizer(Path(spec), job.trust_remote_code)
+    return load_model(spec, trust_remote_code=job.trust_remote_code).tokenizer
 
 
 def run_prune(
