@@ -108,6 +108,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--load-note", default="", help="free text about the machine's load, written into the results")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument(
+        "--use", action="append", default=[], metavar="NAME=DIR",
+        help="use this pruned folder for NAME (e.g. sparsegpt-50=out/bench-models/smollm2-sparsegpt-50-<key>) instead of the one keyed by this commit",
+    )
     args = ap.parse_args()
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     import transformers
@@ -122,10 +126,12 @@ def main() -> None:
 
     loaded = {"dense": load_model(args.model)}
     sources = {"dense": f"load_model({args.model!r})"}
+    given = dict(item.split("=", 1) for item in args.use)
     for suffix in PATTERNS:
-        folder = pruned_folder(models_dir, args.model, args.method, suffix)
-        loaded[f"{args.method}-{suffix}"] = load_model(str(folder))
-        sources[f"{args.method}-{suffix}"] = f"run_prune -> {folder.name}"
+        name = f"{args.method}-{suffix}"
+        folder = Path(given[name]) if name in given else pruned_folder(models_dir, args.model, args.method, suffix)
+        loaded[name] = load_model(str(folder))
+        sources[name] = f"run_prune -> {folder.name}"
     sliced = models_dir / f"{folder_stem(args.model)}-{SLICED_SUFFIX}"
     if (sliced / "config.json").is_file():
         loaded["sliced-30"] = load_model(str(sliced))
