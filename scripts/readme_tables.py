@@ -7,7 +7,8 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
   with the commits the rows were measured at;
 * ``llmcompressor``: the side-by-side with llm-compressor (``llmcompressor.json``);
 * ``rotations``: rotations x solvers (``rotations.json``);
-* ``latency``: paired speed-ups per case and runtime (``latency.json``).
+* ``latency``: paired speed-ups per case and runtime (``latency.json``);
+* ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``).
 
     python scripts/readme_tables.py           # rewrite README.md
     python scripts/readme_tables.py --check   # exit 1 if README.md is not what the results give
@@ -109,25 +110,42 @@ def rotations() -> str:
     return "\n".join(lines)
 
 
-def latency() -> str:
-    data = _load("latency.json")
-    targets = [t for t in data["targets"] if t != "dense"]
+def _speedups(records: list[dict[str, Any]], targets: list[str]) -> list[str]:
+    """Rows (case, runtime), columns ``targets``: paired speed-up [IQR]; decode cells add tokens/s."""
     order: list[tuple[str, str]] = []
     cell: dict[tuple[str, str, str], str] = {}
     shape: dict[str, str] = {}
-    for r in data["records"]:
+    for r in records:
         key = (r["case"], r["runtime"])
         if key not in order:
             order.append(key)
-        shape[r["case"]] = f"{r['batch']}x{r['seq']}"
-        if r["target"] != r["baseline"]:
-            cell[(r["case"], r["runtime"], r["target"])] = f"{r['speedup']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}]"
+        decode = r.get("kind") == "decode"
+        shape[r["case"]] = f"{r['batch']}x{r['seq']}" + (f"+{r['new_tokens']}" if decode else "")
+        value = "1.00x" if r["target"] == r["baseline"] else f"{r['speedup']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}]"
+        if decode:
+            value += f", {r['tokens_per_s']:.1f} tok/s"
+        cell[(r["case"], r["runtime"], r["target"])] = value
     lines = ["| case | runtime | " + " | ".join(targets) + " |", "|---|---|" + "---:|" * len(targets)]
     for case, runtime in order:
         row = [f"{case} {shape[case]}", runtime] + [cell.get((case, runtime, t), "-") for t in targets]
         lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def latency() -> str:
+    data = _load("latency.json")
+    lines = _speedups(data["records"], [t for t in data["targets"] if t != "dense"])
     lines += ["", f"Measured {data['started'][:10]} at commit `{_short_commit(data)}` by `{data['provenance']['command']}`; machine, "
               "load average and every time in [benchmarks/results/latency.md](benchmarks/results/latency.md)."]
+    return "\n".join(lines)
+
+
+def decode() -> str:
+    data = _load("decode.json")
+    lines = _speedups(data["records"], list(data["targets"]))
+    prov = data["provenance"]
+    lines += ["", f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; machine, "
+              "load average, file sizes, the greedy checks and every time in [benchmarks/results/decode.md](benchmarks/results/decode.md)."]
     return "\n".join(lines)
 
 
@@ -136,6 +154,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "llmcompressor": llmcompressor,
     "rotations": rotations,
     "latency": latency,
+    "decode": decode,
 }
 
 

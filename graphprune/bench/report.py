@@ -132,7 +132,7 @@ def plot_figure(result: BenchResult, *, title: str | None = None) -> Figure:
     axes = fig.subplots(nrows, ncols, sharey=True, squeeze=False).ravel()
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"]
     colors = {name: "#9e9e9e" if name == result.baseline else palette[(i - 1) % len(palette)] for i, name in enumerate(names)}
-    shapes = {r.case: f"{r.batch}x{r.seq}" for r in result.records}
+    shapes = {r.case: r.shape for r in result.records}
     top = max([1.0] + [r.speedup_q3 for r in result.records if math.isfinite(r.speedup_q3)])
     long_names = max((len(n) for n in names), default=0) > 8
     for (case, runtime), slot in slots.items():
