@@ -339,6 +339,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from graphprune.pipeline.steps import run_pipeline
     from graphprune.recipes.recipe import Recipe, parse_settings
 
+    _quiet_onnx_exporter(args)
     settings = parse_settings(args.set)
     if args.out is not None:
         settings["output.dir"] = args.out

@@ -8,7 +8,8 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 * ``llmcompressor``: the side-by-side with llm-compressor (``llmcompressor.json``);
 * ``rotations``: rotations x solvers (``rotations.json``);
 * ``latency``: paired speed-ups per case and runtime (``latency.json``);
-* ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``).
+* ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``);
+* ``shipped``: perplexity through the exported files, last-position prefill (``shipped.json``).
 
     python scripts/readme_tables.py           # rewrite README.md
     python scripts/readme_tables.py --check   # exit 1 if README.md is not what the results give
@@ -149,12 +150,29 @@ def decode() -> str:
     return "\n".join(lines)
 
 
+def shipped() -> str:
+    data = _load("shipped.json")
+    lines = ["| model | PyTorch | onnxruntime (.onnx) | relative difference |", "|---|---:|---:|---:|"]
+    for row in data["perplexity"]:
+        lines.append(f"| {row['model']} | {row['pytorch']:.4f} | {row['onnxruntime']:.4f} | {row['onnxruntime_rel_diff'] * 100:+.4f} % |")
+    pre = data.get("prefill_last_position")
+    if pre:
+        lines += ["", f"Prefill 1x128 of the dense model in onnxruntime, LM head on the last position (generation export) vs on "
+                      f"every position (logits export): {pre['speedup']:.2f}x [{pre['speedup_q1']:.2f}, {pre['speedup_q3']:.2f}] "
+                      f"faster, paired over {pre['repeats']} repeats."]
+    prov = data["provenance"]
+    lines += ["", f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; details in "
+                  "[benchmarks/results/shipped.md](benchmarks/results/shipped.md)."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "prune_quality": prune_quality,
     "llmcompressor": llmcompressor,
     "rotations": rotations,
     "latency": latency,
     "decode": decode,
+    "shipped": shipped,
 }
 
 
