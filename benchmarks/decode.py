@@ -26,6 +26,7 @@ Writes benchmarks/results/decode.{md,json,png}.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -62,8 +63,6 @@ def generation_folder(name: str, model: torch.nn.Module, tokenizer: Any, files_d
     report = folder / "export.json"
     if report.is_file():
         say(f"{name}: reusing {folder}")
-        import json
-
         return dict(json.loads(report.read_text()))
     say(f"{name}: {fmt} generation export (32 greedy tokens checked against eager) ...")
     rep = export_generation(model, folder, format=fmt, tokenizer=tokenizer, check_tokens=32, atol=ATOL, overwrite=True)

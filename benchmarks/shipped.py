@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from provenance import Run  # noqa: E402
 
 from graphprune.bench import machine_info  # noqa: E402
+from graphprune.exporters.common import ort_session  # noqa: E402
 from graphprune.exporters.runners import left_padded, load_runner  # noqa: E402
 from graphprune.fileio import write_json, write_text  # noqa: E402
 from graphprune.pipeline import EvalJob, run_eval  # noqa: E402
@@ -50,12 +51,7 @@ def say(msg: str) -> None:
 
 def prefill_pair(logits_file: Path, generation: Path, repeats: int, seq: int = 128) -> dict[str, Any]:
     """Paired prefill times: all-positions logits file vs last-position generation file (onnxruntime)."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    full = ort.InferenceSession(str(logits_file), options, providers=["CPUExecutionProvider"])
+    full = ort_session(logits_file, spinning=False)
     runner = load_runner(generation, spinning=False)
     ids = torch.randint(0, runner.layout.vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     _, mask = left_padded([ids[0].tolist()])

@@ -53,6 +53,11 @@ RUNTIMES = ("eager", "torchscript", "onnxruntime")
 CaseKind = Literal["forward", "ttft", "decode"]
 
 
+def shape_label(batch: int, seq: int, kind: str, new_tokens: int) -> str:
+    """``BxS``, and ``BxS+N`` for a decode case of ``N`` new tokens."""
+    return f"{batch}x{seq}" + (f"+{new_tokens}" if kind == "decode" else "")
+
+
 @dataclass(frozen=True)
 class Case:
     """One measurement: ``batch`` sequences of ``seq`` tokens, of a kind (see the module
@@ -66,7 +71,7 @@ class Case:
 
     @property
     def shape(self) -> str:
-        return f"{self.batch}x{self.seq}" + (f"+{self.new_tokens}" if self.kind == "decode" else "")
+        return shape_label(self.batch, self.seq, self.kind, self.new_tokens)
 
 
 PROTOCOL_CASES = (
@@ -134,7 +139,7 @@ class LatencyRecord:
 
     @property
     def shape(self) -> str:
-        return f"{self.batch}x{self.seq}" + (f"+{self.new_tokens}" if self.kind == "decode" else "")
+        return shape_label(self.batch, self.seq, self.kind, self.new_tokens)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -247,7 +252,7 @@ def _torchscript_runner(target: BenchTarget, example: Tensor) -> Runner:
 
 
 def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | None, scratch: Path) -> Runner:
-    import onnxruntime as ort
+    from graphprune.exporters.common import ort_session
 
     path = target.onnx
     if path is None:
@@ -256,15 +261,9 @@ def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | Non
         from graphprune.exporters.onnx import export_onnx
 
         path = export_onnx(target.model, scratch.with_suffix(".onnx"), example_tokens=example, check=False).path
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     # Models run interleaved, each in its own session: a session whose threads spin-wait
     # after a run would take cores from the next model's run and bias the paired ratios.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(path, threads=threads, spinning=False)
 
     def run(ids: Tensor) -> Any:
         return session.run(["logits"], {"input_ids": ids.numpy()})[0]

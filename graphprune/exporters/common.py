@@ -18,6 +18,26 @@ from graphprune.graph.capture import LogitsOnly
 DEFAULT_EXAMPLE_SHAPE = (2, 16)
 
 
+def ort_session(path: str | Path, *, threads: int | None = None, spinning: bool = True) -> Any:
+    """An onnxruntime ``InferenceSession`` on the CPU provider, warnings off.
+
+    ``spinning=False`` stops the intra-op threads from spin-waiting after a run: sessions
+    timed in turn (interleaved benchmarks) must not take cores from the next one's run.
+    ``threads`` fixes the intra-op thread count (one inter-op thread). Load errors are
+    onnxruntime's own; callers name them.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Put ``model`` in eval mode for the block and restore every submodule's flag after."""

@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 
 GenerationFormat = Literal["onnx", "torchscript"]
 FILE_NAMES = {"onnx": "model.onnx", "torchscript": "model.pt"}
-#: prompts of the export check (two lengths, so left padding is exercised)
-CHECK_PROMPT_LENGTHS = (11, 6)
 
 
 def check_generation_model(model: nn.Module) -> None:

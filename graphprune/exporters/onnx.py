@@ -29,7 +29,17 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import ExportError
-from graphprune.exporters.common import ExportReport, LogitsOnly, check_diff, eval_mode, example_inputs, probe_inputs, reference_logits, require_cpu
+from graphprune.exporters.common import (
+    ExportReport,
+    LogitsOnly,
+    check_diff,
+    eval_mode,
+    example_inputs,
+    ort_session,
+    probe_inputs,
+    reference_logits,
+    require_cpu,
+)
 from graphprune.exporters.onnx_sparse import sparsify_initializers
 from graphprune.fileio import publish, staging_dir
 from graphprune.kernels import kernels_lowered
@@ -68,12 +78,8 @@ def _torch_export(model: nn.Module, example: Tensor, optimize: bool = True) -> o
 
 
 def _run_onnxruntime(path: Path, inputs: list[Tensor]) -> list[np.ndarray]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort_session(path)
         return [session.run(["logits"], {"input_ids": ids.numpy()})[0] for ids in inputs]
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
         raise ExportError(f"onnxruntime could not run the exported model: {exc}") from exc

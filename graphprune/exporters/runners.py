@@ -10,7 +10,7 @@ token (prefill plus the first pick) and the decode steps separately.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from graphprune.errors import ConfigError, ExportError
+from graphprune.exporters.common import ort_session
 from graphprune.exporters.kv import CacheLayout, KVCacheLM, read_description
 
 
@@ -64,19 +65,10 @@ class OnnxRunner:
     name = "onnxruntime"
 
     def __init__(self, path: Path, layout: CacheLayout, threads: int | None = None, spinning: bool = True) -> None:
-        import onnxruntime as ort
-
         self.layout = layout
         self.path = path
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if not spinning:  # sessions timed in turn must not keep cores busy between runs
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort_session(path, threads=threads, spinning=spinning)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ExportError(f"onnxruntime cannot load {path}: {exc}") from exc
         self.inputs = layout.input_names()
@@ -130,7 +122,6 @@ class Generation:
     decode_s: float
     steps: int
     logits: Tensor | None = None
-    per_step_s: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -168,14 +159,12 @@ def generate(
     done = torch.zeros(batch, dtype=torch.bool)
     out: list[Tensor] = []
     kept: list[Tensor] = []
-    times: list[float] = []
     past = runner.layout.empty_past(batch)
     ids = input_ids.to(torch.long)
     position = (mask.cumsum(1) - 1).clamp(min=0)
     t0 = time.perf_counter()
     t_first = t0
     for step in range(max_new_tokens):
-        t_step = time.perf_counter()
         logits, past = runner.step(ids, mask, position, past)
         last = logits[:, -1, :].float()
         if keep_logits:
@@ -185,10 +174,8 @@ def generate(
             nxt = torch.where(done, out[-1] if out else nxt, nxt)
             done |= torch.isin(nxt, eos)
         out.append(nxt)
-        now = time.perf_counter()
-        times.append(now - t_step)
         if step == 0:
-            t_first = now
+            t_first = time.perf_counter()
         if on_token is not None:
             on_token(step, nxt)
         if stop_at_eos and bool(done.all()):
@@ -203,7 +190,6 @@ def generate(
         decode_s=t_end - t_first,
         steps=len(out) - 1,
         logits=torch.stack(kept, dim=1) if keep_logits else None,
-        per_step_s=times,
     )
 
 

@@ -22,6 +22,7 @@ from graphprune.data import TokenSplits, read_texts
 from graphprune.distributed import current
 from graphprune.errors import ConfigError, ExportError, ModelLoadError
 from graphprune.eval import perplexity, sharded_perplexity
+from graphprune.exporters.common import ort_session
 from graphprune.exporters.hf import ShardedWriter, check_output_dir, save_hf_folder
 from graphprune.graph.edit import export_blockers, parameter_count
 from graphprune.graph.lazy import LazyStageIO, LazyWeights, retarget_meta
@@ -115,10 +116,8 @@ def _eval_file(job: EvalJob, progress: bool) -> dict[str, Any]:
     tokenizer = _file_tokenizer(path, job)
     logits_fn: Callable[[torch.Tensor], torch.Tensor]
     if path.suffix == ".onnx":
-        import onnxruntime as ort
-
         try:
-            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            session = ort_session(path)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph types
             raise ModelLoadError(f"onnxruntime cannot load {path}: {exc}") from exc
         names = [i.name for i in session.get_inputs()]
