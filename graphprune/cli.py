@@ -95,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check-tokens", type=int, default=32, help="--for generation: greedy tokens the file must reproduce (0: no check)")
     p.add_argument("--sparse-initializers", action="store_true", help="ONNX: store mostly-zero weights compactly")
+    p.add_argument(
+        "--quantize", choices=["int8"], default=None,
+        help="ONNX: int8 weights (onnxruntime dynamic quantization, per-channel), checked against the float32 file",
+    )
     p.add_argument("--atol", type=float, default=1e-3, help="largest accepted |logits difference| vs PyTorch (default 1e-3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
@@ -128,6 +132,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: unchanged)")
     p.add_argument("--names", nargs="+", default=[], help="labels for the targets (default: folder names)")
     p.add_argument("--out", default="out/bench", metavar="DIR", help="folder for latency.md, latency.json, latency.png")
+    p.add_argument(
+        "--generation", action="append", default=[], metavar="NAME=DIR",
+        help="time this generation export (graphprune export --for generation) for target NAME in its format's runtime "
+        "(ttft and decode cases) instead of exporting one; repeatable",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -274,7 +283,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     _quiet_onnx_exporter(args)
     job = ExportJob(
         args.model, args.format, args.out, args.sparse_initializers, args.overwrite, args.trust_remote_code, args.atol,
-        purpose=args.purpose, check_tokens=args.check_tokens,
+        purpose=args.purpose, check_tokens=args.check_tokens, quantize=args.quantize,
     )
     res = run_export(job)
     print(json.dumps(res, indent=2) if args.json else export_line(res))
@@ -311,6 +320,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     job = BenchJob(
         args.targets, args.runtimes, args.cases, repeats=args.repeats, warmup=args.warmup, out=args.out,
         threads=args.threads, names=args.names, trust_remote_code=args.trust_remote_code,
+        generation={k: str(v) for k, v in _kv(args.generation, "--generation").items()},
     )
     res = run_bench(job, progress=not args.quiet)
     res.pop("result")

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install graphprune and run the main job on the embedded default model and text:
 # evaluate the dense model, prune it with SparseGPT at 50 % (and evaluate it), export the
-# pruned model to ONNX with sparse initializers (parity checked in onnxruntime), time
-# dense vs pruned side by side in eager / TorchScript / onnxruntime, print a summary.
+# pruned model for generation (ONNX with a KV cache and sparse initializers, 32 greedy tokens
+# checked against PyTorch) and let it write a few words, time dense vs pruned side by side
+# (time to first token, cached decode) in eager PyTorch and onnxruntime, print a summary.
 #
 # Environment (all optional; the defaults are the protocol job):
 #   GRAPHPRUNE_DEMO_MODEL         model to prune (default smollm2-135m)
@@ -28,12 +29,16 @@ graphprune eval --model "$MODEL" ${DATA[@]+"${DATA[@]}"} --json -q > "$OUT/dense
 echo "[2/5] SparseGPT 50 % (stage-wise calibration) and its perplexity"
 graphprune prune --model "$MODEL" --method sparsegpt --sparsity 0.5 --eval ${DATA[@]+"${DATA[@]}"} ${CALIB[@]+"${CALIB[@]}"} \
     --out "$OUT/sparsegpt-50" --overwrite
-echo "[3/5] ONNX export with sparse initializers, checked in onnxruntime"
-graphprune export "$OUT/sparsegpt-50" --format onnx --sparse-initializers --out "$OUT/sparsegpt-50.onnx" --overwrite --json -q \
-    > "$OUT/export.json"
-echo "[4/5] latency, dense vs pruned, eager / TorchScript / onnxruntime"
-# few repeats so the demo finishes; benchmarks/latency.py runs the full protocol (incl. throughput 8x512)
-graphprune bench "$MODEL" "$OUT/sparsegpt-50" --names dense sparsegpt-50 --cases prefill step-nocache --repeats 5 --warmup 1 \
+echo "[3/5] generation export (ONNX, KV cache, sparse initializers), checked against PyTorch; a sample"
+graphprune export "$OUT/sparsegpt-50" --format onnx --for generation --sparse-initializers --out "$OUT/sparsegpt-50-generation" \
+    --overwrite --json -q > "$OUT/export.json"
+graphprune generate --model "$OUT/sparsegpt-50-generation" --prompt "The built-in function len" --max-new-tokens 24 -q \
+    --json > "$OUT/generate.json"
+echo "[4/5] time to first token and decode speed, dense vs pruned, eager / onnxruntime"
+# ttft-128 and decode-b1, 3 repeats so the job ends in minutes; benchmarks/decode.py runs the
+# full protocol (ttft-512, decode-b8, TorchScript, 5 repeats)
+graphprune bench "$MODEL" "$OUT/sparsegpt-50" --names dense sparsegpt-50 --runtimes eager onnxruntime \
+    --cases ttft-128 decode-b1 --repeats 3 --warmup 1 --generation sparsegpt-50="$OUT/sparsegpt-50-generation" \
     --out "$OUT/bench" -q
 echo "[5/5] summary"
 python scripts/demo_summary.py "$OUT"

@@ -9,7 +9,9 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 * ``rotations``: rotations x solvers (``rotations.json``);
 * ``latency``: paired speed-ups per case and runtime (``latency.json``);
 * ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``);
-* ``shipped``: perplexity through the exported files, last-position prefill (``shipped.json``).
+* ``shipped``: perplexity through the exported files, last-position prefill (``shipped.json``);
+* ``deploy``: int8 on top of pruning and the peers' generation files (``deploy.json``, whose
+  tables ``benchmarks/deploy.py`` renders from its own records).
 
     python scripts/readme_tables.py           # rewrite README.md
     python scripts/readme_tables.py --check   # exit 1 if README.md is not what the results give
@@ -166,6 +168,18 @@ def shipped() -> str:
     return "\n".join(lines)
 
 
+def deploy() -> str:
+    if not (RESULTS / "deploy.json").is_file():
+        return "No results committed yet: run `python benchmarks/deploy.py`."
+    data = _load("deploy.json")
+    tables, prov = data["tables"], data["provenance"]
+    lines = [tables["int8"], tables["acceptance"], "", tables["peers"]]
+    lines += [f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; machine, load average, "
+              "the greedy checks, operator counts, Optimum's status and every time in "
+              "[benchmarks/results/deploy.md](benchmarks/results/deploy.md)."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "prune_quality": prune_quality,
     "llmcompressor": llmcompressor,
@@ -173,6 +187,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "latency": latency,
     "decode": decode,
     "shipped": shipped,
+    "deploy": deploy,
 }
 
 

@@ -300,14 +300,19 @@ def _generation_runner(target: BenchTarget, runtime: str, threads: int | None, s
     return run
 
 
-def _check_available(target: BenchTarget, runtime: str) -> None:
-    """Fail before any timing when a target cannot run in a runtime."""
-    if runtime == "eager" and target.model is None:
+def _check_available(target: BenchTarget, runtime: str, cases: Sequence[Case]) -> None:
+    """Fail before any timing when a target cannot run a case in a runtime."""
+    if target.model is not None:
+        return
+    if runtime == "eager":
         raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
-    if runtime == "torchscript" and target.model is None and target.torchscript is None:
-        raise ConfigError(f"target {target.name!r} has neither a TorchScript file nor a model to trace.")
-    if runtime == "onnxruntime" and target.model is None and target.onnx is None:
-        raise ConfigError(f"target {target.name!r} has neither an ONNX file nor a model to export.")
+    if any(c.kind != "forward" for c in cases) and runtime not in target.generation:
+        raise ConfigError(f"target {target.name!r} has neither a generation export for {runtime} nor a model to export.")
+    if any(c.kind == "forward" for c in cases):
+        file = target.torchscript if runtime == "torchscript" else target.onnx
+        if file is None:
+            what = "a TorchScript file nor a model to trace" if runtime == "torchscript" else "an ONNX file nor a model to export"
+            raise ConfigError(f"target {target.name!r} has neither {what}.")
 
 
 def _make_runner(target: BenchTarget, runtime: str, example: Tensor, threads: int | None, scratch: Path) -> Runner:
@@ -392,7 +397,7 @@ def bench_latency(
         raise ConfigError(f"unknown runtime(s) {unknown}; choose from {RUNTIMES}.")
     for target in targets:
         for runtime in runtimes:
-            _check_available(target, runtime)
+            _check_available(target, runtime, cases)
     vocab = _vocab(targets, vocab_size)
     gen = torch.Generator().manual_seed(seed)
     inputs = {c.name: torch.randint(0, vocab, (c.batch, c.seq), generator=gen) for c in cases}

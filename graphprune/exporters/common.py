@@ -122,6 +122,11 @@ class ExportReport:
         dense_bytes: serialized size without sparse storage (only when sparse storage was asked).
         external_data: the external data file, if the model needed one (> 2 GB).
         probe_shapes: the ``[batch, seq]`` shapes that were checked.
+        quantize: ``"int8"`` for a quantized ONNX file, else ``None``; then also
+            ``quantized_matmuls``, ``float32_bytes`` (the float file's size),
+            ``float_max_abs_diff`` (float file vs PyTorch), ``relative_error`` and
+            ``top1_agreement`` (int8 file vs float file on the probes); ``max_abs_diff`` is
+            the int8 file's against PyTorch.
     """
 
     path: Path
@@ -134,6 +139,12 @@ class ExportReport:
     dense_bytes: int | None = None
     external_data: Path | None = None
     probe_shapes: list[tuple[int, int]] = field(default_factory=list)
+    quantize: str | None = None
+    quantized_matmuls: int = 0
+    float32_bytes: int | None = None
+    float_max_abs_diff: float | None = None
+    relative_error: float | None = None
+    top1_agreement: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -129,8 +129,12 @@ class KVCacheLM(nn.Module):
 
 
 def read_description(folder: str | Path) -> dict[str, Any]:
-    """The ``generation.json`` of an exported folder, checked."""
+    """The ``generation.json`` of an exported folder, checked; for a folder written by
+    onnxruntime-genai's model builder (``genai_config.json``), the same description read
+    from its config (:func:`describe_genai`)."""
     path = Path(folder) / DESCRIPTION
+    if not path.is_file() and (Path(folder) / GENAI_CONFIG).is_file():
+        return describe_genai(folder)
     if not path.is_file():
         raise ConfigError(f"{folder} has no {DESCRIPTION}; it is not a generation export (make one with `graphprune export MODEL --for generation --out DIR`).")
     try:
@@ -146,4 +150,45 @@ def read_description(folder: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
-__all__ = ["DESCRIPTION", "GENERATION_FORMATS", "CacheLayout", "KVCacheLM", "eos_ids", "read_description"]
+#: the config file of an onnxruntime-genai model folder
+GENAI_CONFIG = "genai_config.json"
+_GENAI_NAMES = {
+    "past_key_names": "past_key_values.%d.key",
+    "past_value_names": "past_key_values.%d.value",
+    "present_key_names": "present.%d.key",
+    "present_value_names": "present.%d.value",
+}
+
+
+def describe_genai(folder: str | Path) -> dict[str, Any]:
+    """A generation description of an onnxruntime-genai folder (its decoder file, cache
+    shapes and end-of-text ids), so graphprune's runners, ``generate`` and ``bench`` run it
+    through the same loop as graphprune's own exports. Its decoder must use the tensor
+    names graphprune uses (the model builder's defaults for decoder-only models); a
+    ``position_ids`` input is optional (the builder drops it when attention applies the
+    rotary embedding itself)."""
+    path = Path(folder) / GENAI_CONFIG
+    try:
+        config = json.loads(path.read_text())
+        model = config["model"]
+        decoder = model["decoder"]
+        layers = int(decoder["num_hidden_layers"])
+        heads = int(decoder["num_key_value_heads"])
+        head = int(decoder["head_size"])
+        vocab = int(model["vocab_size"])
+        name = str(decoder["filename"])
+        names = {**decoder.get("inputs", {}), **decoder.get("outputs", {})}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path} is not an onnxruntime-genai config graphprune can read ({type(exc).__name__}: {exc}).") from exc
+    other = {k: names[k] for k, v in _GENAI_NAMES.items() if names.get(k, v) != v}
+    if other:
+        raise ConfigError(f"{path} names its cache tensors {other}; graphprune runs decoders whose names are {_GENAI_NAMES}.")
+    if not (Path(folder) / name).is_file():
+        raise ConfigError(f"{path} names the decoder {name}, which is missing.")
+    eos = model.get("eos_token_id", ())
+    eos_ids = tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+    layout = CacheLayout(((heads, head),) * layers, ((heads, head),) * layers, vocab, eos_ids)
+    return {"format": "onnx", "file": name, "layout": layout.to_dict(), "model": model.get("type", "?"), "origin": "onnxruntime-genai"}
+
+
+__all__ = ["DESCRIPTION", "GENAI_CONFIG", "GENERATION_FORMATS", "CacheLayout", "KVCacheLM", "describe_genai", "eos_ids", "read_description"]

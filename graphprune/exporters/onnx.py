@@ -4,7 +4,8 @@ Steps:
 1. Wrap the model as :class:`~graphprune.exporters.common.LogitsOnly` (no KV cache),
    lower sparse kernels to dense ``nn.Linear`` for the duration (ONNX has no sparse
    matmul), and export with ``torch.onnx.export(..., dynamo=True)`` with dynamic
-   ``batch`` and ``seq`` axes.
+   ``batch`` and ``seq`` axes; the Linears that read one activation are packed into one
+   ``MatMul`` (:mod:`.onnx_rewrite`).
 2. Optionally re-encode mostly-zero initializers (:mod:`.onnx_sparse`).
 3. Save into a staging folder next to the target: one file when the model is below
    the 2 GB protobuf limit, else the model plus one ``<name>.data`` external file.
@@ -22,6 +23,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -40,7 +42,9 @@ from graphprune.exporters.common import (
     reference_logits,
     require_cpu,
 )
+from graphprune.exporters.onnx_rewrite import pack_shared_input_matmuls
 from graphprune.exporters.onnx_sparse import sparsify_initializers
+from graphprune.exporters.quantize import INT8_RTOL, check_quantize, check_relative, quantize_int8, relative_error
 from graphprune.fileio import publish, staging_dir
 from graphprune.kernels import kernels_lowered
 
@@ -85,6 +89,29 @@ def _run_onnxruntime(path: Path, inputs: list[Tensor]) -> list[np.ndarray]:
         raise ExportError(f"onnxruntime could not run the exported model: {exc}") from exc
 
 
+def _max_diff(outputs: list[np.ndarray], expected: list[Tensor]) -> float:
+    return max(float(np.abs(out - ref.numpy()).max()) for out, ref in zip(outputs, expected, strict=True))
+
+
+def _save_checked(proto: onnx.ModelProto, path: Path, data_name: str, coo: int) -> bool:
+    """Save ``proto`` (tensors in a ``data_name`` file past the protobuf limit) and run the ONNX
+    checker on it; returns whether external data was used."""
+    external = raw_bytes(proto) >= SINGLE_FILE_LIMIT
+    try:
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        onnx.checker.check_model(str(path), full_check=coo == 0)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
+        raise ExportError(f"the exported ONNX model is invalid: {exc}") from exc
+    return external
+
+
 def raw_bytes(model: onnx.ModelProto) -> int:
     graph = model.graph
     dense = sum(len(t.raw_data) for t in graph.initializer)
@@ -100,6 +127,7 @@ def export_onnx(
     check: bool = True,
     atol: float = 1e-4,
     optimize: bool = True,
+    quantize: str | None = None,
 ) -> ExportReport:
     """Export ``model`` to ``path`` as ONNX ``input_ids [batch, seq] -> logits [batch, seq, vocab]``.
 
@@ -115,7 +143,13 @@ def export_onnx(
         check: compare onnxruntime with PyTorch on two probe batches.
         atol: largest accepted absolute logits difference.
         optimize: run the onnxscript graph optimizer of ``torch.onnx.export`` (constant
-            folding, fusions: ~3x fewer nodes; costs a few seconds).
+            folding, fusions: ~3x fewer nodes; costs a few seconds) and pack MatMuls that
+            share an input.
+        quantize: ``"int8"``: int8 weights with onnxruntime's dynamic quantization
+            (:mod:`graphprune.exporters.quantize`). The float32 file is checked against
+            PyTorch first (``atol``), then the int8 file against the float32 file's logits
+            (relative error <= :data:`~graphprune.exporters.quantize.INT8_RTOL`); sparse
+            initializers are applied to the int8 weights.
 
     Returns:
         An :class:`ExportReport` (path, bytes, max_abs_diff, seconds, sparse counts, ...).
@@ -123,6 +157,7 @@ def export_onnx(
     Raises:
         ExportError: export, checker, onnxruntime or the numerical comparison failed.
     """
+    check_quantize(quantize, "onnx")
     start = time.perf_counter()
     final = Path(path)
     require_cpu(model)
@@ -133,46 +168,59 @@ def export_onnx(
         expected = reference_logits(model, probes) if check else []
         with kernels_lowered(model) as lowered:
             proto = _torch_export(lowered, example, optimize)
+    if optimize:
+        pack_shared_input_matmuls(proto)
 
-    dense_bytes = None
-    coo = packed = 0
-    if mode:
-        raw = raw_bytes(proto)
-        dense_bytes = proto.ByteSize() if raw < SINGLE_FILE_LIMIT else raw  # ByteSize overflows past 2 GB
-        stats = sparsify_initializers(proto, mode)
-        coo, packed = stats.coo, stats.bitmask
-        log.info(
-            "sparse initializers: %d COO, %d bitmask; tensor bytes %d -> %d",
-            coo,
-            packed,
-            stats.bytes_before,
-            stats.bytes_after,
-        )
-
-    external = raw_bytes(proto) >= SINGLE_FILE_LIMIT
     data_name = final.name + ".data"
+    shapes = [(int(p.shape[0]), int(p.shape[1])) for p in probes]
+    quant: dict[str, Any] = {}
     with staging_dir(final) as stage:
         staged = stage / final.name
-        try:
-            onnx.save_model(
-                proto,
-                str(staged),
-                save_as_external_data=external,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=1024,
+        if quantize:
+            # the float file first: it must match PyTorch before its int8 copy is judged against it
+            float_path = stage / ("float32." + final.name)
+            _save_checked(proto, float_path, data_name, coo=0)
+            del proto
+            float_out = _run_onnxruntime(float_path, probes) if check else []
+            if check:
+                quant["float_max_abs_diff"] = _max_diff(float_out, expected)
+                check_diff(quant["float_max_abs_diff"], atol, "onnxruntime (float32 file)", shapes)
+            stats = quantize_int8(float_path, staged)
+            quant["quantize"] = quantize
+            quant["quantized_matmuls"] = stats.quantized_matmuls
+            quant["float32_bytes"] = stats.bytes_before
+            float_path.unlink()
+            proto = onnx.load(str(staged))
+        dense_bytes = None
+        coo = packed = 0
+        if mode:
+            raw = raw_bytes(proto)
+            dense_bytes = proto.ByteSize() if raw < SINGLE_FILE_LIMIT else raw  # ByteSize overflows past 2 GB
+            sparse = sparsify_initializers(proto, mode)
+            coo, packed = sparse.coo, sparse.bitmask
+            log.info(
+                "sparse initializers: %d COO, %d bitmask; tensor bytes %d -> %d",
+                coo,
+                packed,
+                sparse.bytes_before,
+                sparse.bytes_after,
             )
-            onnx.checker.check_model(str(staged), full_check=coo == 0)
-        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
-            raise ExportError(f"the exported ONNX model is invalid: {exc}") from exc
+        external = _save_checked(proto, staged, data_name, coo)
         del proto
 
         diff = None
-        shapes = [(int(p.shape[0]), int(p.shape[1])) for p in probes]
         if check:
             outputs = _run_onnxruntime(staged, probes)
-            diff = max(float(np.abs(out - ref.numpy()).max()) for out, ref in zip(outputs, expected, strict=True))
-            check_diff(diff, atol, "onnxruntime", shapes)
+            diff = _max_diff(outputs, expected)
+            if quantize:
+                err = max(relative_error(o, f) for o, f in zip(outputs, float_out, strict=True))
+                check_relative(err, INT8_RTOL, "file's logits")
+                quant["relative_error"] = err
+                quant["top1_agreement"] = float(
+                    np.mean(np.concatenate([(o.argmax(-1) == f.argmax(-1)).ravel() for o, f in zip(outputs, float_out, strict=True)]))
+                )
+            else:
+                check_diff(diff, atol, "onnxruntime", shapes)
 
         files = [stage / data_name] if external else []
         placed = publish(files + [staged], final.parent)
@@ -188,4 +236,5 @@ def export_onnx(
         dense_bytes=dense_bytes,
         external_data=final.parent / data_name if external else None,
         probe_shapes=shapes,
+        **quant,
     )

@@ -14,7 +14,9 @@
    inputs are constants, so onnxruntime's constant folding rebuilds the weight once at
    session creation and inference runs the original dense graph.
 
-``mode="auto"`` picks, per tensor, whichever is smallest (dense included).
+``mode="auto"`` picks, per tensor, whichever is smallest (dense included). Float tensors and
+the int8 weight matrices of a quantized file (:mod:`.quantize`; a pruned weight stays 0 there)
+are candidates: an int8 weight at 50 % sparsity packs to ~0.63 of its bytes.
 """
 
 from __future__ import annotations
@@ -104,8 +106,11 @@ def _coo(name: str, array: np.ndarray) -> onnx.SparseTensorProto:
     return helper.make_sparse_tensor(values, indices, list(array.shape))
 
 
-def _is_float(array: np.ndarray) -> bool:
-    return array.dtype.kind == "f" or array.dtype.name == "bfloat16"  # bfloat16 comes from ml_dtypes
+def _is_weight(array: np.ndarray) -> bool:
+    """Float tensors, and the int8 weight matrices of a quantized model (not its 1-D zero points)."""
+    if array.dtype.kind == "f" or array.dtype.name == "bfloat16":  # bfloat16 comes from ml_dtypes
+        return True
+    return array.dtype == np.int8 and array.ndim >= 2
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -119,7 +124,7 @@ def sparsify_initializers(
     min_elements: int = MIN_ELEMENTS,
     min_saving: float = MIN_SAVING,
 ) -> SparseEncodingStats:
-    """Re-encode the mostly-zero float initializers of ``model`` in place.
+    """Re-encode the mostly-zero float (and int8 weight) initializers of ``model`` in place.
 
     Args:
         model: an ONNX model whose initializers hold their data in the proto.
@@ -147,7 +152,7 @@ def sparsify_initializers(
             keep.append(init)
             continue
         array = numpy_helper.to_array(init)
-        if array.size < min_elements or not _is_float(array):
+        if array.size < min_elements or not _is_weight(array):
             keep.append(init)
             continue
         itemsize = array.dtype.itemsize

@@ -73,9 +73,22 @@ class OnnxRunner:
             raise ExportError(f"onnxruntime cannot load {path}: {exc}") from exc
         self.inputs = layout.input_names()
         self.outputs = layout.output_names()
+        declared = {i.name for i in self.session.get_inputs()}
+        produced = {o.name for o in self.session.get_outputs()}
+        # position_ids is optional: decoders that apply rotary embeddings inside their
+        # attention op (onnxruntime-genai's GroupQueryAttention) derive it from the mask
+        missing = [n for n in self.inputs if n not in declared and n != "position_ids"]
+        missing += [n for n in self.outputs if n not in produced]
+        extra = declared - set(self.inputs)
+        if missing or extra:
+            raise ExportError(
+                f"{path} does not have the generation interface: missing {missing}, unexpected inputs {sorted(extra)}."
+            )
+        self.feeds = [n in declared for n in self.inputs]
 
     def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, past: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        feeds = dict(zip(self.inputs, (t.numpy() for t in (input_ids, attention_mask, position_ids, *past)), strict=True))
+        values = (input_ids, attention_mask, position_ids, *past)
+        feeds = {n: t.numpy() for n, t, fed in zip(self.inputs, values, self.feeds, strict=True) if fed}
         logits, *present = self.session.run(self.outputs, feeds)
         return torch.from_numpy(logits), [torch.from_numpy(p) for p in present]
 

@@ -70,7 +70,9 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     if job.purpose == "generation":
         return _export_generation(job, loaded, t0)
     if job.format == "onnx":
-        report = export_onnx(loaded.model, job.out, sparse_initializers=job.sparse_initializers, atol=job.atol)
+        report = export_onnx(
+            loaded.model, job.out, sparse_initializers=job.sparse_initializers, atol=job.atol, quantize=job.quantize
+        )
     else:
         report = export_torchscript(loaded.model, job.out, atol=job.atol)
     res = report.to_dict()
@@ -93,6 +95,7 @@ def _export_generation(job: ExportJob, loaded: LoadedModel, t0: float) -> dict[s
     report = export_generation(
         loaded.model, job.out, format=cast(Any, job.format), tokenizer=loaded.tokenizer,
         check_tokens=job.check_tokens, atol=job.atol, overwrite=job.overwrite,
+        quantize=job.quantize, sparse_initializers=job.sparse_initializers,
     )
     res = report.to_dict()
     res.update(
@@ -121,8 +124,18 @@ def export_line(res: dict[str, Any]) -> str:
         if res["check_tokens"]:
             agree = "the same tokens" if res["tokens_equal"] else f"the same tokens up to a tie at step {res['tie_divergences'][0]['step']}"
             check = f"{res['check_tokens']} greedy tokens from 2 prompts in {res['checked_in']}: {agree}, max |dlogits| {res['max_abs_diff']:.2g}"
+            if res.get("quantize"):
+                check += (
+                    f"; its int8 copy: prefill logits within a relative {res['relative_error']:.3f} of the float32 file, "
+                    f"eager's tokens for {res['int8_equal_tokens']} of {res['check_tokens']} steps"
+                )
+        size = mib(res["bytes"])
+        if res.get("quantize"):
+            size = f"int8 {size}, float32 {mib(res['float32_bytes'])}"
+        if res.get("sparse_initializers"):
+            size += f", {res['sparse_initializers']} sparse-encoded tensors"
         return (
-            f"{res['model']}: wrote {res['folder']} (generation, {res['format']} with KV cache: {mib(res['bytes'])}, "
+            f"{res['model']}: wrote {res['folder']} (generation, {res['format']} with KV cache: {size}, "
             f"{len(res['layout']['keys'])} layers); weight sparsity {res['sparsity']:.3f}; {check}; {res['total_seconds']:.1f}s"
         )
     size = mib(res["bytes"])
@@ -133,6 +146,13 @@ def export_line(res: dict[str, Any]) -> str:
             f"{res['sparse_initializers']} COO tensors"
         )
     shapes = ", ".join(f"{b}x{s}" for b, s in res["probe_shapes"])
+    if res.get("quantize"):
+        return (
+            f"{res['model']}: wrote {res['path']} (onnx int8: {size}; float32 {mib(res['float32_bytes'])}); weight sparsity "
+            f"{res['sparsity']:.3f}; float32 file max |dlogits| {res['float_max_abs_diff']:.2g} vs PyTorch, int8 file within a "
+            f"relative {res['relative_error']:.3f} of it (same top-1 token at {res['top1_agreement']:.1%} of positions) "
+            f"in {res['checked_in']} on [{shapes}]; {res['total_seconds']:.1f}s"
+        )
     return (
         f"{res['model']}: wrote {res['path']} ({res['format']}: {size}); weight sparsity {res['sparsity']:.3f}; "
         f"max |dlogits| {res['max_abs_diff']:.2g} vs PyTorch in {res['checked_in']} on [{shapes}]; "
@@ -193,6 +213,17 @@ def bench_markdown(result: BenchResult, targets: list[dict[str, Any]], load: dic
     return "\n".join(lines)
 
 
+def _given_generation(job: BenchJob, label: str) -> dict[str, str | Path]:
+    """``--generation LABEL=DIR``: the folder serves the runtime of its format."""
+    from graphprune.exporters.kv import read_description
+
+    folder = job.generation.get(label)
+    if folder is None:
+        return {}
+    runtime = "onnxruntime" if read_description(folder)["format"] == "onnx" else "torchscript"
+    return {runtime: folder}
+
+
 def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
     """Load every target, time them side by side, write the report files; return the summary."""
     cases = job.validate()
@@ -211,7 +242,7 @@ def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
     load = {"start": load_average()}
     t0 = time.perf_counter()
     result = bench_latency(
-        [BenchTarget(label, model=lm.model) for label, lm in zip(labels, loaded, strict=True)],
+        [BenchTarget(label, model=lm.model, generation=_given_generation(job, label)) for label, lm in zip(labels, loaded, strict=True)],
         runtimes=list(job.runtimes),
         cases=cases,
         repeats=job.repeats,

@@ -129,6 +129,8 @@ class ExportJob:
     purpose: str = "logits"
     #: greedy tokens a generation export must reproduce from eager PyTorch
     check_tokens: int = 32
+    #: ``"int8"``: onnxruntime dynamic quantization of the ONNX file's weights
+    quantize: str | None = None
 
     def validate(self) -> None:
         """Check the job before loading anything (cheap errors first)."""
@@ -142,10 +144,11 @@ class ExportJob:
             raise ConfigError("--sparse-initializers applies to --format onnx only (TorchScript stores the weights as they are).")
         if self.check_tokens < 0:
             raise ConfigError(f"--check-tokens must be >= 0, got {self.check_tokens}.")
+        from graphprune.exporters.quantize import check_quantize
+
+        check_quantize(self.quantize, self.format)
         out = Path(self.out)
         if self.purpose == "generation":
-            if self.sparse_initializers:
-                raise ConfigError("--sparse-initializers applies to logits exports only; drop it with --for generation.")
             if out.is_file():
                 raise ExportError(f"output {out} is a file; --for generation writes a folder (model file, tokenizer, generation.json): give a folder name.")
             if out.is_dir() and any(out.iterdir()) and not self.overwrite:
@@ -222,6 +225,8 @@ class BenchJob:
     trust_remote_code: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: generation export folders to time instead of exporting, by target label
+    generation: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> list[Case]:
         if not self.targets:
@@ -237,6 +242,12 @@ class BenchJob:
             check_model_spec(t)
         if self.out is not None and Path(self.out).is_file():
             raise ConfigError(f"--out {self.out} is a file; give a folder for latency.md/.json/.png.")
+        from graphprune.exporters.kv import read_description
+
+        for label, folder in self.generation.items():
+            if label not in self.labels():
+                raise ConfigError(f"--generation names {label!r}, which is not one of the targets {self.labels()}.")
+            read_description(folder)  # a clear error for a folder that is not a generation export
         return parse_cases(self.cases)
 
     def labels(self) -> list[str]:

@@ -235,8 +235,13 @@ def test_bad_arguments(models, kwargs, match) -> None:
 def test_bad_targets(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unique"):
         bench_latency([BenchTarget("a", tiny_llama()), BenchTarget("a", tiny_llama())], progress=False)
+    forward = [Case("fwd", 1, 8)]
     with pytest.raises(ConfigError, match="vocab_size"):
-        bench_latency([BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("onnxruntime",), progress=False)
+        bench_latency([BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("onnxruntime",), cases=forward, progress=False)
+    with pytest.raises(ConfigError, match="neither a generation export for onnxruntime"):  # a decode case needs a folder
+        bench_latency([BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("onnxruntime",), vocab_size=VOCAB, progress=False)
+    with pytest.raises(ConfigError, match="neither an ONNX file"):  # a forward case needs a logits file
+        bench_latency([BenchTarget("g", generation={"onnxruntime": tmp_path})], runtimes=("onnxruntime",), cases=forward, vocab_size=VOCAB, progress=False)
     with pytest.raises(ConfigError, match="needs a model"):
         bench_latency(
             [BenchTarget("f", onnx=tmp_path / "x.onnx")], runtimes=("eager",), vocab_size=VOCAB, progress=False

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from graphprune.cli import main
-from graphprune.errors import ExportError, OutputError
+from graphprune.errors import ConfigError, ExportError, OutputError
 from graphprune.exporters import generation as generation_module
 from graphprune.exporters.generation import export_generation
 from graphprune.exporters.kv import CacheLayout, KVCacheLM
@@ -164,7 +164,7 @@ def test_cli_export_and_generate(tmp_path: Path, capsys) -> None:
     for args, message in [
         (["generate", "--model", str(out), "--prompt", "x", "--runtime", "onnxruntime"], "runs in torchscript"),
         (["generate", "--model", "tiny-llama", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
-        (["export", "tiny-llama", "--format", "onnx", "--for", "generation", "--sparse-initializers", "--out", str(tmp_path / "x")], "logits exports only"),
+        (["export", "tiny-llama", "--format", "torchscript", "--for", "generation", "--quantize", "int8", "--out", str(tmp_path / "x")], "--format onnx"),
     ]:
         assert main([*args, "-q"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
@@ -192,3 +192,32 @@ def test_the_shipped_file_is_evaluated(tmp_path: Path, capsys) -> None:
     assert main(["eval", "--model", str(tmp_path / "m.onnx"), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--tokenizer" in err[0]
+
+
+def test_onnxruntime_genai_folder_runs_through_the_same_loop(tmp_path: Path) -> None:
+    """A folder described by a genai_config.json (onnxruntime-genai's format) instead of
+    generation.json decodes the same tokens through graphprune's runner."""
+    model = tiny_llama().eval()
+    export_generation(model, tmp_path / "ours", check_tokens=0)
+    peer = tmp_path / "peer"
+    peer.mkdir()
+    (tmp_path / "ours" / "model.onnx").rename(peer / "decoder.onnx")
+    cfg = model.config
+    (peer / "genai_config.json").write_text(json.dumps({"model": {
+        "type": "llama", "vocab_size": cfg.vocab_size, "eos_token_id": [2],
+        "decoder": {"filename": "decoder.onnx", "num_hidden_layers": cfg.num_hidden_layers,
+                    "num_key_value_heads": cfg.num_key_value_heads, "head_size": cfg.hidden_size // cfg.num_attention_heads,
+                    "inputs": {"input_ids": "input_ids", "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                    "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}},
+    }}))
+    runner = load_runner(peer)
+    assert runner.layout.eos_token_ids == (2,) and runner.layout.layers == cfg.num_hidden_layers
+    ids, mask = check_prompts(cfg.vocab_size)
+    got = generate(runner, ids, mask, max_new_tokens=6, stop_at_eos=False)
+    want = generate(EagerRunner(model), ids, mask, max_new_tokens=6, stop_at_eos=False)
+    assert torch.equal(got.tokens, want.tokens)
+    bad = json.loads((peer / "genai_config.json").read_text())
+    bad["model"]["decoder"]["inputs"]["past_key_names"] = "past.%d.k"
+    (peer / "genai_config.json").write_text(json.dumps(bad))
+    with pytest.raises(ConfigError, match="cache tensors"):
+        load_runner(peer)

@@ -143,3 +143,42 @@ def test_example_tokens_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="integer token ids"):
         export_onnx(tiny_llama(), tmp_path / "m.onnx", example_tokens=torch.zeros(2, 8))
     assert not list(tmp_path.iterdir())
+
+
+def test_packing_shared_input_matmuls_keeps_logits(tmp_path) -> None:
+    """q/k/v and gate/up read one activation each: packed into one MatMul + Split per group
+    (two groups per layer, also when one layer is narrower), logits unchanged."""
+    import copy
+
+    from graphprune.exporters.common import ort_session
+    from graphprune.exporters.onnx import _torch_export
+    from graphprune.exporters.onnx_rewrite import pack_shared_input_matmuls
+    from graphprune.models.tiny import random_tokens, tiny_llama
+
+    model = tiny_llama().eval()
+    mlp = model.model.layers[1].mlp
+    with torch.no_grad():  # layer 1 keeps 96 of 128 MLP channels: groups of other widths
+        for name in ("gate_proj", "up_proj"):
+            old = getattr(mlp, name)
+            new = nn.Linear(64, 96, bias=False)
+            new.weight.copy_(old.weight[:96])
+            setattr(mlp, name, new)
+        down = nn.Linear(96, 64, bias=False)
+        down.weight.copy_(mlp.down_proj.weight[:, :96])
+        mlp.down_proj = down
+        proto = _torch_export(model, torch.randint(0, 256, (2, 16)), optimize=True)
+    plain = copy.deepcopy(proto)
+    stats = pack_shared_input_matmuls(proto)
+    layers = model.config.num_hidden_layers
+    assert stats.groups == 2 * layers
+    assert stats.matmuls_before - stats.matmuls_after == layers * (2 + 1)  # q,k,v -> 1 and gate,up -> 1
+    splits = [n for n in proto.graph.node if n.op_type == "Split"]
+    sizes = sorted(tuple(numpy_helper.to_array(i).tolist()) for i in proto.graph.initializer if i.name.endswith("/split"))
+    assert len(splits) >= 2 * layers and (96, 96) in sizes and (128, 128) in sizes
+    onnx.save(plain, str(tmp_path / "plain.onnx"))
+    onnx.save(proto, str(tmp_path / "packed.onnx"))
+    onnx.checker.check_model(str(tmp_path / "packed.onnx"), full_check=True)
+    ids = random_tokens(3, 9, seed=4)
+    a = ort_session(tmp_path / "plain.onnx").run(["logits"], {"input_ids": ids.numpy()})[0]
+    b = ort_session(tmp_path / "packed.onnx").run(["logits"], {"input_ids": ids.numpy()})[0]
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
