@@ -171,6 +171,7 @@ def main() -> None:
                     rep = export_onnx(lm.model, path, atol=ATOL, quantize=quant, sparse_initializers=sparse)
                     write_json(meta, rep.to_dict())
                 info["files"][file_name] = json.loads(meta.read_text())
+        (work / f"{name}-tokenizer").mkdir(exist_ok=True)
         lm.tokenizer.save_pretrained(str(work / f"{name}-tokenizer"))
         models[name] = info
         del lm
