@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from typing import Any, Sequence, cast
 
 from graphprune.errors import ConfigError, GraphPruneError
@@ -388,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
+        # torch's pytree deprecation, raised when a captured graph (its input spec) is copied
+        warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
     from graphprune import distributed
 
     # under torchrun (WORLD_SIZE > 1) every process joins the group; rank 0 prints and writes

@@ -29,7 +29,7 @@ from torch import nn
 
 from graphprune.bench import BenchResult, BenchTarget, bench_latency, to_markdown
 from graphprune.bench.report import write_plot
-from graphprune.errors import ConfigError
+from graphprune.errors import ConfigError, ExportError
 from graphprune.fileio import publish, staging_dir, write_text
 from graphprune.kernels import KernelLinear
 from graphprune.models import LoadedModel, load_model
@@ -69,6 +69,7 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
     if job.purpose == "generation":
         return _export_generation(job, loaded, t0)
+    tokenizer_files = _staged_tokenizer(loaded, Path(job.out).parent)
     if job.format == "onnx":
         report = export_onnx(
             loaded.model, job.out, sparse_initializers=job.sparse_initializers, atol=job.atol, quantize=job.quantize
@@ -76,6 +77,7 @@ def run_export(job: ExportJob) -> dict[str, Any]:
     else:
         report = export_torchscript(loaded.model, job.out, atol=job.atol)
     res = report.to_dict()
+    res["tokenizer"] = _place_tokenizer(tokenizer_files, Path(job.out).parent)
     res.update(
         {
             "model": loaded.name,
@@ -87,6 +89,37 @@ def run_export(job: ExportJob) -> dict[str, Any]:
         }
     )
     return res
+
+
+def _staged_tokenizer(loaded: LoadedModel, folder: Path) -> dict[str, bytes]:
+    """The tokenizer's files, to be written next to a logits export; fails (before any export
+    work) when ``folder`` already holds a different tokenizer."""
+    import tempfile
+
+    if loaded.tokenizer is None:
+        return {}
+    with tempfile.TemporaryDirectory(prefix="graphprune-tok-") as tmp:
+        loaded.tokenizer.save_pretrained(tmp)
+        files = {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+    clash = [n for n, data in files.items() if (folder / n).is_file() and (folder / n).read_bytes() != data]
+    if clash:
+        raise ExportError(
+            f"{folder} already holds another tokenizer ({', '.join(sorted(clash))} differ from {loaded.name}'s); "
+            "export into a folder of its own so the file and its tokenizer stay together."
+        )
+    return files
+
+
+def _place_tokenizer(files: dict[str, bytes], folder: Path) -> list[str]:
+    """Write the tokenizer files missing from ``folder`` (identical ones stay as they are)."""
+    staged = []
+    with staging_dir(folder / "tokenizer.json") as stage:
+        for name, data in files.items():
+            if not (folder / name).is_file():
+                (stage / name).write_bytes(data)
+                staged.append(stage / name)
+        publish(staged, folder)
+    return sorted(files)
 
 
 def _export_generation(job: ExportJob, loaded: LoadedModel, t0: float) -> dict[str, Any]:

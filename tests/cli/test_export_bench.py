@@ -103,3 +103,22 @@ def test_bench_writes_table_plot_and_json(folder, tmp_path, capsys) -> None:
     md = (out / "latency.md").read_text()
     assert "| tiny 2x8 | torchscript | 1.00x |" in md and "Machine:" in md and "Load average" in md
     assert (out / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_tokenizer_is_written_next_to_a_logits_export(tmp_path, capsys) -> None:
+    """`eval --model FILE` then needs no --tokenizer; a folder holding another tokenizer is refused."""
+    out = tmp_path / "files"
+    assert main(["export", "tiny-llama", "--format", "onnx", "--out", str(out / "m.onnx"), "-q", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["tokenizer"] and all((out / name).is_file() for name in res["tokenizer"])
+    assert main(["eval", "--model", str(out / "m.onnx"), "--eval-len", "64", "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)["ppl"] > 1
+    # a second export into the same folder with the same tokenizer is fine
+    assert main(["export", "tiny-llama", "--format", "torchscript", "--out", str(out / "m.pt"), "-q"]) == 0
+    capsys.readouterr()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / res["tokenizer"][0]).write_text("another tokenizer\n")
+    assert main(["export", "tiny-llama", "--format", "onnx", "--out", str(other / "m.onnx"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds another tokenizer" in err and not (other / "m.onnx").exists()
