@@ -85,9 +85,12 @@ EXPORTED_SUFFIXES = (".onnx", ".pt")
 
 
 def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
-    """Perplexity of a model per the protocol (a model, or an exported ``.onnx`` / ``.pt`` logits file)."""
+    """Perplexity of a model per the protocol (a model, an exported ``.onnx`` / ``.pt`` logits
+    file, or a generation export folder)."""
     if Path(job.model).suffix in EXPORTED_SUFFIXES:
         return _eval_file(job, progress)
+    if is_generation_folder(job.model):
+        return _eval_generation(job, progress)
     t0 = time.perf_counter()
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
     check_length(loaded, job.eval_len, "--eval-len")
@@ -104,6 +107,45 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
         else:
             res = perplexity(logits, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
     return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
+
+
+def _eval_generation(job: EvalJob, progress: bool) -> dict[str, Any]:
+    """Perplexity through a generation export, the way it generates: every window is fed one
+    token per call with the KV cache (the file returns the last position's logits only), so
+    the cache path that serves generation is what gets scored."""
+    from graphprune.exporters.kv import read_description
+    from graphprune.exporters.runners import load_runner
+
+    t0 = time.perf_counter()
+    folder = Path(job.model)
+    desc = read_description(folder)
+    runner = load_runner(folder)
+    tokenizer = _file_tokenizer(folder / desc["file"], job)
+
+    def logits_fn(ids: torch.Tensor) -> torch.Tensor:
+        batch, length = ids.shape
+        past = runner.layout.empty_past(batch)
+        out = []
+        for t in range(length):
+            mask = torch.ones(batch, t + 1, dtype=torch.long)
+            pos = torch.full((batch, 1), t, dtype=torch.long)
+            logits, past = runner.step(ids[:, t : t + 1], mask, pos, past)
+            out.append(logits[:, -1].float())
+        return torch.stack(out, dim=1)
+
+    splits = TokenSplits.from_text(tokenizer, read_texts(job.text) if job.text else None)
+    with torch.no_grad():
+        res = perplexity(logits_fn, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+    runtime = "onnxruntime (CPUExecutionProvider)" if desc["format"] == "onnx" else "torch.jit.load"
+    return {"model": folder.name, "runtime": f"{runtime}, token by token with the KV cache", **res,
+            "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
+
+
+def is_generation_folder(spec: str) -> bool:
+    from graphprune.exporters.kv import DESCRIPTION, GENAI_CONFIG
+
+    folder = Path(spec)
+    return folder.is_dir() and ((folder / DESCRIPTION).is_file() or (folder / GENAI_CONFIG).is_file())
 
 
 def _eval_file(job: EvalJob, progress: bool) -> dict[str, Any]:

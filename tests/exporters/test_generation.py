@@ -221,3 +221,22 @@ def test_onnxruntime_genai_folder_runs_through_the_same_loop(tmp_path: Path) -> 
     (peer / "genai_config.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="cache tensors"):
         load_runner(peer)
+
+
+def test_eval_of_a_generation_folder_equals_the_model(tmp_path: Path, capsys) -> None:
+    """`graphprune eval --model GENERATION_FOLDER` scores every window token by token through
+    the file's KV cache and gives the model's own perplexity."""
+    from graphprune.data import default_text
+
+    text = tmp_path / "t.txt"
+    text.write_text(default_text()[:6000])
+    out = tmp_path / "gen"
+    assert main(["export", "tiny-llama", "--format", "onnx", "--for", "generation", "--check-tokens", "0", "--out", str(out), "-q"]) == 0
+    capsys.readouterr()
+    common = ["--text", str(text), "--eval-len", "32", "--json", "-q"]
+    assert main(["eval", "--model", "tiny-llama", *common]) == 0
+    want = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(out), *common]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["tokens"] == want["tokens"] and "KV cache" in got["runtime"]
+    assert abs(got["ppl"] - want["ppl"]) <= 1e-4 * want["ppl"]
