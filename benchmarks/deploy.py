@@ -323,7 +323,8 @@ def markdown(data: dict[str, Any], result: Any, model: str) -> str:
         "Perplexity per docs/PROTOCOL.md through the logits file in onnxruntime; decode: 64 tokens after a 128-token "
         "prompt with the KV cache, median tokens per second of the generation file (batch 1 and 8); ttft: a 128-token "
         "prompt to the first token. int8 = onnxruntime `quantize_dynamic`, per-channel symmetric int8 weights of every "
-        "MatMul with a constant weight (LM head included), uint8 activations quantized at run time. Smallest logits "
+        "MatMul with a constant weight (LM head included) except the MLP down projections, which stay float32; uint8 "
+        "activations quantized at run time. Smallest logits "
         "file: int8 with sparse initializers for pruned models.",
         "",
         data["tables"]["int8"],

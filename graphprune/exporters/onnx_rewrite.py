@@ -14,6 +14,7 @@ column, so packing changes no quantized value, and a packed pruned weight stays 
 
 from __future__ import annotations
 
+import ast
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -25,6 +26,27 @@ from onnx import helper, numpy_helper
 #: ``RMSNormalization``, ``RotaryEmbedding`` and ``Attention`` (with grouped-query heads),
 #: which torch's exporter emits for these patterns and onnxruntime (>= 1.23) runs fused.
 EXPORT_OPSET = 23
+
+
+#: metadata key naming the modules a (possibly packed) MatMul computes, comma-separated
+MODULES_KEY = "graphprune.modules"
+
+
+def module_paths(node: onnx.NodeProto) -> list[str]:
+    """The torch module paths a MatMul node computes, from the exporter's metadata
+    (``pkg.torch.onnx.name_scopes``: ``[..., 'lm.model.layers.0.mlp.down_proj', 'linear_6']``)
+    or, for a packed node, from :data:`MODULES_KEY`; ``[]`` when unknown."""
+    props = {p.key: p.value for p in node.metadata_props}
+    if MODULES_KEY in props:
+        return [m for m in props[MODULES_KEY].split(",") if m]
+    scopes = props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return []
+    try:
+        parts = ast.literal_eval(scopes)
+    except (ValueError, SyntaxError):
+        return []
+    return [str(parts[-2])] if isinstance(parts, list) and len(parts) >= 2 else []
 
 
 @dataclass
@@ -77,8 +99,11 @@ def pack_shared_input_matmuls(model: onnx.ModelProto) -> PackStats:
         tag = f"__gp_packed/{nodes[0].name or nodes[0].output[0]}"
         graph.initializer.append(numpy_helper.from_array(np.concatenate(arrays, axis=1), f"{tag}/weight"))
         graph.initializer.append(numpy_helper.from_array(np.array([a.shape[1] for a in arrays], dtype=np.int64), f"{tag}/split"))
+        matmul = helper.make_node("MatMul", [x, f"{tag}/weight"], [f"{tag}/out"], name=f"{tag}/MatMul")
+        entry = matmul.metadata_props.add()
+        entry.key, entry.value = MODULES_KEY, ",".join(m for n in nodes for m in module_paths(n))
         packed = [
-            helper.make_node("MatMul", [x, f"{tag}/weight"], [f"{tag}/out"], name=f"{tag}/MatMul"),
+            matmul,
             helper.make_node("Split", [f"{tag}/out", f"{tag}/split"], [n.output[0] for n in nodes], name=f"{tag}/Split", axis=-1),
         ]
         replace[indices[0]] = packed
@@ -102,4 +127,4 @@ def pack_shared_input_matmuls(model: onnx.ModelProto) -> PackStats:
     return stats
 
 
-__all__ = ["EXPORT_OPSET", "PackStats", "pack_shared_input_matmuls"]
+__all__ = ["EXPORT_OPSET", "MODULES_KEY", "PackStats", "module_paths", "pack_shared_input_matmuls"]

@@ -52,7 +52,8 @@ def test_int8_weights_are_symmetric_per_channel_and_keep_pruned_zeros(tmp_path: 
     model = _prune_half(tiny_llama().eval())
     export_onnx(model, tmp_path / "f.onnx")
     stats = quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx")
-    assert stats.quantized_matmuls > 0 and stats.float_matmuls <= 4  # only attention's QK^T and PV stay float (2 layers)
+    # attention's QK^T and PV (2 layers) and the kept down projections stay float
+    assert stats.quantized_matmuls > 0 and stats.float_matmuls <= 4 + stats.kept_float
     assert stats.materialised_transposes >= 0
     floats = _initializers(tmp_path / "f.onnx")
     quant = _initializers(tmp_path / "q.onnx")
@@ -84,8 +85,30 @@ def test_tied_lm_head_is_quantized_too(tmp_path: Path) -> None:
     assert any(vocab in a.shape for a in int8), "no int8 weight with the vocabulary dimension: the head stayed float"
     matmuls = sum(n.op_type == "MatMul" for n in onnx.load(str(tmp_path / "f.onnx")).graph.node)
     assert stats.quantized_matmuls + stats.float_matmuls == matmuls and stats.materialised_transposes == 1
-    # packed q/k/v, o, packed gate/up, down per layer, and the head
-    assert stats.quantized_matmuls == 4 * model.config.num_hidden_layers + 1
+    # packed q/k/v, o, packed gate/up per layer, and the head; the down projections stay float32
+    layers = model.config.num_hidden_layers
+    assert stats.kept_float == layers and stats.quantized_matmuls == 3 * layers + 1
+    everything = quantize_int8(tmp_path / "f.onnx", tmp_path / "all.onnx", keep_float=())
+    assert everything.kept_float == 0 and everything.quantized_matmuls == 4 * layers + 1
+
+
+def test_kept_float_matmuls_are_the_mlp_output_projections(tmp_path: Path) -> None:
+    """The exporter's module paths survive packing; the kept MatMuls are exactly the down
+    projections, whose weights stay the float32 weights."""
+    from graphprune.exporters.onnx_rewrite import module_paths
+
+    model = tiny_llama().eval()
+    export_onnx(model, tmp_path / "f.onnx")
+    quantize_int8(tmp_path / "f.onnx", tmp_path / "q.onnx")
+    proto = onnx.load(str(tmp_path / "q.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    floats = [n for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    paths = sorted(p for n in floats for p in module_paths(n))
+    assert paths == [f"lm.model.layers.{i}.mlp.down_proj" for i in range(model.config.num_hidden_layers)]
+    for node, layer in zip(floats, model.model.layers, strict=True):
+        np.testing.assert_array_equal(inits[node.input[1]], layer.mlp.down_proj.weight.detach().numpy().T)
+    packed = [n for n in proto.graph.node if n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul")]
+    assert packed, "nothing was quantized"
 
 
 def test_export_int8_with_sparse_initializers(tmp_path: Path) -> None:
