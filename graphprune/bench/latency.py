@@ -136,6 +136,11 @@ class LatencyRecord:
     times_s: list[float] = field(repr=False, default_factory=list)
     kind: str = "forward"
     new_tokens: int = 0
+    #: resident memory (MiB) the process grew by while the runtime loaded this target (weights,
+    #: session, prepacked kernels); approximate: freed memory is not always returned to the OS
+    load_mib: float | None = None
+    #: size of the file the runtime ran (None for eager)
+    file_bytes: int | None = None
 
     @property
     def shape(self) -> str:
@@ -221,6 +226,28 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 Runner = Callable[[Tensor], Any]
 
 
+def resident_mib() -> float | None:
+    """The process's resident set size in MiB (Linux ``/proc``; ``None`` elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _file_size(path: str | Path | None) -> int | None:
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        from graphprune.exporters.kv import read_description
+
+        return sum(f.stat().st_size for f in path.iterdir() if f.name.startswith(read_description(path)["file"]))
+    return path.stat().st_size + sum(f.stat().st_size for f in path.parent.glob(path.name + ".data"))
+
+
 def _eager_runner(model: nn.Module) -> Runner:
     from graphprune.exporters.common import LogitsOnly
 
@@ -233,8 +260,9 @@ def _eager_runner(model: nn.Module) -> Runner:
     return run
 
 
-def _torchscript_runner(target: BenchTarget, example: Tensor) -> Runner:
+def _torchscript_runner(target: BenchTarget, example: Tensor, files: dict[str, Any]) -> Runner:
     if target.torchscript is not None:
+        files["forward"] = target.torchscript
         module = torch.jit.load(str(target.torchscript), map_location="cpu")  # type: ignore[no-untyped-call]
     elif target.model is not None:
         from graphprune.exporters.torchscript import trace_logits
@@ -251,16 +279,18 @@ def _torchscript_runner(target: BenchTarget, example: Tensor) -> Runner:
     return run
 
 
-def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | None, scratch: Path) -> Runner:
+def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | None, scratch: Path, files: dict[str, Any]) -> Runner:
     from graphprune.exporters.common import ort_session
 
     path = target.onnx
+    files["forward"] = path
     if path is None:
         if target.model is None:
             raise ConfigError(f"target {target.name!r} has neither an ONNX file nor a model to export.")
         from graphprune.exporters.onnx import export_onnx
 
         path = export_onnx(target.model, scratch.with_suffix(".onnx"), example_tokens=example, check=False).path
+    files["forward"] = path
     # Models run interleaved, each in its own session: a session whose threads spin-wait
     # after a run would take cores from the next model's run and bias the paired ratios.
     session = ort_session(path, threads=threads, spinning=False)
@@ -271,7 +301,9 @@ def _onnxruntime_runner(target: BenchTarget, example: Tensor, threads: int | Non
     return run
 
 
-def _generation_runner(target: BenchTarget, runtime: str, threads: int | None, scratch: Path) -> Callable[[Case, Tensor], float]:
+def _generation_runner(
+    target: BenchTarget, runtime: str, threads: int | None, scratch: Path, files: dict[str, Any]
+) -> Callable[[Case, Tensor], float]:
     """A function timing one ``ttft`` or ``decode`` run of ``target`` in ``runtime``."""
     from graphprune.exporters.runners import EagerRunner, generate, load_runner
     from graphprune.exporters.runners import Runner as StepRunner
@@ -283,6 +315,7 @@ def _generation_runner(target: BenchTarget, runtime: str, threads: int | None, s
         runner = EagerRunner(target.model)
     else:
         folder = target.generation.get(runtime)
+        files["generation"] = folder
         if folder is None:
             if target.model is None:
                 raise ConfigError(f"target {target.name!r} has neither a generation export for {runtime} nor a model to export.")
@@ -290,6 +323,7 @@ def _generation_runner(target: BenchTarget, runtime: str, threads: int | None, s
 
             fmt: Literal["onnx", "torchscript"] = "onnx" if runtime == "onnxruntime" else "torchscript"
             folder = export_generation(target.model, scratch.with_name(f"{scratch.name}-{runtime}-generation"), format=fmt, check_tokens=0).path.parent
+        files["generation"] = folder
         runner = load_runner(folder, threads, spinning=False)
 
     def run(case: Case, ids: Tensor) -> float:
@@ -315,15 +349,15 @@ def _check_available(target: BenchTarget, runtime: str, cases: Sequence[Case]) -
             raise ConfigError(f"target {target.name!r} has neither {what}.")
 
 
-def _make_runner(target: BenchTarget, runtime: str, example: Tensor, threads: int | None, scratch: Path) -> Runner:
+def _make_runner(target: BenchTarget, runtime: str, example: Tensor, threads: int | None, scratch: Path, files: dict[str, Any]) -> Runner:
     if runtime == "eager":
         if target.model is None:
             raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
         return _eager_runner(target.model)
     if runtime == "torchscript":
-        return _torchscript_runner(target, example)
+        return _torchscript_runner(target, example, files)
     if runtime == "onnxruntime":
-        return _onnxruntime_runner(target, example, threads, scratch)
+        return _onnxruntime_runner(target, example, threads, scratch, files)
     raise ConfigError(f"unknown runtime {runtime!r}; choose from {RUNTIMES}.")
 
 
@@ -430,12 +464,17 @@ def bench_latency(
             bar.set_postfix_str(f"{runtime}: preparing")
             timers: dict[str, Callable[[Case, Tensor], float]] = {}
             gen_timers: dict[str, Callable[[Case, Tensor], float]] = {}
+            loaded: dict[str, tuple[float | None, dict[str, Any]]] = {}
             for i, t in enumerate(targets):
+                files: dict[str, Any] = {}
+                before = resident_mib()
                 if forward:
-                    run = _make_runner(t, runtime, example, threads, tmp / f"target{i}")
+                    run = _make_runner(t, runtime, example, threads, tmp / f"target{i}", files)
                     timers[t.name] = lambda case, ids, run=run: _seconds(run, ids)  # type: ignore[misc]
                 if generating:
-                    gen_timers[t.name] = _generation_runner(t, runtime, threads, tmp / f"target{i}")
+                    gen_timers[t.name] = _generation_runner(t, runtime, threads, tmp / f"target{i}", files)
+                after = resident_mib()
+                loaded[t.name] = (None if before is None or after is None else round(after - before, 1), files)
             for case in cases:
                 bar.set_postfix_str(f"{runtime} / {case.name}")
                 ids = inputs[case.name]
@@ -450,7 +489,12 @@ def bench_latency(
                     for target in targets[shift:] + targets[:shift]:
                         times[target.name].append(timer[target.name](case, ids))
                         bar.update(1)
-                records.extend(_records(times, baseline, runtime, case))
+                for record in _records(times, baseline, runtime, case):
+                    memory, files = loaded[record.target]
+                    record.load_mib = memory
+                    if runtime != "eager":
+                        record.file_bytes = _file_size(files.get("forward" if case.kind == "forward" else "generation"))
+                    records.append(record)
             del timers, gen_timers
     return BenchResult(records=records, machine=machine, baseline=baseline, repeats=repeats, warmup=warmup)
 

@@ -65,6 +65,7 @@ def to_markdown(result: BenchResult, *, absolute: bool | None = None) -> str:
     header = ["case", "shape", "runtime", "target", f"speedup vs {result.baseline}"]
     if show_ms:
         header.append("median ms [IQR]")
+    header += ["memory to load, MiB", "file, MiB"]
     lines = [_machine_line(result), "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in result.records:
         row = [
@@ -78,6 +79,7 @@ def to_markdown(result: BenchResult, *, absolute: bool | None = None) -> str:
             row.append(f"{r.median_s * 1e3:.3f} [{r.q1_s * 1e3:.3f}, {r.q3_s * 1e3:.3f}]")
         if r.tokens_per_s is not None:
             row[-1 if show_ms else 4] += f"; {r.tokens_per_s:.1f} tok/s"
+        row += ["-" if r.load_mib is None else f"{r.load_mib:.0f}", "-" if r.file_bytes is None else f"{r.file_bytes / 2**20:.1f}"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
 

@@ -162,7 +162,7 @@ def test_targets_are_interleaved_with_rotation(models, monkeypatch: pytest.Monke
     order: list[str] = []
     runners = {}
 
-    def fake_make_runner(target, runtime, example, threads, scratch):
+    def fake_make_runner(target, runtime, example, threads, scratch, files):
         runners[target.name] = lambda ids, name=target.name: order.append(name)
         return runners[target.name]
 
@@ -276,3 +276,31 @@ def test_case_groups_expand() -> None:
     assert names == ["prefill", "ttft-128", "ttft-512", "decode-b1", "decode-b8", "step-nocache"]
     decode = parse_cases(["decode-b8"])[0]
     assert (decode.kind, decode.batch, decode.seq, decode.new_tokens) == ("decode", 8, 128, 64)
+
+
+def test_records_carry_the_file_size_and_the_memory_to_load(tmp_path: Path) -> None:
+    """A given file's record holds its size on disk; loading a model file grows the process by
+    at least its weights (a 4 MiB head here) in onnxruntime; eager runs no file."""
+    rng = np.random.default_rng(1)
+    big = tmp_path / "big.onnx"
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "input_ids"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"])],
+        "lm",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", VOCAB])],
+        initializer=[
+            numpy_helper.from_array(rng.standard_normal((VOCAB, 4096)).astype(np.float32), "emb"),
+            numpy_helper.from_array(rng.standard_normal((4096, VOCAB)).astype(np.float32), "head"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(big))
+    small = _handmade_onnx(tmp_path / "small.onnx")
+    result = bench_latency(
+        [BenchTarget("small", onnx=small), BenchTarget("big", onnx=big)], runtimes=("onnxruntime",),
+        cases=[Case("fwd", 1, 8)], repeats=1, warmup=0, vocab_size=VOCAB, progress=False,
+    )
+    by = {r.target: r for r in result.records}
+    assert by["small"].file_bytes == small.stat().st_size and by["big"].file_bytes == big.stat().st_size
+    if latency.resident_mib() is not None:  # Linux
+        assert by["big"].load_mib is not None and by["big"].load_mib >= 4.0
+    assert "memory to load, MiB" in to_markdown(result)
