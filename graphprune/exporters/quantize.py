@@ -44,10 +44,11 @@ log = logging.getLogger(__name__)
 
 QUANTIZE_MODES = ("int8",)
 #: largest accepted ||logits_int8 - logits_float|| / ||logits_float|| on the export's probes.
-#: A guard against a broken file, not a quality bar (perplexity is): on random-token probes
-#: the default model's int8 logits differ by ~0.2 (0.04 on the tiny test models); a wrong
-#: scale or axis gives ~1 or more.
-INT8_RTOL = 0.5
+#: A guard against a broken file, not a quality bar (perplexity is): 1.0 is as far from the
+#: float32 logits as all-zero logits would be. On random-token probes healthy files stay well
+#: below (default model ~0.2, its PCA-sliced variant ~0.6, the tiny test models ~0.04); a
+#: wrong scale or axis lands above.
+INT8_RTOL = 1.0
 #: module paths whose MatMuls stay float32: the MLP output projection under its usual names
 KEEP_FLOAT: tuple[str, ...] = ("*.down_proj", "*.mlp.fc2", "*.fc2", "*.mlp.c_proj", "*.dense_4h_to_h", "*.w2")
 
