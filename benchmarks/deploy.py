@@ -128,7 +128,11 @@ def main() -> None:
     ap.add_argument("--no-ppl", action="store_true", help="skip the perplexity of the logits files")
     ap.add_argument("--load-note", default="")
     ap.add_argument("--results", default=str(RESULTS))
+    ap.add_argument("--rerender", action="store_true", help="only rewrite deploy.md and the tables from deploy.json's records")
     args = ap.parse_args()
+    if args.rerender:
+        rerender(Path(args.results))
+        return
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     import transformers
 
@@ -235,7 +239,7 @@ def main() -> None:
         "perplexity": quality,
         "records": result.to_dicts(),
     }
-    data["tables"] = {"int8": int8_table(data), "peers": peers_table(data), "acceptance": acceptance(data)}
+    data["tables"] = tables(data)
     out = Path(args.results)
     write_json(out / "deploy.json", data)
     write_text(out / "deploy.md", markdown(data, result, args.model))
@@ -253,17 +257,35 @@ def _tps(records: list[dict[str, Any]], target: str, case: str) -> float | None:
     return None
 
 
-def _ms(records: list[dict[str, Any]], target: str, case: str) -> float | None:
+def _speedup(records: list[dict[str, Any]], target: str, case: str) -> str:
+    """Paired speedup vs graphprune's dense float32 file, median [IQR] (CPU figures are ratios)."""
     for r in records:
         if r["target"] == target and r["case"] == case:
-            return 1000 * r["median_s"]
-    return None
+            return f"{r['speedup']:.2f}x [{r['speedup_q1']:.2f}, {r['speedup_q3']:.2f}]"
+    return "-"
+
+
+def tables(data: dict[str, Any]) -> dict[str, str]:
+    return {"int8": int8_table(data), "peers": peers_table(data), "acceptance": acceptance(data)}
+
+
+def rerender(results: Path) -> None:
+    """Rewrite deploy.md and the tables in deploy.json from the records already there."""
+    from graphprune.bench import BenchResult, LatencyRecord
+
+    data = json.loads((results / "deploy.json").read_text())
+    fields = set(LatencyRecord.__dataclass_fields__)
+    records = [LatencyRecord(**{k: v for k, v in r.items() if k in fields}) for r in data["records"]]
+    result = BenchResult(records=records, machine=data["machine"], baseline=BASELINE, repeats=data["repeats"], warmup=data["warmup"])
+    data["tables"] = tables(data)
+    write_json(results / "deploy.json", data)
+    write_text(results / "deploy.md", markdown(data, result, data.get("model", "smollm2-135m")))
 
 
 def int8_table(data: dict[str, Any]) -> str:
     records = data["records"]
     lines = [
-        "| model | weight sparsity | precision | perplexity (onnxruntime) | decode b1 tok/s | decode b8 tok/s | ttft-128 ms | generation file | smallest logits file |",
+        "| model | weight sparsity | precision | perplexity (onnxruntime) | decode b1 tok/s | decode b8 tok/s | ttft-128 speedup | generation file | smallest logits file |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, info in data["models"].items():
@@ -274,7 +296,7 @@ def int8_table(data: dict[str, Any]) -> str:
             cells = [
                 name, f"{info['sparsity']:.3f}", tag, _num(data["perplexity"].get(f"{name}-{tag}.onnx"), 3),
                 _num(_tps(records, target, "decode-b1"), 1), _num(_tps(records, target, "decode-b8"), 1),
-                _num(_ms(records, target, "ttft-128"), 1), mib(gen["bytes"]), mib(min(sizes)) if sizes else "-",
+                _speedup(records, target, "ttft-128"), mib(gen["bytes"]), mib(min(sizes)) if sizes else "-",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -284,19 +306,16 @@ def peers_table(data: dict[str, Any]) -> str:
     records = data["records"]
     names = list(dict.fromkeys(r["target"] for r in records))
     lines = [
-        "| file | size | ttft-128 ms | ttft-512 ms | decode b1 tok/s | decode b8 tok/s | decode b1 vs graphprune dense float32 |",
+        "| file | size | ttft-128 speedup | ttft-512 speedup | decode b1 tok/s | decode b8 tok/s | decode b1 speedup |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    base = _tps(records, BASELINE, "decode-b1")
     for name in names:
         if not (name == BASELINE or "dense" in name):
             continue
         key = "graphprune dense float32" if name == BASELINE else name
         f = data["files"][key]
-        b1 = _tps(records, name, "decode-b1")
-        ratio = f"{b1 / base:.2f}x" if b1 and base else "-"
-        cells = [name, mib(f["bytes"]), _num(_ms(records, name, "ttft-128"), 1), _num(_ms(records, name, "ttft-512"), 1),
-                 _num(b1, 1), _num(_tps(records, name, "decode-b8"), 1), ratio]
+        cells = [name, mib(f["bytes"]), _speedup(records, name, "ttft-128"), _speedup(records, name, "ttft-512"),
+                 _num(_tps(records, name, "decode-b1"), 1), _num(_tps(records, name, "decode-b8"), 1), _speedup(records, name, "decode-b1")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -327,7 +346,7 @@ def markdown(data: dict[str, Any], result: Any, model: str) -> str:
         "",
         "Perplexity per docs/PROTOCOL.md through the logits file in onnxruntime; decode: 64 tokens after a 128-token "
         "prompt with the KV cache, median tokens per second of the generation file (batch 1 and 8); ttft: a 128-token "
-        "prompt to the first token. int8 = onnxruntime `quantize_dynamic`, per-channel symmetric int8 weights of every "
+        "prompt to the first token, paired speedup vs graphprune's dense float32 file, median [IQR]. int8 = onnxruntime `quantize_dynamic`, per-channel symmetric int8 weights of every "
         "MatMul with a constant weight (LM head included) except the MLP down projections, which stay float32; uint8 "
         "activations quantized at run time. Smallest logits "
         "file: int8 with sparse initializers for pruned models.",
