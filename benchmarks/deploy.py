@@ -42,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from latency import say  # noqa: E402
 from provenance import Run  # noqa: E402
 
 from graphprune.bench import CASE_GROUPS, BenchTarget, bench_latency, machine_info, to_markdown  # noqa: E402
@@ -57,10 +58,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 #: pruned models' logits are larger; float32 reassociation over 30 layers
 ATOL = 1e-2
 BASELINE = "graphprune dense float32"
-
-
-def say(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def op_histogram(path: Path, top: int = 8) -> str:
