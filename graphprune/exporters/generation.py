@@ -50,7 +50,7 @@ from graphprune.errors import ConfigError, ExportError
 from graphprune.exporters.common import eval_mode, require_cpu
 from graphprune.exporters.kv import DESCRIPTION, GENERATION_FORMATS, CacheLayout, KVCacheLM, read_description
 from graphprune.exporters.onnx import SINGLE_FILE_LIMIT
-from graphprune.exporters.onnx_rewrite import EXPORT_OPSET, pack_shared_input_matmuls
+from graphprune.exporters.onnx_rewrite import EXPORT_OPSET, fuse_cached_attention, pack_shared_input_matmuls
 from graphprune.exporters.quantize import INT8_RTOL, check_quantize, check_relative, quantize_int8, relative_error
 from graphprune.exporters.runners import EagerRunner, OnnxRunner, check_prompts, compare_greedy, generate, load_runner
 from graphprune.fileio import atomic_dir, write_json
@@ -115,6 +115,8 @@ def _export_onnx_file(module: KVCacheLM, stage: Path) -> list[Path]:
     proto = program.model_proto
     packed = pack_shared_input_matmuls(proto)
     log.info("packed %d groups of MatMuls sharing an input: %d -> %d MatMuls", packed.groups, packed.matmuls_before, packed.matmuls_after)
+    fused = fuse_cached_attention(proto)
+    log.info("attention with its KV cache fused in %d of %d layers", fused, layout.layers)
     external = raw_bytes(proto) >= SINGLE_FILE_LIMIT
     path = stage / FILE_NAMES["onnx"]
     data = path.name + ".data"

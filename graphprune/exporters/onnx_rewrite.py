@@ -10,6 +10,19 @@ pruned or sliced model): each group is packed with its own split sizes.
 
 Run it before quantization and sparse encoding: per-channel int8 scales are per output
 column, so packing changes no quantized value, and a packed pruned weight stays sparse.
+
+:func:`fuse_cached_attention` hands the KV cache to the ``Attention`` operator of opset 23.
+torch's exporter writes attention with a cache as the module computes it: split the heads
+(``Reshape`` + ``Transpose`` of q, k and v), rotate q and k, append k and v to the past
+(``Concat``), repeat each key/value head for its group of query heads (``Unsqueeze`` +
+``Expand`` + ``Reshape``, a copy of the whole cache every step), attend, and merge the
+heads again. ``Attention`` does all of that itself when it is given the past keys and
+values and the head counts (``q_num_heads`` / ``kv_num_heads``): the rewrite leaves one
+``Attention`` and the two ``RotaryEmbedding`` nodes per layer, on 3-D ``(batch, seq,
+heads * head_dim)`` tensors, and the cache is never repeated. The present keys and values
+are the same tensors (``Attention`` concatenates past and new along the sequence), so the
+file's interface does not change. Head counts come from each layer's own
+``RotaryEmbedding`` nodes, so layers may have different numbers of heads.
 """
 
 from __future__ import annotations
@@ -17,6 +30,7 @@ from __future__ import annotations
 import ast
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -127,4 +141,141 @@ def pack_shared_input_matmuls(model: onnx.ModelProto) -> PackStats:
     return stats
 
 
-__all__ = ["EXPORT_OPSET", "MODULES_KEY", "PackStats", "module_paths", "pack_shared_input_matmuls"]
+def _attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+@dataclass
+class _Heads:
+    """One of q/k/v on its way into attention: ``flat`` (batch, seq, heads*dim) became a
+    (batch, heads, seq, dim) tensor through ``nodes``, rotated by ``rope`` when there is one."""
+
+    flat: str
+    nodes: list[onnx.NodeProto]
+    rope: onnx.NodeProto | None = None
+
+
+def fuse_cached_attention(model: onnx.ModelProto) -> int:
+    """Give each cached ``Attention`` its past keys/values and 3-D inputs, in place (see the
+    module docstring); returns the number of attention nodes rewritten.
+
+    A layer is rewritten only when its whole pattern is there and no intermediate tensor is
+    used outside it; anything else is left as exported (the file stays correct, only slower).
+    """
+    graph = model.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    graph_outputs = {o.name for o in graph.output}
+
+    def made_by(name: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+    def split_heads(name: str) -> _Heads | None:
+        transpose = made_by(name, "Transpose")
+        if transpose is None or list(_attr(transpose, "perm", [])) != [0, 2, 1, 3]:
+            return None
+        reshape = made_by(transpose.input[0], "Reshape")
+        return None if reshape is None else _Heads(reshape.input[0], [transpose, reshape])
+
+    def rotated_heads(name: str) -> _Heads | None:
+        rope = made_by(name, "RotaryEmbedding")
+        if rope is None or len(rope.input) != 3 or not _attr(rope, "num_heads"):
+            return None
+        heads = split_heads(rope.input[0])
+        if heads is not None:
+            heads.nodes.insert(0, rope)
+            heads.rope = rope
+        return heads
+
+    def unrepeated(name: str) -> tuple[str, list[onnx.NodeProto]]:
+        """``Reshape(Expand(Unsqueeze(t)))`` (grouped-query repeat) -> t; else the name itself."""
+        reshape = made_by(name, "Reshape")
+        expand = made_by(reshape.input[0], "Expand") if reshape is not None else None
+        unsqueeze = made_by(expand.input[0], "Unsqueeze") if expand is not None else None
+        if reshape is None or expand is None or unsqueeze is None:
+            return name, []
+        return unsqueeze.input[0], [reshape, expand, unsqueeze]
+
+    def appended(name: str) -> onnx.NodeProto | None:
+        concat = made_by(name, "Concat")
+        return concat if concat is not None and len(concat.input) == 2 and _attr(concat, "axis") in (-2, 2) else None
+
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    drop: set[int] = set()
+    for attention in list(graph.node):
+        if attention.op_type != "Attention" or attention.domain not in ("", "ai.onnx") or len(attention.input) not in (3, 4):
+            continue
+        if len(attention.output) != 1:
+            continue
+        q4, k4, v4 = attention.input[:3]
+        mask = attention.input[3] if len(attention.input) == 4 else ""
+        key_all, key_repeat = unrepeated(k4)
+        value_all, value_repeat = unrepeated(v4)
+        key_cat, value_cat = appended(key_all), appended(value_all)
+        if key_cat is None or value_cat is None:
+            continue
+        query, key, value = rotated_heads(q4), rotated_heads(key_cat.input[1]), split_heads(value_cat.input[1])
+        if query is None or key is None or value is None:
+            continue
+        after = consumers[attention.output[0]]
+        if len(after) != 1 or after[0].op_type != "Transpose" or list(_attr(after[0], "perm", [])) != [0, 2, 1, 3]:
+            continue
+        merge = consumers[after[0].output[0]]
+        if len(merge) != 1 or merge[0].op_type != "Reshape":
+            continue
+        old = [attention, key_cat, value_cat, after[0], merge[0], *key_repeat, *value_repeat, *query.nodes, *key.nodes, *value.nodes]
+        inside = {id(n) for n in old}
+        # every tensor of the pattern is used inside it only; the merged heads keep their later
+        # consumers and the present keys/values may be graph outputs, under the same names
+        private = all(
+            out == merge[0].output[0]
+            or ((out not in graph_outputs or n in (key_cat, value_cat)) and all(id(c) in inside for c in consumers[out]))
+            for n in old
+            for out in n.output
+        )
+        if not private or any(id(n) in drop or id(n) in replace for n in old):
+            continue
+        assert query.rope is not None and key.rope is not None
+        tag = f"__gp_attention/{attention.name or attention.output[0]}"
+        q_heads, kv_heads = int(_attr(query.rope, "num_heads")), int(_attr(key.rope, "num_heads"))
+        nodes = []
+        for part, heads, which in ((query, q_heads, "q"), (key, kv_heads, "k")):
+            assert part.rope is not None
+            attrs = {a.name: helper.get_attribute_value(a) for a in part.rope.attribute}
+            attrs["num_heads"] = heads
+            rotated = f"{tag}/{which}"
+            nodes.append(helper.make_node("RotaryEmbedding", [part.flat, *part.rope.input[1:]], [rotated], name=rotated, **attrs))
+        attrs = {a.name: helper.get_attribute_value(a) for a in attention.attribute}
+        attrs.update(q_num_heads=q_heads, kv_num_heads=kv_heads)
+        nodes.append(
+            helper.make_node(
+                "Attention",
+                [f"{tag}/q", f"{tag}/k", value.flat, mask, key_cat.input[0], value_cat.input[0]],
+                [merge[0].output[0], key_cat.output[0], value_cat.output[0]],
+                name=tag,
+                **attrs,
+            )
+        )
+        replace[id(attention)] = nodes
+        drop.update(id(n) for n in old if n is not attention)
+    if not replace:
+        return 0
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in replace:
+            rebuilt.extend(replace[id(node)])
+        elif id(node) not in drop:
+            rebuilt.append(node)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+    return len(replace)
+
+
+__all__ = ["EXPORT_OPSET", "MODULES_KEY", "PackStats", "fuse_cached_attention", "module_paths", "pack_shared_input_matmuls"]

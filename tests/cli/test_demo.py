@@ -31,6 +31,7 @@ def test_demo_script_on_the_tiny_model(tmp_path) -> None:
         "GRAPHPRUNE_DEMO_DATA": f"--text {text} --eval-len 256",
         "GRAPHPRUNE_DEMO_CALIB": "--calib-samples 4 --calib-len 64",
         "GRAPHPRUNE_DEMO_SKIP_INSTALL": "1",
+        "GRAPHPRUNE_DEMO_RUNTIMES": "eager onnxruntime",  # the default is onnxruntime alone
     })
     res = subprocess.run(["bash", str(ROOT / "scripts" / "demo.sh")], env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]

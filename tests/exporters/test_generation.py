@@ -107,6 +107,50 @@ def test_generation_file_decodes_like_eager(kind, fmt, tmp_path) -> None:
     assert float((got.logits - ref.logits).abs().max()) < 1e-4
 
 
+def _narrow_attention(model: nn.Module, layer: int) -> nn.Module:
+    """Physically drop heads of one layer: 2 of 4 query heads and 1 of 2 KV heads (one group)."""
+    attn = model.model.layers[layer].self_attn  # type: ignore[union-attr,index]
+    dim = attn.head_dim
+    for name, keep in (("q_proj", 2 * dim), ("k_proj", dim), ("v_proj", dim)):
+        old = getattr(attn, name)
+        new = nn.Linear(old.in_features, keep, bias=False)
+        new.weight.data = old.weight.data[:keep].clone()
+        setattr(attn, name, new)
+    old = attn.o_proj
+    attn.o_proj = nn.Linear(2 * dim, old.out_features, bias=False)
+    attn.o_proj.weight.data = old.weight.data[:, : 2 * dim].clone()
+    return model
+
+
+def test_cached_attention_is_fused_into_one_operator(tmp_path) -> None:
+    """Each layer's attention becomes one ``Attention`` fed the past keys/values and 3-D q/k/v,
+    with the layer's own head counts (here 4/2 and 2/1); no step repeats the cache for the
+    grouped-query heads, and the file decodes exactly like eager PyTorch."""
+    import onnx
+
+    model = _narrow_attention(tiny_llama(seed=3), 1).eval()
+    rep = export_generation(model, tmp_path / "gen", format="onnx", tokenizer=ByteTokenizer(), check_tokens=16)
+    assert rep.tokens_equal and rep.max_abs_diff is not None and rep.max_abs_diff < 1e-4
+    graph = onnx.load(str(tmp_path / "gen" / "model.onnx")).graph
+    attention = [n for n in graph.node if n.op_type == "Attention"]
+    heads = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in attention]
+    assert [(h["q_num_heads"], h["kv_num_heads"]) for h in heads] == [(4, 2), (2, 1)]
+    for i, node in enumerate(attention):
+        assert list(node.input[4:]) == [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+        assert list(node.output[1:]) == [f"present.{i}.key", f"present.{i}.value"]
+    ops = {n.op_type for n in graph.node}
+    assert "Expand" not in {n.op_type for n in graph.node if any(i.startswith("present.") for i in n.input)}
+    assert "Concat" not in {n.op_type for n in graph.node if any(o.startswith("present.") for o in n.output)}
+    assert "RotaryEmbedding" in ops
+    runner, eager = load_runner(tmp_path / "gen"), EagerRunner(model)
+    ids, mask = left_padded([[9, 8, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [200]])
+    got = generate(runner, ids, mask, max_new_tokens=10, stop_at_eos=False, keep_logits=True)
+    ref = generate(eager, ids, mask, max_new_tokens=10, stop_at_eos=False, keep_logits=True)
+    assert torch.equal(got.tokens, ref.tokens)
+    assert got.logits is not None and ref.logits is not None
+    assert float((got.logits - ref.logits).abs().max()) < 1e-4
+
+
 def test_a_failed_check_writes_nothing(tmp_path, monkeypatch) -> None:
     def fail(*args, **kwargs):
         raise ExportError("the onnxruntime generation file decodes other tokens than eager PyTorch")
