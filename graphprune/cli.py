@@ -79,6 +79,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate-option", action="append", default=[], metavar="KEY=VALUE", help="learned rotation: init, steps, lr, momentum, blocks_per_step")
     p.add_argument("--slice", type=float, default=0.0, metavar="FRACTION", help="drop this fraction of the rotated stream (SliceGPT; implies --rotate pca)")
     p.add_argument(
+        "--structured", type=float, default=0.0, metavar="FRACTION",
+        help="remove this fraction of the decoder blocks' parameters as whole MLP channels, with reconstruction "
+        "(alone, or with --sparsity/--pattern for what remains)",
+    )
+    p.add_argument(
+        "--structured-method", default="obs", choices=["obs", "obs-swap", "wanda-sp", "flap"],
+        help="structured solver: obs (structured OBS, default), obs-swap (+ exchange local search), wanda-sp, flap",
+    )
+    p.add_argument(
         "--lazy", action="store_true",
         help="stream a model folder: load one block at a time from its safetensors and write each pruned block as it "
         "finishes (peak memory ~ one block; works under torchrun)",
@@ -236,10 +245,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         resume=args.resume,
         rotation=args.rotate,
         slicing=args.slice,
+        structured=args.structured,
+        structured_method=args.structured_method,
         rotation_options=_kv(args.rotate_option, "--rotate-option"),
         lazy=args.lazy,
     )
     job.rotation_source()  # validate before loading anything
+    job.check_structured()
     if job.prunes():
         job.spec()
     job.out = args.out or str(job.default_out_dir())
@@ -252,6 +264,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         sl = rep.get("slicing")
         width = f", stream {sl['width']} -> {sl['sliced_width']}" if sl else ""
         print(f"  rotation {rep['rotation']['source']}{width}; parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}")
+    st = rep.get("structured")
+    if st:
+        widths = sorted({e["kept"] for e in st["layers"]})
+        print(
+            f"  structured {st['method']}: {st['block_parameters_removed']:.1%} of block parameters removed (MLP width "
+            f"{st['layers'][0]['width']} -> {', '.join(map(str, widths))}); parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}"
+        )
     return 0
 
 

@@ -37,6 +37,7 @@ class PassState:
         prune_report: the pruning report (per-Linear sparsity, error, seconds; per-stage seconds).
         rotation: what RotatePass did (source, per-dimension importance, objective...).
         slicing: what SlicePass did (fraction, widths).
+        structured: what StructuredPrunePass did (method, fraction, kept width and error per group).
         stream_centred: FoldNormsPass made the residual stream zero-mean (LayerNorm models).
         kernels: Linear name -> kernel choice and candidate timings (RewriteKernelsPass).
         export_blockers: reasons the graph can no longer be saved as a Hugging Face folder.
@@ -49,6 +50,7 @@ class PassState:
     prune_report: dict[str, Any] | None = None
     rotation: dict[str, Any] | None = None
     slicing: dict[str, Any] | None = None
+    structured: dict[str, Any] | None = None
     stream_centred: bool = False
     kernels: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_blockers: list[str] = field(default_factory=list)

@@ -45,6 +45,7 @@ class Prop:
     NORMS_FOLDED = "graph.norms_folded"
     ROTATED = "graph.rotated"
     SLICED = "graph.sliced"
+    STRUCTURED = "graph.structured"
     KERNELS = "graph.kernels_rewritten"
 
 

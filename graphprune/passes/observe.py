@@ -38,12 +38,14 @@ class InputObserver(nn.Module):
     def reset(self) -> None:
         self.count = 0
         self.col_sq = torch.zeros(self.in_features, dtype=torch.float64)
+        self.col_sum = torch.zeros(self.in_features, dtype=torch.float64)
         self.xtx: Tensor | None = torch.zeros(self.in_features, self.in_features, dtype=torch.float64) if self.hessian else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.enabled:
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             self.col_sq += flat.pow(2).sum(0).double()
+            self.col_sum += flat.sum(0).double()
             if self.xtx is not None:
                 self.xtx += (flat.T @ flat).double()
             self.count += flat.shape[0]
@@ -54,6 +56,7 @@ class InputObserver(nn.Module):
         if not dist.active:
             return
         dist.all_reduce_(self.col_sq)
+        dist.all_reduce_(self.col_sum)
         if self.xtx is not None:
             dist.all_reduce_(self.xtx)
         self.count = int(dist.all_reduce_float(float(self.count)))
@@ -66,7 +69,9 @@ class InputObserver(nn.Module):
                 f"calibration statistics of {self.name} contain NaN/Inf: the activations overflowed; "
                 "check the model weights and use float32."
             )
-        return LayerStats(col_sq=self.col_sq.clone(), count=self.count, xtx=None if self.xtx is None else self.xtx.clone())
+        return LayerStats(
+            col_sq=self.col_sq.clone(), count=self.count, xtx=None if self.xtx is None else self.xtx.clone(), col_sum=self.col_sum.clone()
+        )
 
 
 def select_linears(gm: GraphModel, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[q.LinearInfo]:

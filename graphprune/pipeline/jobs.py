@@ -78,13 +78,29 @@ class PruneJob:
     rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
     rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
     lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
+    structured: float = 0.0  # fraction of the decoder blocks' Linear parameters to remove as whole MLP channels
+    structured_method: str = "obs"  # obs, obs-swap, wanda-sp, flap (graphprune.solvers.structured)
 
     def spec(self) -> SparsitySpec:
         return SparsitySpec.parse(self.sparsity, self.pattern)
 
     def prunes(self) -> bool:
-        """False for a rotate/slice-only job (no sparsity and no N:M pattern given)."""
-        return not (self.sparsity is None and self.pattern.strip().lower() == "unstructured" and bool(self.rotation or self.slicing))
+        """False for a rotate/slice/structured-only job (no sparsity and no N:M pattern given)."""
+        return not (
+            self.sparsity is None and self.pattern.strip().lower() == "unstructured" and bool(self.rotation or self.slicing or self.structured)
+        )
+
+    def check_structured(self) -> None:
+        """Validate the structured-pruning fields (fraction, method) before anything is loaded."""
+        if not self.structured:
+            return
+        from graphprune.solvers.structured import get_structured
+
+        if not (0.0 < self.structured < 1.0):
+            raise ConfigError(f"--structured is a fraction of the block parameters in (0, 1), got {self.structured}; e.g. --structured 0.2.")
+        get_structured(self.structured_method)
+        if self.lazy:
+            raise ConfigError("structured pruning changes the model's shapes while it runs; run it without --lazy.")
 
     def rotation_source(self) -> str | None:
         """The rotation to apply (slicing implies PCA), validated."""
@@ -105,8 +121,11 @@ class PruneJob:
         """``out/<model>[-<rotation>][-slice<P>]-<method>-<sparsity or N of M>``."""
         stem = Path(self.model).stem
         sl = f"-slice{int(round(self.slicing * 100))}" if self.slicing else ""
+        if self.structured:
+            sl += f"-struct{int(round(self.structured * 100))}-{self.structured_method}"
         if not self.prunes():
-            return Path("out") / f"{stem}-{self.rotation or 'pca'}{sl}"
+            rot = f"-{self.rotation or 'pca'}" if (self.rotation or self.slicing) else ""
+            return Path("out") / f"{stem}{rot}{sl}"
         tag = self.pattern.replace(":", "of") if ":" in self.pattern else f"{int(round((self.sparsity or 0) * 100))}"
         rot = f"-{self.rotation}" if self.rotation else ""
         return Path("out") / f"{stem}{rot}{sl}-{self.method}-{tag}"

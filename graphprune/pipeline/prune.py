@@ -36,6 +36,7 @@ from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb
 from graphprune.passes.prune import LayerRule, PruneConfig, StageIO, parse_rules, prune_pass
 from graphprune.passes.rotate import LearnConfig, RotatePass
 from graphprune.passes.slice import SlicePass
+from graphprune.passes.structured import structured_pass
 from graphprune.pipeline.checkpoints import open_checkpoint
 from graphprune.pipeline.jobs import EvalJob, PruneJob
 from graphprune.solvers import SolverInfo, SparsitySpec, get_solver
@@ -58,6 +59,7 @@ class PrunePlan:
     def of(cls, job: PruneJob) -> "PrunePlan":
         """Validate ``job`` (rotation, sparsity, overrides, method) before anything is loaded."""
         rotation = job.rotation_source()
+        job.check_structured()
         prunes = job.prunes()
         spec = job.spec() if prunes else SparsitySpec(0.0)
         solver = get_solver(job.method)  # unknown method -> clear error before loading anything
@@ -269,6 +271,8 @@ def run_prune(
         )
         if plan.rotation is not None:
             report.update(_rotation_report(gm, manager))
+        if gm.state.structured is not None:
+            report["structured"] = gm.state.structured
         if job.evaluate:
             res = sharded_perplexity(gm, splits.eval_windows(job.eval_len), dist, progress=progress)
             report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
@@ -323,6 +327,10 @@ def build_passes(
     ``plan`` is ``PrunePlan.of(job)`` when the caller has already validated the job."""
     plan = plan or PrunePlan.of(job)
     passes = _rotation_passes(job, plan.rotation, plan.spec, gm)
+    if job.structured:
+        if current().active:
+            raise ConfigError("structured pruning runs in one process; run it without torchrun.")
+        passes.append(structured_pass(job.structured, job.structured_method, batch_size=job.batch_size))
     if plan.prunes:
         config = PruneConfig(job.method, plan.spec, plan.rules, dict(job.options), job.refine_steps, job.batch_size)
         passes.append(prune_pass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))

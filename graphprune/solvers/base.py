@@ -32,12 +32,14 @@ class LayerStats:
         count: number of tokens accumulated.
         grad_sq: ``Σ_samples g²`` per weight ``[out, in]`` of the language-model loss
             (GBLM-Pruner), or None.
+        col_sum: ``Σ_t x_tj`` per input column ``[in]`` (FLAP's mean), or None.
     """
 
     col_sq: Tensor
     count: int
     xtx: Tensor | None = None
     grad_sq: Tensor | None = None
+    col_sum: Tensor | None = None
 
     @property
     def in_features(self) -> int:

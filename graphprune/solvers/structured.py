@@ -1,0 +1,259 @@
+"""Solvers that remove whole input channels of a Linear, for structured pruning.
+
+A structure (an MLP channel: a row of the gate and up projections and a column of the down
+projection) disappears from the consumer Linear as a column. With ``X [tokens, d]`` its input
+and ``H = XᵀX``, keeping the channel set ``K`` and giving the kept columns new weights ``V``
+costs the layer-wise reconstruction error
+
+    E(K, V) = ‖W X − V X_K‖² = tr((W − V̂) H (W − V̂)ᵀ),    V̂ = V on K, 0 elsewhere.
+
+For a fixed ``K`` the best ``V`` is the least-squares solution ``V = W H[:, K] H[K, K]⁻¹``
+(:func:`refit_kept`). The solvers differ in how they choose ``K``:
+
+* :func:`structured_obs` (structured Optimal Brain Surgeon, as in ZipLM and SlimGPT):
+  remove one column at a time, the one whose removal raises the error least given the
+  columns already removed, ``‖W_j‖² / [H⁻¹]_jj`` on the running weight, with the closed-form
+  update of the other columns and the inverse Hessian downdated; then the exact refit.
+* :func:`swap_refine` (a local search in the spirit of OSSCAR): from a chosen set, exchange a
+  kept and a removed column while the exact error goes down.
+* :func:`wanda_sp` (Wanda-sp): keep the channels with the largest ``Σ_i |W_ij| · ‖X_j‖``,
+  weights unchanged (no reconstruction).
+* :func:`flap` (FLAP): keep the channels with the largest fluctuation ``Var(X_j) · ‖W_j‖²``
+  and compensate the removed channels' mean contribution in the bias.
+
+All are pure tensor functions; the structured pruning pass chooses the widths and edits
+the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from graphprune.errors import ConfigError, SolverError
+from graphprune.solvers.base import LayerStats
+
+
+@dataclass
+class ChannelChoice:
+    """Which input channels of a Linear stay and the weight they get.
+
+    Attributes:
+        keep: sorted indices of the kept input channels ``[k]``.
+        weight: the Linear's new weight on them ``[out, k]``.
+        bias_delta: added to the Linear's bias (``[out]``, FLAP's compensation), or None.
+        info: ``error`` (``E`` above, un-normalised), ``rel_error`` (``E / tr(W H Wᵀ)``) and
+            solver details.
+    """
+
+    keep: Tensor
+    weight: Tensor
+    bias_delta: Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(weight: Tensor, stats: LayerStats, keep: int, name: str) -> None:
+    out, d = weight.shape
+    if stats.in_features != d:
+        raise SolverError(f"{name}: statistics for {stats.in_features} input channels, weight has {d}.")
+    if not 1 <= keep <= d:
+        raise ConfigError(f"{name}: cannot keep {keep} of {d} input channels; keep between 1 and {d}.")
+
+
+def damped_hessian(stats: LayerStats, damp: float) -> Tensor:
+    """``XᵀX`` in float64 with ``damp · mean(diag)`` added to the diagonal (dead channels stay invertible)."""
+    if stats.xtx is None:
+        raise SolverError("structured reconstruction needs the input Hessian XᵀX, but only column norms were collected.")
+    h = stats.xtx.double().clone()
+    diag = torch.diagonal(h)
+    diag += damp * float(diag.mean().clamp_min(1e-12)) + 1e-12
+    return h
+
+
+def structured_error(weight: Tensor, keep: Tensor, new: Tensor, xtx: Tensor) -> tuple[float, float]:
+    """``(E, E / tr(W H Wᵀ))`` for keeping columns ``keep`` of ``weight`` with weights ``new``."""
+    w = weight.double()
+    full = torch.zeros_like(w)
+    full[:, keep] = new.double()
+    diff = w - full
+    h = xtx.double()
+    err = float(torch.einsum("ij,jk,ik->", diff, h, diff))
+    base = float(torch.einsum("ij,jk,ik->", w, h, w))
+    return err, err / max(base, 1e-30)
+
+
+def refit_kept(weight: Tensor, h: Tensor, keep: Tensor) -> Tensor:
+    """The least-squares weight of the kept columns: ``W H[:, K] H[K, K]⁻¹`` (float64)."""
+    w = weight.double()
+    hk = h[:, keep]
+    rhs = (w @ hk).T  # [k, out]
+    chol, info = torch.linalg.cholesky_ex(h[keep][:, keep])
+    if int(info) != 0:
+        return torch.linalg.solve(h[keep][:, keep], rhs).T
+    return torch.cholesky_solve(rhs, chol).T
+
+
+def structured_obs(weight: Tensor, stats: LayerStats, keep: int, *, damp: float = 0.01, name: str = "linear") -> ChannelChoice:
+    """Remove ``d - keep`` input channels greedily by their exact OBS cost, then refit the kept ones."""
+    _check(weight, stats, keep, name)
+    h = damped_hessian(stats, damp)
+    d = h.shape[0]
+    w = weight.double().clone()
+    try:
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    except RuntimeError as exc:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise SolverError(f"{name}: the damped input Hessian is not positive definite ({exc}); raise damp.") from exc
+    alive = torch.ones(d, dtype=torch.bool)
+    for _ in range(d - keep):
+        diag = torch.diagonal(hinv).clamp_min(1e-30)
+        cost = (w * w).sum(0) / diag
+        cost[~alive] = float("inf")
+        j = int(cost.argmin())
+        row = hinv[j : j + 1, :] / diag[j]
+        w -= w[:, j : j + 1] @ row  # the other columns absorb column j's contribution
+        hinv -= hinv[:, j : j + 1] @ row  # H⁻¹ of the remaining columns (row/column j become 0)
+        w[:, j] = 0.0
+        alive[j] = False
+    kept = alive.nonzero().flatten()
+    new = refit_kept(weight, h, kept)
+    err, rel = structured_error(weight, kept, new, stats.xtx if stats.xtx is not None else h)
+    return ChannelChoice(kept, new.to(weight.dtype), info={"error": err, "rel_error": rel, "method": "obs"})
+
+
+def swap_refine(
+    weight: Tensor, stats: LayerStats, choice: ChannelChoice, *, swaps: int = 32, candidates: int = 8, damp: float = 0.01, name: str = "linear"
+) -> ChannelChoice:
+    """Local search on the kept set: exchange a kept and a removed channel while the exact error falls.
+
+    Each round scores every removed channel ``j`` by the error it would take away if added
+    (``‖(W − V̂) H_j‖² / s_j``, ``s_j`` the Schur complement of ``H_jj`` given the kept set) and
+    every kept channel by its OBS removal cost, tries the ``candidates`` best pairs by the
+    exact refitted error, and keeps the first exchange that lowers it; it stops after
+    ``swaps`` exchanges or when no tried pair helps. The result is never worse than ``choice``.
+    """
+    h = damped_hessian(stats, damp)
+    d = h.shape[0]
+    xtx = stats.xtx if stats.xtx is not None else h
+    keep = choice.keep.clone()
+    new = refit_kept(weight, h, keep).double()
+    best, _ = structured_error(weight, keep, new, h)
+    done = 0
+    w = weight.double()
+    for _ in range(swaps):
+        if keep.numel() in (0, d):
+            break
+        removed = torch.ones(d, dtype=torch.bool)
+        removed[keep] = False
+        out_idx = removed.nonzero().flatten()
+        full = torch.zeros_like(w)
+        full[:, keep] = new
+        resid = (w - full) @ h[:, out_idx]  # [out, r]
+        hkk_inv = torch.cholesky_inverse(torch.linalg.cholesky(h[keep][:, keep]))
+        cross = h[keep][:, out_idx]  # [k, r]
+        schur = (torch.diagonal(h)[out_idx] - (cross * (hkk_inv @ cross)).sum(0)).clamp_min(1e-30)
+        gain = (resid * resid).sum(0) / schur
+        cost = (new * new).sum(0) / torch.diagonal(hkk_inv).clamp_min(1e-30)
+        adds = out_idx[gain.argsort(descending=True)[:candidates]]
+        drops = keep[cost.argsort()[:candidates]]
+        improved = False
+        for a in adds.tolist():
+            for r in drops.tolist():
+                trial = torch.sort(torch.cat([keep[keep != r], torch.tensor([a])])).values
+                trial_new = refit_kept(weight, h, trial)
+                err, _ = structured_error(weight, trial, trial_new, h)
+                if err < best * (1 - 1e-9):
+                    keep, new, best, improved = trial, trial_new, err, True
+                    break
+            if improved:
+                break
+        if not improved:
+            break
+        done += 1
+    err, rel = structured_error(weight, keep, new, xtx)
+    info = dict(choice.info, error=err, rel_error=rel, swaps=done, method=f"{choice.info.get('method', '?')}+swap")
+    return ChannelChoice(keep, new.to(weight.dtype), choice.bias_delta, info)
+
+
+def wanda_sp(weight: Tensor, stats: LayerStats, keep: int, *, name: str = "linear", **_: Any) -> ChannelChoice:
+    """Keep the ``keep`` channels with the largest ``Σ_i |W_ij| · ‖X_j‖``; weights unchanged."""
+    _check(weight, stats, keep, name)
+    score = weight.abs().double().sum(0) * stats.col_sq.double().clamp_min(0).sqrt()
+    kept = torch.sort(score.argsort(descending=True)[:keep]).values
+    new = weight[:, kept].clone()
+    info: dict[str, Any] = {"method": "wanda-sp"}
+    if stats.xtx is not None:
+        info["error"], info["rel_error"] = structured_error(weight, kept, new, stats.xtx)
+    return ChannelChoice(kept, new, info=info)
+
+
+def flap(weight: Tensor, stats: LayerStats, keep: int, *, name: str = "linear", **_: Any) -> ChannelChoice:
+    """FLAP: keep the channels with the largest ``Var(X_j) · ‖W_j‖²``; the removed channels' mean
+    contribution ``W[:, S] · mean(X_S)`` moves into the bias."""
+    _check(weight, stats, keep, name)
+    if stats.col_sum is None:
+        raise SolverError(f"{name}: FLAP needs the per-channel input mean; the observers did not collect it.")
+    n = max(stats.count, 1)
+    mean = stats.col_sum.double() / n
+    var = (stats.col_sq.double() / n - mean * mean).clamp_min(0)
+    score = var * (weight.double() ** 2).sum(0)
+    kept = torch.sort(score.argsort(descending=True)[:keep]).values
+    gone = torch.ones(weight.shape[1], dtype=torch.bool)
+    gone[kept] = False
+    delta = (weight.double()[:, gone] @ mean[gone]).to(weight.dtype)
+    new = weight[:, kept].clone()
+    info: dict[str, Any] = {"method": "flap", "fluctuation": score}
+    if stats.xtx is not None:
+        info["error"], info["rel_error"] = structured_error(weight, kept, new, stats.xtx)
+    return ChannelChoice(kept, new, delta, info)
+
+
+def channel_scores(method: str, weight: Tensor, stats: LayerStats) -> Tensor:
+    """Per-channel importance the adaptive budget compares across layers (larger = keep)."""
+    if method == "flap" and stats.col_sum is not None:
+        n = max(stats.count, 1)
+        mean = stats.col_sum.double() / n
+        return ((stats.col_sq.double() / n - mean * mean).clamp_min(0) * (weight.double() ** 2).sum(0)).float()
+    if method in ("obs", "obs-swap") and stats.xtx is not None:
+        hinv = torch.linalg.pinv(stats.hessian(torch.float64))
+        return ((weight.double() ** 2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)).float()
+    return (weight.abs().double().sum(0) * (stats.col_sq.double() / max(stats.count, 1)).clamp_min(0).sqrt()).float()
+
+
+def _obs_swap(weight: Tensor, stats: LayerStats, keep: int, **kw: Any) -> ChannelChoice:
+    options = {k: kw[k] for k in ("swaps", "candidates") if k in kw}
+    damp = kw.get("damp", 0.01)
+    first = structured_obs(weight, stats, keep, damp=damp, name=kw.get("name", "linear"))
+    return swap_refine(weight, stats, first, damp=damp, name=kw.get("name", "linear"), **options)
+
+
+#: ``--structured-method`` names -> solver(weight, stats, keep, **options)
+STRUCTURED_METHODS: dict[str, Callable[..., ChannelChoice]] = {
+    "obs": lambda w, s, k, **kw: structured_obs(w, s, k, damp=kw.get("damp", 0.01), name=kw.get("name", "linear")),
+    "obs-swap": _obs_swap,
+    "wanda-sp": wanda_sp,
+    "flap": flap,
+}
+
+
+def get_structured(method: str) -> Callable[..., ChannelChoice]:
+    try:
+        return STRUCTURED_METHODS[method]
+    except KeyError:
+        raise ConfigError(f"unknown structured method {method!r}; choose one of {', '.join(STRUCTURED_METHODS)}.") from None
+
+
+__all__ = [
+    "STRUCTURED_METHODS",
+    "ChannelChoice",
+    "channel_scores",
+    "damped_hessian",
+    "flap",
+    "get_structured",
+    "refit_kept",
+    "structured_error",
+    "structured_obs",
+    "swap_refine",
+    "wanda_sp",
+]
