@@ -11,7 +11,7 @@
    onnxruntime against the dense model's export: ``ttft-128`` (a 1x128 prefill to the first
    token) and ``decode-b1`` (64 tokens after it with the KV cache), paired repeat by repeat.
 
-    python benchmarks/structured.py --use sliced-30=DIR     # about 40 minutes on 2 cores
+    python benchmarks/structured.py --use sliced-30=DIR     # about 50 minutes on 2 cores
 
 Writes benchmarks/results/structured.{md,json}.
 """
@@ -51,6 +51,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "obs-40": {"structured": 0.4},
     "wanda-sp-20": {"structured": 0.2, "structured_method": "wanda-sp"},
     "wanda-sp-40": {"structured": 0.4, "structured_method": "wanda-sp"},
+    "flap-20": {"structured": 0.2, "structured_method": "flap"},
+    "flap-40": {"structured": 0.4, "structured_method": "flap"},
     "obs-swap-20": {"structured": 0.2, "structured_method": "obs-swap"},
     "obs-20+sparsegpt-50": {"structured": 0.2, "method": "sparsegpt", "sparsity": 0.5},
 }

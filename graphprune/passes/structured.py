@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graphprune.errors import ConfigError
-from graphprune.graph.edit import add_export_blocker, parameter_count, replace_tensor, set_config
+from graphprune.graph.edit import add_export_blocker, add_linear_bias, parameter_count, replace_tensor, set_config
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageRunner
 from graphprune.graph.structures import ChannelGroup, find_channel_groups
@@ -98,10 +98,7 @@ class StructuredPrunePass(Pass):
                 "Linears' outputs); structured pruning does not apply to this model."
             )
         if self.method == "flap" and any(g.consumer.bias is None for g in groups):
-            raise ConfigError(
-                f"FLAP moves the removed channels' mean output into the bias of {groups[0].name}, which has none in "
-                f"{gm.name}; use --structured-method obs (or wanda-sp) for this model."
-            )
+            groups = self._give_mlp_biases(gm, groups, skip)
         by_block: dict[int, list[ChannelGroup]] = {}
         for g in groups:
             by_block.setdefault(int(g.block or 0), []).append(g)
@@ -162,6 +159,26 @@ class StructuredPrunePass(Pass):
         gm.invalidate()
         log.info("%s: structured %s removed %d of %d parameters", gm.name, self.method, before - after, before)
         return PassResult(gm, modified=True, stats={"parameters_after": after, "groups": len(layers)})
+
+    @staticmethod
+    def _give_mlp_biases(gm: GraphModel, groups: list[ChannelGroup], skip: Callable[[Any], Any]) -> list[ChannelGroup]:
+        """FLAP's compensation needs a bias on each MLP output Linear. Where the config can say
+        so (LLaMA's ``mlp_bias`` gives every MLP Linear one), add zero biases to all MLP
+        Linears, so the function is unchanged and the folder still loads in transformers."""
+        cfg = getattr(gm.model, "config", None)
+        if cfg is None or not hasattr(cfg, "mlp_bias"):
+            raise ConfigError(
+                f"FLAP moves the removed channels' mean output into the bias of {groups[0].name}, which has none, and "
+                f"{type(gm.model).__name__}'s config cannot add one; use --structured-method obs (or wanda-sp) for this model."
+            )
+        for g in groups:
+            for li in [*g.producers, g.consumer]:
+                if li.bias is None:
+                    add_linear_bias(gm, li, torch.zeros(li.out_features))
+        set_config(gm.model, mlp_bias=True)
+        gm.lint()
+        gm.invalidate()
+        return find_channel_groups(gm, skip=skip)
 
     @staticmethod
     def _update_config(gm: GraphModel, width: int, kept: set[int]) -> None:

@@ -129,3 +129,21 @@ def test_cli_structured_alone_and_with_sparsity_then_exports(tmp_path, capsys) -
     assert main(["prune", *common, "--structured", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--structured is a fraction" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_flap_compensates_in_a_bias_and_the_folder_reloads(tmp_path) -> None:
+    """FLAP on a bias-less LLaMA: zero MLP biases are added (function unchanged), the removed
+    channels' mean output lands in down_proj's bias, and transformers reloads the folder."""
+    from graphprune.models.tiny import tiny_llama
+
+    gm = GraphModel.capture(tiny_llama(), name="tiny-llama")
+    gm = PassManager([structured_pass(0.25, "flap")], _ctx()).run(gm)
+    down = gm.model.model.layers[0].mlp.down_proj
+    assert down.bias is not None and float(down.bias.abs().max()) > 0
+    assert gm.model.config.mlp_bias is True
+    tokens = random_tokens(2, 12, seed=5)
+    want = gm(tokens)
+    torch.testing.assert_close(gm.model(input_ids=tokens, use_cache=False).logits, want, rtol=0, atol=0)
+    save_hf_folder(gm.model, ByteTokenizer(), tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    torch.testing.assert_close(again(input_ids=tokens, use_cache=False).logits, want, rtol=0, atol=1e-6)
