@@ -88,6 +88,11 @@ def _parser() -> argparse.ArgumentParser:
         help="structured solver: obs (structured OBS, default), obs-swap (+ exchange local search), wanda-sp, flap",
     )
     p.add_argument(
+        "--structured-budget", default="uniform", choices=["uniform", "adaptive"],
+        help="uniform: the same MLP width in every block (loads in transformers); adaptive: per-block widths under one "
+        "global budget (loads through graphprune)",
+    )
+    p.add_argument(
         "--lazy", action="store_true",
         help="stream a model folder: load one block at a time from its safetensors and write each pruned block as it "
         "finishes (peak memory ~ one block; works under torchrun)",
@@ -247,6 +252,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         slicing=args.slice,
         structured=args.structured,
         structured_method=args.structured_method,
+        structured_budget=args.structured_budget,
         rotation_options=_kv(args.rotate_option, "--rotate-option"),
         lazy=args.lazy,
     )

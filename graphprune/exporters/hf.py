@@ -19,6 +19,7 @@ from torch import nn
 from graphprune import fileio
 from graphprune.errors import ExportError
 from graphprune.kernels import kernels_lowered
+from graphprune.models.shapes import SHAPES_FILE, write_shapes
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,8 @@ def save_hf_folder(
     with atomic_dir(out, overwrite) as tmp:
         with kernels_lowered(model) as lowered:
             cast(Any, lowered).save_pretrained(tmp, safe_serialization=True)  # a transformers model (checked above)
+            if write_shapes(tmp, lowered):
+                log.info("%s: some layers' widths differ from the config; wrote %s (graphprune loads the folder)", out, SHAPES_FILE)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         if extra is not None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import ModelLoadError
+from graphprune.models.shapes import SHAPES_FILE, load_with_shapes
 from graphprune.models.tiny import TINY_MODELS
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,8 @@ def _load_hf_folder(path: Path, trust_remote_code: bool) -> LoadedModel:
             f"{path} has no .safetensors weights; graphprune never unpickles .bin checkpoints. "
             "Convert them with `transformers` (save_pretrained(..., safe_serialization=True))."
         )
+    if (path / SHAPES_FILE).is_file():  # per-layer widths the config cannot express
+        return LoadedModel(load_with_shapes(path, trust_remote_code), load_tokenizer(path, trust_remote_code), path.name, "hf")
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True

@@ -19,6 +19,7 @@ config's ``intermediate_size`` is updated, and the saved folder loads in transfo
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -26,18 +27,22 @@ import torch
 from tqdm.auto import tqdm
 
 from graphprune.errors import ConfigError
-from graphprune.graph.edit import add_export_blocker, add_linear_bias, parameter_count, replace_tensor, set_config
+from graphprune.graph.edit import add_linear_bias, parameter_count, replace_tensor, set_config
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageRunner
 from graphprune.graph.structures import ChannelGroup, find_channel_groups
+from graphprune.models.shapes import SHAPES_FILE
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for
-from graphprune.solvers.structured import get_structured
+from graphprune.solvers.structured import channel_scores, get_structured
 
 log = logging.getLogger(__name__)
 
 #: config fields that hold the MLP width, by architecture (LLaMA family, OPT, GPT-2, Falcon/NeoX)
 CONFIG_WIDTH_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "ffn_hidden_size")
+
+#: how the parameter budget is spread over the blocks
+BUDGETS = ("uniform", "adaptive")
 
 #: kept widths are multiples of this (aligned matrix products), when the width allows
 WIDTH_MULTIPLE = 8
@@ -74,7 +79,13 @@ class StructuredPrunePass(Pass):
         options: dict[str, Any] | None = None,
         batch_size: int = 8,
         on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
+        budget: str = "uniform",
+        min_keep: float = 0.1,
     ) -> None:
+        if budget not in BUDGETS:
+            raise ConfigError(f"unknown structured budget {budget!r}; choose one of {', '.join(BUDGETS)}.")
+        self.budget = budget
+        self.min_keep = min_keep
         if not (0.0 < fraction < 1.0):
             raise ConfigError(f"--structured must be a fraction of the block parameters in (0, 1), got {fraction}; e.g. --structured 0.2.")
         self.solve = get_structured(method)
@@ -103,10 +114,13 @@ class StructuredPrunePass(Pass):
         for g in groups:
             by_block.setdefault(int(g.block or 0), []).append(g)
         block_params = {b.index: sum(li.out_features * li.in_features for li in b.linears) for b in gm.blocks}
-        widths = {g.name: kept_width(g, self.fraction, block_params[int(g.block or 0)]) for g in groups}
         before = parameter_count(gm.model)
         staged = StagedGraph(gm)
         batches = list(tokens.split(self.batch_size))
+        if self.budget == "adaptive":
+            widths = self._adaptive_widths(gm, staged, batches, groups, sum(block_params.values()))
+        else:
+            widths = {g.name: kept_width(g, self.fraction, block_params[int(g.block or 0)]) for g in groups}
         layers: list[dict[str, Any]] = []
         bar = tqdm(total=len(staged.block_stages), desc=f"structured {self.method}", unit="block", disable=not ctx.progress)
 
@@ -146,6 +160,7 @@ class StructuredPrunePass(Pass):
         report = {
             "method": self.method,
             "fraction": self.fraction,
+            "budget": self.budget,
             "unit": "mlp channels",
             "parameters_before": before,
             "parameters_after": after,
@@ -159,6 +174,58 @@ class StructuredPrunePass(Pass):
         gm.invalidate()
         log.info("%s: structured %s removed %d of %d parameters", gm.name, self.method, before - after, before)
         return PassResult(gm, modified=True, stats={"parameters_after": after, "groups": len(layers)})
+
+    def _adaptive_widths(
+        self, gm: GraphModel, staged: StagedGraph, batches: list[Any], groups: list[ChannelGroup], total_params: int
+    ) -> dict[str, int]:
+        """Per-layer widths under one global budget, from the dense model's statistics.
+
+        One calibration pass with every consumer's observer on; each channel gets the
+        importance :func:`~graphprune.solvers.structured.channel_scores` gives for the method
+        (for OBS: the relative layer error of removing it alone); channels are removed in
+        increasing importance, over all layers at once, until ``fraction`` of the block
+        parameters is gone, each layer keeping at least ``min_keep`` of its width; widths are
+        then rounded to multiples of 8.
+        """
+        observers = [observer_for(gm, g.consumer.name) for g in groups]
+        for o in observers:
+            o.reset()
+            o.enabled = True
+        try:
+            def observe(stage: Stage, forward: Callable[[], list[Any]]) -> None:
+                forward()
+
+            StageRunner(staged, batches).run(observe)
+        finally:
+            for o in observers:
+                o.enabled = False
+        scored: list[tuple[float, int]] = []
+        for i, (g, o) in enumerate(zip(groups, observers, strict=True)):
+            scores = channel_scores(self.method, gm.get_attr(g.consumer.weight).detach(), o.stats())
+            o.reset()
+            scored.extend((float(v), i) for v in scores.tolist())
+        scored.sort()
+        budget = self.fraction * total_params
+        floor = [max(WIDTH_MULTIPLE, int(math.ceil(self.min_keep * g.width))) for g in groups]
+        removed = [0] * len(groups)
+        gone = 0.0
+        for _, i in scored:
+            if gone >= budget:
+                break
+            if groups[i].width - removed[i] > floor[i]:
+                removed[i] += 1
+                gone += groups[i].params_per_channel()
+        if gone < budget:
+            raise ConfigError(
+                f"removing {self.fraction:.0%} of the block parameters needs more than the MLP channels above the "
+                f"{self.min_keep:.0%} floor per layer; structured pruning removes MLP channels only. Lower --structured."
+            )
+        widths = {}
+        for g, r, low in zip(groups, removed, floor, strict=True):
+            step = WIDTH_MULTIPLE if g.width >= 4 * WIDTH_MULTIPLE else 1
+            widths[g.name] = min(g.width, max(low, int(round((g.width - r) / step)) * step))
+        log.info("adaptive MLP widths: %s", ", ".join(str(w) for w in widths.values()))
+        return widths
 
     @staticmethod
     def _give_mlp_biases(gm: GraphModel, groups: list[ChannelGroup], skip: Callable[[Any], Any]) -> list[ChannelGroup]:
@@ -190,8 +257,8 @@ class StructuredPrunePass(Pass):
         if len(kept) == 1 and key is not None:
             set_config(gm.model, **{key: next(iter(kept))})
             return
-        why = "the blocks' MLP widths differ" if len(kept) > 1 else f"its config has no MLP width field among {', '.join(CONFIG_WIDTH_KEYS)}"
-        add_export_blocker(gm, f"structured pruning changed the MLP width, and {why}, so transformers' class cannot express it")
+        why = "the blocks' MLP widths differ" if len(kept) > 1 else f"the config has no MLP width field among {', '.join(CONFIG_WIDTH_KEYS)}"
+        log.info("%s: %s; a saved folder records the widths in %s (graphprune loads it, transformers alone does not)", gm.name, why, SHAPES_FILE)
 
     def _apply(self, gm: GraphModel, staged: StagedGraph, group: ChannelGroup, stats: Any, keep: int) -> dict[str, Any]:
         t1 = time.perf_counter()
@@ -225,12 +292,14 @@ class StructuredPrunePass(Pass):
         }
 
 
-def structured_pass(fraction: float, method: str = "obs", options: dict[str, Any] | None = None, batch_size: int = 8) -> Sequential:
+def structured_pass(
+    fraction: float, method: str = "obs", options: dict[str, Any] | None = None, batch_size: int = 8, budget: str = "uniform"
+) -> Sequential:
     """Observers on the block Linears' inputs, stage-wise structured pruning, observers removed."""
     return Sequential(
-        [InsertObserversPass(hessian=True), StructuredPrunePass(fraction, method, options, batch_size), RemoveObserversPass()],
+        [InsertObserversPass(hessian=True), StructuredPrunePass(fraction, method, options, batch_size, budget=budget), RemoveObserversPass()],
         name="structured",
     )
 
 
-__all__ = ["CONFIG_WIDTH_KEYS", "WIDTH_MULTIPLE", "StructuredPrunePass", "kept_width", "structured_pass"]
+__all__ = ["BUDGETS", "CONFIG_WIDTH_KEYS", "WIDTH_MULTIPLE", "StructuredPrunePass", "kept_width", "structured_pass"]

@@ -80,6 +80,7 @@ class PruneJob:
     lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
     structured: float = 0.0  # fraction of the decoder blocks' Linear parameters to remove as whole MLP channels
     structured_method: str = "obs"  # obs, obs-swap, wanda-sp, flap (graphprune.solvers.structured)
+    structured_budget: str = "uniform"  # uniform (same width in every block) or adaptive (one global budget)
 
     def spec(self) -> SparsitySpec:
         return SparsitySpec.parse(self.sparsity, self.pattern)
@@ -99,6 +100,8 @@ class PruneJob:
         if not (0.0 < self.structured < 1.0):
             raise ConfigError(f"--structured is a fraction of the block parameters in (0, 1), got {self.structured}; e.g. --structured 0.2.")
         get_structured(self.structured_method)
+        if self.structured_budget not in ("uniform", "adaptive"):
+            raise ConfigError(f"--structured-budget is uniform or adaptive, got {self.structured_budget!r}.")
         if self.lazy:
             raise ConfigError("structured pruning changes the model's shapes while it runs; run it without --lazy.")
 
@@ -123,6 +126,7 @@ class PruneJob:
         sl = f"-slice{int(round(self.slicing * 100))}" if self.slicing else ""
         if self.structured:
             sl += f"-struct{int(round(self.structured * 100))}-{self.structured_method}"
+            sl += "-adaptive" if self.structured_budget == "adaptive" else ""
         if not self.prunes():
             rot = f"-{self.rotation or 'pca'}" if (self.rotation or self.slicing) else ""
             return Path("out") / f"{stem}{rot}{sl}"

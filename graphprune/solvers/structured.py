@@ -209,16 +209,28 @@ def flap(weight: Tensor, stats: LayerStats, keep: int, *, name: str = "linear", 
     return ChannelChoice(kept, new, delta, info)
 
 
-def channel_scores(method: str, weight: Tensor, stats: LayerStats) -> Tensor:
-    """Per-channel importance the adaptive budget compares across layers (larger = keep)."""
-    if method == "flap" and stats.col_sum is not None:
+def channel_scores(method: str, weight: Tensor, stats: LayerStats, *, damp: float = 0.01) -> Tensor:
+    """Per-channel importance that adaptive budgets compare across layers (larger = keep).
+
+    ``obs``/``obs-swap``: the relative error of removing the channel alone,
+    ``‖W_j‖² / [H⁻¹]_jj / tr(W H Wᵀ)``; ``wanda-sp`` and ``flap``: their scores divided by the
+    layer's mean score (each layer's channels relative to that layer).
+    """
+    w = weight.double()
+    if method in ("obs", "obs-swap"):
+        h = damped_hessian(stats, damp)
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        base = float(torch.einsum("ij,jk,ik->", w, h, w))
+        return ((w * w).sum(0) / torch.diagonal(hinv).clamp_min(1e-30) / max(base, 1e-30)).float()
+    if method == "flap":
+        if stats.col_sum is None:
+            raise SolverError("FLAP needs the per-channel input mean; the observers did not collect it.")
         n = max(stats.count, 1)
         mean = stats.col_sum.double() / n
-        return ((stats.col_sq.double() / n - mean * mean).clamp_min(0) * (weight.double() ** 2).sum(0)).float()
-    if method in ("obs", "obs-swap") and stats.xtx is not None:
-        hinv = torch.linalg.pinv(stats.hessian(torch.float64))
-        return ((weight.double() ** 2).sum(0) / torch.diagonal(hinv).clamp_min(1e-30)).float()
-    return (weight.abs().double().sum(0) * (stats.col_sq.double() / max(stats.count, 1)).clamp_min(0).sqrt()).float()
+        score = (stats.col_sq.double() / n - mean * mean).clamp_min(0) * (w * w).sum(0)
+    else:
+        score = w.abs().sum(0) * stats.col_sq.double().clamp_min(0).sqrt()
+    return (score / score.mean().clamp_min(1e-30)).float()
 
 
 def _obs_swap(weight: Tensor, stats: LayerStats, keep: int, **kw: Any) -> ChannelChoice:

@@ -147,3 +147,36 @@ def test_flap_compensates_in_a_bias_and_the_folder_reloads(tmp_path) -> None:
     save_hf_folder(gm.model, ByteTokenizer(), tmp_path / "m")
     again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
     torch.testing.assert_close(again(input_ids=tokens, use_cache=False).logits, want, rtol=0, atol=1e-6)
+
+
+def test_adaptive_widths_follow_importance_and_the_folder_loads_through_graphprune(tmp_path) -> None:
+    """Half of block 0's MLP channels are dead (zero down_proj columns): the adaptive budget
+    removes them first, so block 0 ends narrower than block 1; the total stays on budget.
+    The folder records the widths; graphprune loads it exactly and exports it for generation
+    (ONNX and TorchScript, checked against eager); transformers alone refuses it."""
+    from graphprune.exporters.generation import export_generation
+    from graphprune.models import load_model
+    from graphprune.models.shapes import SHAPES_FILE
+    from graphprune.models.tiny import tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight[:, ::2] = 0.0
+    gm = GraphModel.capture(model, name="tiny-llama")
+    blocks = sum(li.out_features * li.in_features for b in gm.blocks for li in b.linears)
+    gm = PassManager([structured_pass(0.2, "obs", budget="adaptive")], _ctx()).run(gm)
+    rep = gm.state.structured
+    widths = [e["kept"] for e in rep["layers"]]
+    assert rep["budget"] == "adaptive" and widths[0] < widths[1] and all(w % 8 == 0 for w in widths)
+    assert rep["block_parameters_removed"] == pytest.approx(0.2, abs=0.04) and blocks > 0
+    tokens = random_tokens(2, 12, seed=5)
+    want = gm(tokens)
+    save_hf_folder(gm.model, ByteTokenizer(), tmp_path / "m")
+    assert (tmp_path / "m" / SHAPES_FILE).is_file()
+    again = load_model(str(tmp_path / "m")).model
+    torch.testing.assert_close(again(input_ids=tokens, use_cache=False).logits, want, rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="ignore_mismatched_sizes|size mismatch"):
+        AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+    for fmt in ("onnx", "torchscript"):
+        out = export_generation(again, tmp_path / f"gen-{fmt}", format=fmt, tokenizer=ByteTokenizer(), check_tokens=8)
+        assert out.tokens_equal and out.max_abs_diff is not None and out.max_abs_diff < 1e-4
