@@ -45,15 +45,14 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 #: name -> PruneJob fields (beyond the model and the protocol's calibration)
 SETTINGS: dict[str, dict[str, Any]] = {
-    "obs-10": {"structured": 0.1},
     "obs-20": {"structured": 0.2},
     "obs-30": {"structured": 0.3},
     "obs-40": {"structured": 0.4},
-    "wanda-sp-20": {"structured": 0.2, "structured_method": "wanda-sp"},
+    "obs-20-adaptive": {"structured": 0.2, "structured_budget": "adaptive"},
+    "obs-40-adaptive": {"structured": 0.4, "structured_budget": "adaptive"},
     "wanda-sp-40": {"structured": 0.4, "structured_method": "wanda-sp"},
-    "flap-20": {"structured": 0.2, "structured_method": "flap"},
     "flap-40": {"structured": 0.4, "structured_method": "flap"},
-    "obs-swap-20": {"structured": 0.2, "structured_method": "obs-swap"},
+    "obs-swap-40": {"structured": 0.4, "structured_method": "obs-swap"},
     "obs-20+sparsegpt-50": {"structured": 0.2, "method": "sparsegpt", "sparsity": 0.5},
 }
 
