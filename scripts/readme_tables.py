@@ -10,6 +10,8 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 * ``latency``: paired speed-ups per case and runtime (``latency.json``);
 * ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``);
 * ``shipped``: perplexity through the exported files, last-position prefill (``shipped.json``);
+* ``structured``: structured pruning (MLP channels) against slicing, perplexity and speed-ups
+  (``structured.json``);
 * ``deploy``: int8 on top of pruning and the peers' generation files (``deploy.json``, whose
   tables ``benchmarks/deploy.py`` renders from its own records).
 
@@ -180,6 +182,34 @@ def deploy() -> str:
     return "\n".join(lines)
 
 
+def structured() -> str:
+    if not (RESULTS / "structured.json").is_file():
+        return "No results committed yet: run `python benchmarks/structured.py`."
+    data = _load("structured.json")
+    prov = data["provenance"]
+    ratios: dict[str, dict[str, str]] = {}
+    cases: list[str] = []
+    for rec in data["records"]:
+        if rec["case"] not in cases:
+            cases.append(rec["case"])
+        ratios.setdefault(rec["target"], {})[rec["case"]] = f"{rec['speedup']:.2f}x [{rec['speedup_q1']:.2f}, {rec['speedup_q3']:.2f}]"
+    lines = [
+        "| model | perplexity | parameters | block parameters removed | MLP width | " + " | ".join(f"{c} speedup (onnxruntime)" for c in cases) + " |",
+        "|---|---:|---:|---:|---|" + "---|" * len(cases),
+    ]
+    for name, m in data["models"].items():
+        removed = m.get("block_parameters_removed")
+        widths = m.get("mlp_width") or []
+        width = "-" if not widths else (str(widths[0]) if len(widths) == 1 else f"{min(widths)}-{max(widths)}")
+        cells = [ratios.get(name, {}).get(c, "-") for c in cases]
+        lines.append(
+            f"| {name} | {m['ppl']:.3f} | {m['parameters']:,} | {'-' if removed is None else f'{removed:.1%}'} | {width} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; load average and every "
+              "time in [benchmarks/results/structured.md](benchmarks/results/structured.md)."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "prune_quality": prune_quality,
     "llmcompressor": llmcompressor,
@@ -188,6 +218,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "decode": decode,
     "shipped": shipped,
     "deploy": deploy,
+    "structured": structured,
 }
 
 
