@@ -216,9 +216,16 @@ def flap(weight: Tensor, stats: LayerStats, keep: int, *, name: str = "linear", 
     gone[kept] = False
     delta = (weight.double()[:, gone] @ mean[gone]).to(weight.dtype)
     new = weight[:, kept].clone()
-    info: dict[str, Any] = {"method": "flap", "fluctuation": score}
-    if stats.xtx is not None:
-        info["error"], info["rel_error"] = structured_error(weight, kept, new, stats.xtx)
+    info: dict[str, Any] = {"method": "flap"}
+    if stats.xtx is not None:  # with the bias: ‖R‖² − 2 δ·(Σ_t r_t) + n‖δ‖², r_t the residual of token t
+        err, _unused = structured_error(weight, kept, new, stats.xtx)
+        full = torch.zeros_like(weight, dtype=torch.float64)
+        full[:, kept] = new.double()
+        resid_sum = (weight.double() - full) @ stats.col_sum.double()
+        d = delta.double()
+        err = max(err - 2 * float(d @ resid_sum) + n * float(d @ d), 0.0)
+        base = float(torch.einsum("ij,jk,ik->", weight.double(), stats.xtx.double(), weight.double()))
+        info["error"], info["rel_error"] = err, err / max(base, 1e-30)
     return ChannelChoice(kept, new, delta, info)
 
 

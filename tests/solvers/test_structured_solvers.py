@@ -87,6 +87,8 @@ def test_flap_moves_the_removed_mean_into_the_bias() -> None:
     full = (x @ w.T).mean(0)
     pruned = (x[:, ch.keep] @ ch.weight.T).mean(0) + ch.bias_delta
     torch.testing.assert_close(pruned, full, rtol=1e-9, atol=1e-9)
+    direct = float(((x @ w.T - (x[:, ch.keep] @ ch.weight.T + ch.bias_delta)) ** 2).sum())
+    assert ch.info["error"] == pytest.approx(direct, rel=1e-8)  # the error counts the compensation
     mean = x.mean(0)
     var = (x * x).mean(0) - mean * mean
     score = var * (w * w).sum(0)
