@@ -12,6 +12,8 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 * ``shipped``: perplexity through the exported files, last-position prefill (``shipped.json``);
 * ``structured``: structured pruning (MLP channels) against slicing, perplexity and speed-ups
   (``structured.json``);
+* ``structured_layers``: the structured solvers on the same statistics, per down projection
+  (``structured_layers.json``);
 * ``deploy``: int8 on top of pruning and the peers' generation files (``deploy.json``, whose
   tables ``benchmarks/deploy.py`` renders from its own records).
 
@@ -210,6 +212,21 @@ def structured() -> str:
     return "\n".join(lines)
 
 
+def structured_layers() -> str:
+    if not (RESULTS / "structured_layers.json").is_file():
+        return "No results committed yet: run `python benchmarks/structured_layers.py`."
+    data = _load("structured_layers.json")
+    prov, rows = data["provenance"], data["rows"]
+    lines = ["| method | mean relative error | layers where it is lower than Wanda-sp | solver seconds (30 layers) |", "|---|---:|---:|---:|"]
+    for method, err in data["mean"].items():
+        lower = sum(r[method]["rel_error"] < r["wanda-sp"]["rel_error"] for r in rows)
+        lines.append(f"| {method} | {err:.4f} | {lower} of {len(rows)} | {data['seconds'][method]:.0f} |")
+    lines += ["", f"{int(round(data['keep'] * 100))} % of each down projection's input channels kept, on the dense model's statistics. "
+              f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; per-layer errors in "
+              "[benchmarks/results/structured_layers.md](benchmarks/results/structured_layers.md)."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "prune_quality": prune_quality,
     "llmcompressor": llmcompressor,
@@ -219,6 +236,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "shipped": shipped,
     "deploy": deploy,
     "structured": structured,
+    "structured_layers": structured_layers,
 }
 
 
