@@ -33,7 +33,7 @@ from graphprune.errors import RecipeError
 from graphprune.passes.slice import sliced_width
 from graphprune.pipeline.jobs import PruneJob
 from graphprune.pipeline.steps import BenchStep, ExportStep, PipelineJob, Step
-from graphprune.recipes.sections import Bench, Calibration, Eval, Export, Output, Prune, Rotate
+from graphprune.recipes.sections import Bench, Calibration, Eval, Export, Output, Prune, Rotate, Structured
 from graphprune.recipes.validation import Blame, OneOrMore, OnOff, RecipeModel, blame, checked, not_one_of, validate
 from graphprune.recipes.yaml_lines import KeyPath, Where, dump_yaml, load_yaml, parse_scalar
 
@@ -60,6 +60,7 @@ class Recipe(RecipeModel):
     calibration: Calibration = Field(default_factory=Calibration, description="calibration segments of the text")
     rotate: Rotate | None = Field(None, description="fold the norms and rotate the residual stream before pruning")
     slice: Annotated[float, checked(_check_slice)] = Field(0.0, description="fraction of the rotated stream to drop (SliceGPT; implies rotate pca)")
+    structured: Structured | None = Field(None, description="remove whole MLP channels first (fraction, method, budget)")
     prune: Prune = Field(default_factory=Prune, description="the solver, its target and per-layer overrides")
     eval: Annotated[Eval | None, OnOff] = Field(None, description="perplexity per the protocol after pruning (true: default settings)")
     output: Output = Field(default_factory=Output, description="where the model folder goes")
@@ -69,7 +70,7 @@ class Recipe(RecipeModel):
     @model_validator(mode="after")
     def _check_job(self) -> Recipe:
         """Checks across sections: something to do, and the job's own rules (rotation and slicing)."""
-        if self.prune.sparsity is None and self.prune.unstructured() and not (self.rotate or self.slice):
+        if self.prune.sparsity is None and self.prune.unstructured() and not (self.rotate or self.slice or self.structured):
             raise Blame("unstructured pruning needs 'sparsity' (a fraction in [0, 1)); or set an N:M 'pattern'.", key="prune")
         with blame():
             self.to_job().rotation_source()
@@ -143,6 +144,10 @@ class Recipe(RecipeModel):
             fields.update(rotation=self.rotate.method, rotation_options=dict(self.rotate.options), rotation_samples=self.rotate.samples)
         if self.slice:
             fields["slicing"] = self.slice
+        if self.structured is not None:
+            fields.update(
+                structured=self.structured.fraction, structured_method=self.structured.method, structured_budget=self.structured.budget
+            )
         return fields
 
     @classmethod
@@ -157,6 +162,9 @@ class Recipe(RecipeModel):
             "calibration": {"samples": job.calib_samples, "length": job.calib_len, "seed": job.seed, "batch_size": job.batch_size},
             "rotate": rotate,
             "slice": job.slicing,
+            "structured": (
+                {"fraction": job.structured, "method": job.structured_method, "budget": job.structured_budget} if job.structured else None
+            ),
             "prune": {
                 "method": job.method, "sparsity": job.sparsity, "pattern": job.pattern, "overrides": dict(job.overrides),
                 "options": dict(job.options), "refine": refine,

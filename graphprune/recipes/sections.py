@@ -95,6 +95,14 @@ class Rotate(RecipeModel):
     samples: int | None = Field(None, ge=1, description="calibration sequences for the rotation statistics (null: all)")
 
 
+class Structured(RecipeModel):
+    """Remove whole MLP channels (with reconstruction) before any unstructured or N:M pruning."""
+
+    fraction: float = Field(gt=0.0, lt=1.0, description="fraction of the decoder blocks' Linear parameters to remove")
+    method: Literal["obs", "obs-swap", "wanda-sp", "flap"] = Field("obs", description="structured solver")
+    budget: Literal["uniform", "adaptive"] = Field("uniform", description="the same MLP width in every block, or per-block widths under one budget")
+
+
 class Eval(RecipeModel):
     """Perplexity per the protocol after pruning."""
 

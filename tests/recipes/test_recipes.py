@@ -161,6 +161,20 @@ def test_rotate_and_slice_only_recipes() -> None:
     assert Recipe.from_job(job).rotate == Rotate(method="learned", options={"steps": 5}, samples=8)
 
 
+def test_structured_recipes() -> None:
+    """A structured section alone is a job (no sparsity needed), and it round-trips; with a
+    prune target both run."""
+    job = Recipe.from_yaml("model: m\nstructured: {fraction: 0.3, method: wanda-sp, budget: adaptive}\n").to_job()
+    assert (job.structured, job.structured_method, job.structured_budget) == (0.3, "wanda-sp", "adaptive") and not job.prunes()
+    both = PruneJob(model="m", structured=0.2, method="sparsegpt", sparsity=0.5)
+    assert Recipe.from_job(both).to_job() == both and both.prunes()
+    assert Recipe.from_yaml(Recipe.from_job(both).to_yaml()).to_job() == both
+    with pytest.raises(RecipeError, match="structured.fraction"):
+        Recipe.from_yaml("model: m\nstructured: {fraction: 1.2}\n", "r.yaml")
+    with pytest.raises(RecipeError, match="structured.method"):
+        Recipe.from_yaml("model: m\nstructured: {fraction: 0.2, method: osscar}\n", "r.yaml")
+
+
 def test_a_job_the_schema_cannot_express_is_refused() -> None:
     job = PruneJob(model="m", sparsity=0.5, rotation_options={"steps": 5})  # options without a rotation
     with pytest.raises(RecipeError, match=r"cannot express PruneJob field\(s\) \['rotation_options'\]"):
