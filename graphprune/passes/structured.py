@@ -80,7 +80,7 @@ class StructuredPrunePass(Pass):
         batch_size: int = 8,
         on_stage: Callable[[int, int, dict[str, Any]], None] | None = None,
         budget: str = "uniform",
-        min_keep: float = 0.1,
+        min_keep: float = 0.75,
     ) -> None:
         if budget not in BUDGETS:
             raise ConfigError(f"unknown structured budget {budget!r}; choose one of {', '.join(BUDGETS)}.")
@@ -118,7 +118,7 @@ class StructuredPrunePass(Pass):
         staged = StagedGraph(gm)
         batches = list(tokens.split(self.batch_size))
         if self.budget == "adaptive":
-            widths = self._adaptive_widths(gm, staged, batches, groups, sum(block_params.values()))
+            widths = self._adaptive_widths(gm, staged, batches, groups, block_params)
         else:
             widths = {g.name: kept_width(g, self.fraction, block_params[int(g.block or 0)]) for g in groups}
         layers: list[dict[str, Any]] = []
@@ -176,7 +176,7 @@ class StructuredPrunePass(Pass):
         return PassResult(gm, modified=True, stats={"parameters_after": after, "groups": len(layers)})
 
     def _adaptive_widths(
-        self, gm: GraphModel, staged: StagedGraph, batches: list[Any], groups: list[ChannelGroup], total_params: int
+        self, gm: GraphModel, staged: StagedGraph, batches: list[Any], groups: list[ChannelGroup], block_params: dict[int, int]
     ) -> dict[str, int]:
         """Per-layer widths under one global budget, from the dense model's statistics.
 
@@ -184,8 +184,10 @@ class StructuredPrunePass(Pass):
         importance :func:`~graphprune.solvers.structured.channel_scores` gives for the method
         (for OBS: the relative layer error of removing it alone); channels are removed in
         increasing importance, over all layers at once, until ``fraction`` of the block
-        parameters is gone, each layer keeping at least ``min_keep`` of its width; widths are
-        then rounded to multiples of 8.
+        parameters is gone, each layer keeping at least ``min_keep`` (default 75 %) of the width
+        the uniform budget would give it (without that floor the single-channel scores, blind
+        to how removals compound, cut some layers to a tenth and the model degrades); widths
+        are then rounded to multiples of 8.
         """
         observers = [observer_for(gm, g.consumer.name) for g in groups]
         for o in observers:
@@ -205,8 +207,10 @@ class StructuredPrunePass(Pass):
             o.reset()
             scored.extend((float(v), i) for v in scores.tolist())
         scored.sort()
-        budget = self.fraction * total_params
-        floor = [max(WIDTH_MULTIPLE, int(math.ceil(self.min_keep * g.width))) for g in groups]
+        budget = self.fraction * sum(block_params.values())
+        uniform = {g.name: kept_width(g, self.fraction, block_params[int(g.block or 0)]) for g in groups}
+        steps = [WIDTH_MULTIPLE if g.width >= 4 * WIDTH_MULTIPLE else 1 for g in groups]
+        floor = [max(step, int(math.ceil(self.min_keep * uniform[g.name] / step)) * step) for g, step in zip(groups, steps, strict=True)]
         removed = [0] * len(groups)
         gone = 0.0
         for _, i in scored:
@@ -218,11 +222,10 @@ class StructuredPrunePass(Pass):
         if gone < budget:
             raise ConfigError(
                 f"removing {self.fraction:.0%} of the block parameters needs more than the MLP channels above the "
-                f"{self.min_keep:.0%} floor per layer; structured pruning removes MLP channels only. Lower --structured."
+                f"floor of {self.min_keep:.0%} of the uniform width per layer; structured pruning removes MLP channels only. Lower --structured."
             )
         widths = {}
-        for g, r, low in zip(groups, removed, floor, strict=True):
-            step = WIDTH_MULTIPLE if g.width >= 4 * WIDTH_MULTIPLE else 1
+        for g, r, low, step in zip(groups, removed, floor, steps, strict=True):
             widths[g.name] = min(g.width, max(low, int(round((g.width - r) / step)) * step))
         log.info("adaptive MLP widths: %s", ", ".join(str(w) for w in widths.values()))
         return widths
