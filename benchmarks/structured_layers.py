@@ -37,7 +37,7 @@ from graphprune.graph.stages import StagedGraph, StageRunner  # noqa: E402
 from graphprune.graph.structures import find_channel_groups  # noqa: E402
 from graphprune.models import load_model  # noqa: E402
 from graphprune.passes.infra import PassContext, PassManager  # noqa: E402
-from graphprune.passes.observe import InsertObserversPass, observer_for  # noqa: E402
+from graphprune.passes.observe import InsertObserversPass, observer_for, through_observers  # noqa: E402
 from graphprune.pipeline.export_bench import load_average  # noqa: E402
 from graphprune.solvers.structured import STRUCTURED_METHODS  # noqa: E402
 
@@ -57,8 +57,7 @@ def main() -> None:
     calib = splits.calibration(64, 512, 0)
     gm = GraphModel.capture(loaded.model, name=loaded.name)
     gm = PassManager([InsertObserversPass(hessian=True)], PassContext(progress=False, calibration=calib)).run(gm)
-    observers = set(gm.state.observers.values())
-    groups = find_channel_groups(gm, skip=lambda n: n.args[0] if n.op == "call_module" and n.target in observers else n)
+    groups = find_channel_groups(gm, skip=through_observers(gm))
     obs = [observer_for(gm, g.consumer.name) for g in groups]
     for o in obs:
         o.reset()

@@ -80,6 +80,19 @@ def _uses(graph: onnx.GraphProto) -> dict[str, int]:
     return counts
 
 
+def _splice(graph: onnx.GraphProto, replace: dict[int, list[onnx.NodeProto]], drop: set[int]) -> None:
+    """Rewrite ``graph.node`` in order: a node whose ``id`` is in ``replace`` becomes those
+    nodes (at its place, so the graph stays topologically sorted), one in ``drop`` goes."""
+    rebuilt: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if id(node) in replace:
+            rebuilt.extend(replace[id(node)])
+        elif id(node) not in drop:
+            rebuilt.append(node)
+    del graph.node[:]
+    graph.node.extend(rebuilt)
+
+
 def pack_shared_input_matmuls(model: onnx.ModelProto) -> PackStats:
     """Merge ``MatMul(x, W_i)`` nodes that share ``x`` into ``Split(MatMul(x, concat(W_i)))``, in place.
 
@@ -120,20 +133,13 @@ def pack_shared_input_matmuls(model: onnx.ModelProto) -> PackStats:
             matmul,
             helper.make_node("Split", [f"{tag}/out", f"{tag}/split"], [n.output[0] for n in nodes], name=f"{tag}/Split", axis=-1),
         ]
-        replace[indices[0]] = packed
-        drop.update(indices[1:])
+        replace[id(nodes[0])] = packed
+        drop.update(id(n) for n in nodes[1:])
         dead.update(n.input[1] for n in nodes)
     if not stats.groups:
         stats.matmuls_after = stats.matmuls_before
         return stats
-    rebuilt: list[onnx.NodeProto] = []
-    for index, node in enumerate(nodes_in):
-        if index in replace:
-            rebuilt.extend(replace[index])
-        elif index not in drop:
-            rebuilt.append(node)
-    del graph.node[:]
-    graph.node.extend(rebuilt)
+    _splice(graph, replace, drop)
     kept = [i for i in graph.initializer if i.name not in dead]
     del graph.initializer[:]
     graph.initializer.extend(kept)
@@ -267,14 +273,7 @@ def fuse_cached_attention(model: onnx.ModelProto) -> int:
         drop.update(id(n) for n in old if n is not attention)
     if not replace:
         return 0
-    rebuilt: list[onnx.NodeProto] = []
-    for node in graph.node:
-        if id(node) in replace:
-            rebuilt.extend(replace[id(node)])
-        elif id(node) not in drop:
-            rebuilt.append(node)
-    del graph.node[:]
-    graph.node.extend(rebuilt)
+    _splice(graph, replace, drop)
     return len(replace)
 
 

@@ -82,12 +82,12 @@ def _channel_region(start: Node, linears: dict[Node, q.LinearInfo], skip: Callab
     return region, list(producers.values())
 
 
-def _private(node: Node, allowed: set[Node], through: Callable[[Node], Node], see: Callable[[Node], Node]) -> bool:
+def _private(node: Node, allowed: set[Node], through: Callable[[Node], Node]) -> bool:
     """Every reader of ``node`` is in ``allowed``, directly or through pass-through nodes."""
     for user in node.users:
         if user in allowed:
             continue
-        if (through(user) is not user or see(user) is not user) and _private(user, allowed, through, see):
+        if through(user) is not user and _private(user, allowed, through):
             continue
         return False
     return True
@@ -122,7 +122,7 @@ def find_channel_groups(gm: Any, skip: Callable[[Node], Node] | None = None) -> 
         inside = region | {p.node for p in producers}
         # each value of the group may be read only by the group (observers count as the consumer)
         allowed = inside | {consumer.node}
-        if all(_private(n, allowed, through, see) for n in inside):
+        if all(_private(n, allowed, through) for n in inside):
             groups.append(ChannelGroup(consumer, producers, consumer.block))
     return groups
 

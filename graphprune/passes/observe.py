@@ -10,10 +10,11 @@
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.fx import Node
 
 from graphprune.errors import SolverError
 from graphprune.graph import queries as q
@@ -72,6 +73,19 @@ class InputObserver(nn.Module):
         return LayerStats(
             col_sq=self.col_sq.clone(), count=self.count, xtx=None if self.xtx is None else self.xtx.clone(), col_sum=self.col_sum.clone()
         )
+
+
+def through_observers(gm: GraphModel) -> Callable[[Node], Node]:
+    """Maps an observer node of ``gm`` to the value it observes, any other node to itself
+    (for graph walks that must see through the identity observers)."""
+    observers = set(gm.state.observers.values())
+
+    def skip(node: Node) -> Node:
+        if node.op == "call_module" and node.target in observers and isinstance(node.args[0], Node):
+            return node.args[0]
+        return node
+
+    return skip
 
 
 def select_linears(gm: GraphModel, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[q.LinearInfo]:

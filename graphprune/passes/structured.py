@@ -33,7 +33,7 @@ from graphprune.graph.stages import Stage, StagedGraph, StageRunner
 from graphprune.graph.structures import ChannelGroup, find_channel_groups
 from graphprune.models.shapes import SHAPES_FILE
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for
+from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for, through_observers
 from graphprune.solvers.structured import channel_scores, get_structured
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,13 @@ def kept_width(group: ChannelGroup, fraction: float, block_params: int, multiple
             f"{group.name}'s input; structured pruning removes MLP channels only, at most {most:.0%} of a block here. "
             "Lower --structured."
         )
-    step = multiple if group.width >= 4 * multiple else 1
+    step = width_step(group, multiple)
     return max(step, int(round(keep / step)) * step)
+
+
+def width_step(group: ChannelGroup, multiple: int = WIDTH_MULTIPLE) -> int:
+    """Kept widths are multiples of ``multiple``, unless the group is too narrow for that (then 1)."""
+    return multiple if group.width >= 4 * multiple else 1
 
 
 class StructuredPrunePass(Pass):
@@ -97,11 +102,7 @@ class StructuredPrunePass(Pass):
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         tokens = ctx.calibration_tokens("structured pruning")
-        observers = set(gm.state.observers.values())
-
-        def skip(node: Any) -> Any:
-            return node.args[0] if node.op == "call_module" and node.target in observers else node
-
+        skip = through_observers(gm)
         groups = find_channel_groups(gm, skip=skip)
         if not groups:
             raise ConfigError(
@@ -209,7 +210,7 @@ class StructuredPrunePass(Pass):
         scored.sort()
         budget = self.fraction * sum(block_params.values())
         uniform = {g.name: kept_width(g, self.fraction, block_params[int(g.block or 0)]) for g in groups}
-        steps = [WIDTH_MULTIPLE if g.width >= 4 * WIDTH_MULTIPLE else 1 for g in groups]
+        steps = [width_step(g) for g in groups]
         floor = [max(step, int(math.ceil(self.min_keep * uniform[g.name] / step)) * step) for g, step in zip(groups, steps, strict=True)]
         removed = [0] * len(groups)
         gone = 0.0

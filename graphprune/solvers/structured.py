@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.base import LayerStats
+from graphprune.solvers.base import LayerStats, damp_diagonal, reconstruction_error
 
 
 @dataclass
@@ -63,25 +63,25 @@ def _check(weight: Tensor, stats: LayerStats, keep: int, name: str) -> None:
 
 
 def damped_hessian(stats: LayerStats, damp: float) -> Tensor:
-    """``XᵀX`` in float64 with ``damp · mean(diag)`` added to the diagonal (dead channels stay invertible)."""
+    """``XᵀX`` in float64 with ``damp · mean(diag)`` (+1e-12, so dead layers stay invertible) added to the diagonal."""
     if stats.xtx is None:
         raise SolverError("structured reconstruction needs the input Hessian XᵀX, but only column norms were collected.")
     h = stats.xtx.double().clone()
-    diag = torch.diagonal(h)
-    diag += damp * float(diag.mean().clamp_min(1e-12)) + 1e-12
+    damp_diagonal(h, damp)
+    h.diagonal().add_(1e-12)
     return h
+
+
+def _spread(weight: Tensor, keep: Tensor, new: Tensor) -> Tensor:
+    """``V̂``: ``new`` in the kept columns of a zero matrix shaped like ``weight`` (float64)."""
+    full = torch.zeros_like(weight, dtype=torch.float64)
+    full[:, keep] = new.double()
+    return full
 
 
 def structured_error(weight: Tensor, keep: Tensor, new: Tensor, xtx: Tensor) -> tuple[float, float]:
     """``(E, E / tr(W H Wᵀ))`` for keeping columns ``keep`` of ``weight`` with weights ``new``."""
-    w = weight.double()
-    full = torch.zeros_like(w)
-    full[:, keep] = new.double()
-    diff = w - full
-    h = xtx.double()
-    err = float(torch.einsum("ij,jk,ik->", diff, h, diff))
-    base = float(torch.einsum("ij,jk,ik->", w, h, w))
-    return err, err / max(base, 1e-30)
+    return reconstruction_error(weight, _spread(weight, keep, new), xtx)
 
 
 def refit_kept(weight: Tensor, h: Tensor, keep: Tensor) -> Tensor:
@@ -160,9 +160,7 @@ def swap_refine(
         removed = torch.ones(d, dtype=torch.bool)
         removed[keep] = False
         out_idx = removed.nonzero().flatten()
-        full = torch.zeros_like(w)
-        full[:, keep] = new
-        resid = (w - full) @ h[:, out_idx]  # [out, r]
+        resid = (w - _spread(weight, keep, new)) @ h[:, out_idx]  # [out, r]
         hkk_inv = torch.cholesky_inverse(torch.linalg.cholesky(h[keep][:, keep]))
         cross = h[keep][:, out_idx]  # [k, r]
         schur = (torch.diagonal(h)[out_idx] - (cross * (hkk_inv @ cross)).sum(0)).clamp_min(1e-30)
@@ -218,13 +216,11 @@ def flap(weight: Tensor, stats: LayerStats, keep: int, *, name: str = "linear", 
     new = weight[:, kept].clone()
     info: dict[str, Any] = {"method": "flap"}
     if stats.xtx is not None:  # with the bias: ‖R‖² − 2 δ·(Σ_t r_t) + n‖δ‖², r_t the residual of token t
-        err, _unused = structured_error(weight, kept, new, stats.xtx)
-        full = torch.zeros_like(weight, dtype=torch.float64)
-        full[:, kept] = new.double()
-        resid_sum = (weight.double() - full) @ stats.col_sum.double()
+        full = _spread(weight, kept, new)
+        err, _rel = reconstruction_error(weight, full, stats.xtx)
+        base, _one = reconstruction_error(weight, torch.zeros_like(full), stats.xtx)  # ‖W X‖²
         d = delta.double()
-        err = max(err - 2 * float(d @ resid_sum) + n * float(d @ d), 0.0)
-        base = float(torch.einsum("ij,jk,ik->", weight.double(), stats.xtx.double(), weight.double()))
+        err = max(err - 2 * float(d @ ((weight.double() - full) @ stats.col_sum.double())) + n * float(d @ d), 0.0)
         info["error"], info["rel_error"] = err, err / max(base, 1e-30)
     return ChannelChoice(kept, new, delta, info)
 
