@@ -80,8 +80,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--slice", type=float, default=0.0, metavar="FRACTION", help="drop this fraction of the rotated stream (SliceGPT; implies --rotate pca)")
     p.add_argument(
         "--structured", type=float, default=0.0, metavar="FRACTION",
-        help="remove this fraction of the decoder blocks' parameters as whole MLP channels, with reconstruction "
-        "(alone, or with --sparsity/--pattern for what remains)",
+        help="remove this fraction of the decoder blocks' parameters as whole MLP channels (and attention heads with "
+        "--structured-units), with reconstruction (alone, or with --sparsity/--pattern for what remains)",
     )
     p.add_argument(
         "--structured-method", default="obs", choices=["obs", "obs-swap", "wanda-sp", "flap"],
@@ -91,6 +91,11 @@ def _parser() -> argparse.ArgumentParser:
         "--structured-budget", default="uniform", choices=["uniform", "adaptive"],
         help="uniform: the same MLP width in every block (loads in transformers); adaptive: per-block widths under one "
         "global budget (loads through graphprune)",
+    )
+    p.add_argument(
+        "--structured-units", default="mlp", choices=["mlp", "heads", "kv-groups", "mlp+heads", "mlp+kv-groups"],
+        help="what --structured removes: mlp (MLP channels, default), heads (query heads, the same number from every KV "
+        "group), kv-groups (whole KV groups), or the MLP and heads together (mlp+heads, mlp+kv-groups)",
     )
     p.add_argument(
         "--lazy", action="store_true",
@@ -253,6 +258,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         structured=args.structured,
         structured_method=args.structured_method,
         structured_budget=args.structured_budget,
+        structured_units=args.structured_units,
         rotation_options=_kv(args.rotate_option, "--rotate-option"),
         lazy=args.lazy,
     )
@@ -272,10 +278,17 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         print(f"  rotation {rep['rotation']['source']}{width}; parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}")
     st = rep.get("structured")
     if st:
-        widths = sorted({e["kept"] for e in st["layers"]})
+        mlp = [e for e in st["layers"] if e.get("kind", "mlp") == "mlp"]
+        heads = [e for e in st["layers"] if e.get("kind") == "heads"]
+        parts = []
+        if mlp:
+            parts.append(f"MLP width {mlp[0]['width']} -> {', '.join(map(str, sorted({e['kept'] for e in mlp})))}")
+        if heads:
+            kept = sorted({(len(e["kept_heads"]), len(e["kept_kv_heads"])) for e in heads})
+            parts.append(f"heads {heads[0]['heads']}/{heads[0]['kv_heads']} -> {', '.join(f'{q}/{k}' for q, k in kept)} (query/KV)")
         print(
-            f"  structured {st['method']}: {st['block_parameters_removed']:.1%} of block parameters removed (MLP width "
-            f"{st['layers'][0]['width']} -> {', '.join(map(str, widths))}); parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}"
+            f"  structured {st['method']}: {st['block_parameters_removed']:.1%} of block parameters removed ({'; '.join(parts)}); "
+            f"parameters {rep['parameters_before']:,} -> {rep['parameters_after']:,}"
         )
     return 0
 

@@ -76,6 +76,13 @@ class StagedGraph:
                 kind = "prologue" if idx == 0 else ("epilogue" if idx == nblocks + 1 else "block")
                 mod = getattr(self.split, node.target)
                 self.stages.append(Stage(idx, kind, node, mod, idx - 1 if kind == "block" else None))
+        # each operator node of the graph -> its copy in its stage (same order, same target)
+        self.copies: dict[Node, Node] = {}
+        for stage in self.stages:
+            mine = [n for n in gmodel.gm.graph.nodes if part.get(n) == stage.index and n.op == "call_function"]
+            theirs = [n for n in stage.module.graph.nodes if n.op == "call_function"]
+            if len(mine) == len(theirs) and all(a.target == b.target for a, b in zip(mine, theirs, strict=True)):
+                self.copies.update(zip(mine, theirs, strict=True))
 
     @property
     def block_stages(self) -> list[Stage]:

@@ -8,6 +8,11 @@ config alone would build (instantiated on the meta device: no memory, no time) a
 :data:`SHAPES_FILE` records the differences; :func:`load_with_shapes` builds the model from
 the config, gives those parameters their recorded shapes and loads the weights strictly.
 
+Removing attention heads from a model whose config cannot state the new head size (OPT
+derives it from ``hidden_size / num_attention_heads``) changes the attention modules' head
+counts too; :func:`attribute_overrides` records those integer attributes in the same file and
+the loader sets them.
+
 What transformers alone gives for such a folder: ``AutoModelForCausalLM.from_pretrained``
 stops with a size-mismatch error (with ``ignore_mismatched_sizes=True`` it would silently
 re-initialise those weights: do not). graphprune (``load_model``, and so ``eval``, ``export``,
@@ -28,30 +33,62 @@ from graphprune.errors import ModelLoadError
 SHAPES_FILE = "graphprune_shapes.json"
 
 
-def shape_overrides(model: nn.Module) -> dict[str, list[int]]:
-    """``parameter name -> shape`` for every parameter whose shape differs from the config's model."""
+def _reference(model: nn.Module) -> nn.Module | None:
+    """The model its config alone builds, on the meta device (None when the class cannot)."""
     config = getattr(model, "config", None)
     if config is None:
-        return {}
+        return None
     with torch.device("meta"):
         try:
-            reference = type(model)(config)
+            return type(model)(config)
         except Exception:  # a model class that cannot be built from its config alone: nothing to compare with
-            return {}
+            return None
+
+
+def shape_overrides(model: nn.Module, reference: nn.Module | None = None) -> dict[str, list[int]]:
+    """``parameter name -> shape`` for every parameter whose shape differs from the config's model."""
+    reference = reference if reference is not None else _reference(model)
+    if reference is None:
+        return {}
     want = {name: tuple(p.shape) for name, p in reference.named_parameters()}
     return {name: list(p.shape) for name, p in model.named_parameters() if name in want and tuple(p.shape) != want[name]}
 
 
+def attribute_overrides(model: nn.Module, reference: nn.Module | None = None) -> dict[str, dict[str, int]]:
+    """``module path -> {attribute: value}`` for the integer attributes (head counts) that differ
+    from the config's model; Linear and Embedding sizes follow from the shapes and are left out."""
+    reference = reference if reference is not None else _reference(model)
+    if reference is None:
+        return {}
+    ref = dict(reference.named_modules())
+    out: dict[str, dict[str, int]] = {}
+    for name, module in model.named_modules():
+        other = ref.get(name)
+        if other is None or isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        diff = {
+            k: v
+            for k, v in vars(module).items()
+            if isinstance(v, int) and not isinstance(v, bool) and isinstance(getattr(other, k, None), int) and getattr(other, k) != v
+        }
+        if diff:
+            out[name] = diff
+    return out
+
+
 def write_shapes(folder: Path, model: nn.Module) -> bool:
     """Write :data:`SHAPES_FILE` into ``folder`` when ``model`` needs one; True if written."""
-    shapes = shape_overrides(model)
+    reference = _reference(model)
+    shapes = shape_overrides(model, reference)
     if not shapes:
         return False
+    attributes = attribute_overrides(model, reference)
     note = (
-        "Parameters whose shapes differ from what config.json builds (per-layer widths after structured pruning). "
-        "graphprune's load_model builds the model with these shapes; transformers' from_pretrained alone stops with a size mismatch."
+        "Parameters whose shapes, and modules whose head counts, differ from what config.json builds (per-layer widths or "
+        "removed attention heads after structured pruning). graphprune's load_model builds the model with these shapes and "
+        "attributes; transformers' from_pretrained alone stops with a size mismatch."
     )
-    (folder / SHAPES_FILE).write_text(json.dumps({"note": note, "shapes": shapes}, indent=1) + "\n")
+    (folder / SHAPES_FILE).write_text(json.dumps({"note": note, "shapes": shapes, "attributes": attributes}, indent=1) + "\n")
     return True
 
 
@@ -72,8 +109,10 @@ def load_with_shapes(path: Path, trust_remote_code: bool = False) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
-        shapes = json.loads((path / SHAPES_FILE).read_text())["shapes"]
-    except (OSError, ValueError, KeyError) as exc:
+        recorded = json.loads((path / SHAPES_FILE).read_text())
+        shapes = recorded["shapes"]
+        attributes = recorded.get("attributes", {})
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
         raise ModelLoadError(f"{path / SHAPES_FILE} is unreadable ({exc}); it must map parameter names to shapes.") from exc
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
@@ -86,6 +125,15 @@ def load_with_shapes(path: Path, trust_remote_code: bool = False) -> Any:
         if leaf not in module._parameters:
             raise ModelLoadError(f"{path / SHAPES_FILE} names {name}, which {type(model).__name__} does not have.")
         _resize(module, leaf, shape)
+    for owner, values in attributes.items():
+        try:
+            module = model.get_submodule(owner)
+        except AttributeError as exc:
+            raise ModelLoadError(f"{path / SHAPES_FILE} names module {owner}, which {type(model).__name__} does not have.") from exc
+        for key, value in values.items():
+            if not isinstance(getattr(module, key, None), int):
+                raise ModelLoadError(f"{path / SHAPES_FILE} sets {owner}.{key}, which is not an integer attribute of {type(module).__name__}.")
+            setattr(module, key, int(value))
     state: dict[str, torch.Tensor] = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(str(file)))
@@ -104,4 +152,4 @@ def load_with_shapes(path: Path, trust_remote_code: bool = False) -> Any:
     return model.eval()
 
 
-__all__ = ["SHAPES_FILE", "load_with_shapes", "shape_overrides", "write_shapes"]
+__all__ = ["SHAPES_FILE", "attribute_overrides", "load_with_shapes", "shape_overrides", "write_shapes"]

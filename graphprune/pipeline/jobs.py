@@ -78,9 +78,10 @@ class PruneJob:
     rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
     rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
     lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
-    structured: float = 0.0  # fraction of the decoder blocks' Linear parameters to remove as whole MLP channels
+    structured: float = 0.0  # fraction of the decoder blocks' Linear parameters to remove as whole structures
     structured_method: str = "obs"  # obs, obs-swap, wanda-sp, flap (graphprune.solvers.structured)
     structured_budget: str = "uniform"  # uniform (same width in every block) or adaptive (one global budget)
+    structured_units: str = "mlp"  # mlp, heads, kv-groups, mlp+heads, mlp+kv-groups (graphprune.passes.structured.UNITS)
 
     def spec(self) -> SparsitySpec:
         return SparsitySpec.parse(self.sparsity, self.pattern)
@@ -100,6 +101,9 @@ class PruneJob:
         if not (0.0 < self.structured < 1.0):
             raise ConfigError(f"--structured is a fraction of the block parameters in (0, 1), got {self.structured}; e.g. --structured 0.2.")
         get_structured(self.structured_method)
+        from graphprune.passes.structured import parse_units
+
+        parse_units(self.structured_units)
         if self.structured_budget not in ("uniform", "adaptive"):
             raise ConfigError(f"--structured-budget is uniform or adaptive, got {self.structured_budget!r}.")
         if self.lazy:
@@ -127,6 +131,7 @@ class PruneJob:
         if self.structured:
             sl += f"-struct{int(round(self.structured * 100))}-{self.structured_method}"
             sl += "-adaptive" if self.structured_budget == "adaptive" else ""
+            sl += "" if self.structured_units == "mlp" else f"-{self.structured_units.replace(',', '+')}"
         if not self.prunes():
             rot = f"-{self.rotation or 'pca'}" if (self.rotation or self.slicing) else ""
             return Path("out") / f"{stem}{rot}{sl}"

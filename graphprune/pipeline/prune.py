@@ -330,7 +330,9 @@ def build_passes(
     if job.structured:
         if current().active:
             raise ConfigError("structured pruning runs in one process; run it without torchrun.")
-        passes.append(structured_pass(job.structured, job.structured_method, batch_size=job.batch_size, budget=job.structured_budget))
+        passes.append(
+            structured_pass(job.structured, job.structured_method, batch_size=job.batch_size, budget=job.structured_budget, units=job.structured_units)
+        )
     if plan.prunes:
         config = PruneConfig(job.method, plan.spec, plan.rules, dict(job.options), job.refine_steps, job.batch_size)
         passes.append(prune_pass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))

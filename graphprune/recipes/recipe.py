@@ -60,7 +60,7 @@ class Recipe(RecipeModel):
     calibration: Calibration = Field(default_factory=Calibration, description="calibration segments of the text")
     rotate: Rotate | None = Field(None, description="fold the norms and rotate the residual stream before pruning")
     slice: Annotated[float, checked(_check_slice)] = Field(0.0, description="fraction of the rotated stream to drop (SliceGPT; implies rotate pca)")
-    structured: Structured | None = Field(None, description="remove whole MLP channels first (fraction, method, budget)")
+    structured: Structured | None = Field(None, description="remove whole MLP channels and attention heads first (fraction, method, budget, units)")
     prune: Prune = Field(default_factory=Prune, description="the solver, its target and per-layer overrides")
     eval: Annotated[Eval | None, OnOff] = Field(None, description="perplexity per the protocol after pruning (true: default settings)")
     output: Output = Field(default_factory=Output, description="where the model folder goes")
@@ -146,7 +146,8 @@ class Recipe(RecipeModel):
             fields["slicing"] = self.slice
         if self.structured is not None:
             fields.update(
-                structured=self.structured.fraction, structured_method=self.structured.method, structured_budget=self.structured.budget
+                structured=self.structured.fraction, structured_method=self.structured.method, structured_budget=self.structured.budget,
+                structured_units=self.structured.units,
             )
         return fields
 
@@ -163,7 +164,9 @@ class Recipe(RecipeModel):
             "rotate": rotate,
             "slice": job.slicing,
             "structured": (
-                {"fraction": job.structured, "method": job.structured_method, "budget": job.structured_budget} if job.structured else None
+                {"fraction": job.structured, "method": job.structured_method, "budget": job.structured_budget, "units": job.structured_units}
+                if job.structured
+                else None
             ),
             "prune": {
                 "method": job.method, "sparsity": job.sparsity, "pattern": job.pattern, "overrides": dict(job.overrides),

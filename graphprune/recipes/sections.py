@@ -96,11 +96,12 @@ class Rotate(RecipeModel):
 
 
 class Structured(RecipeModel):
-    """Remove whole MLP channels (with reconstruction) before any unstructured or N:M pruning."""
+    """Remove whole MLP channels and attention heads (with reconstruction) before any unstructured or N:M pruning."""
 
     fraction: float = Field(gt=0.0, lt=1.0, description="fraction of the decoder blocks' Linear parameters to remove")
     method: Literal["obs", "obs-swap", "wanda-sp", "flap"] = Field("obs", description="structured solver")
     budget: Literal["uniform", "adaptive"] = Field("uniform", description="the same MLP width in every block, or per-block widths under one budget")
+    units: Literal["mlp", "heads", "kv-groups", "mlp+heads", "mlp+kv-groups"] = Field("mlp", description="what may be removed")
 
 
 class Eval(RecipeModel):

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from graphprune.errors import ConfigError
 from graphprune.exporters.hf import save_hf_folder
 from graphprune.graph.model import GraphModel
-from graphprune.graph.structures import find_channel_groups
+from graphprune.graph.structures import find_channel_groups, find_head_groups
 from graphprune.models.loader import ByteTokenizer
 from graphprune.models.tiny import random_tokens
 from graphprune.passes.infra import PassContext, PassManager
@@ -97,7 +97,7 @@ def test_a_uniform_structured_model_reloads_in_transformers(tiny_name: str, tiny
 
 
 def test_too_much_is_refused(tiny_gm: GraphModel) -> None:
-    with pytest.raises(ConfigError, match="MLP channels only"):
+    with pytest.raises(ConfigError, match="Lower --structured"):
         PassManager([structured_pass(0.9, "obs")], _ctx()).run(tiny_gm)
     with pytest.raises(ConfigError, match="unknown structured method"):
         structured_pass(0.2, "nope")
@@ -124,6 +124,10 @@ def test_cli_structured_alone_and_with_sparsity_then_exports(tmp_path, capsys) -
     assert down["shape"][1] == kept
     model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "sp")).eval()  # uniform: transformers alone loads it
     assert model.config.intermediate_size == kept
+    assert main(["prune", *common, "--structured", "0.3", "--structured-units", "mlp+kv-groups", "--out", str(tmp_path / "h")]) == 0
+    assert "heads 4/2 -> 2/1 (query/KV)" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "h")).eval()
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 1, 16)
     assert main(["prune", *common, "--structured", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--structured is a fraction" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
@@ -178,3 +182,104 @@ def test_adaptive_widths_follow_importance_and_the_folder_loads_through_graphpru
     for fmt in ("onnx", "torchscript"):
         out = export_generation(again, tmp_path / f"gen-{fmt}", format=fmt, tokenizer=ByteTokenizer(), check_tokens=8)
         assert out.tokens_equal and out.max_abs_diff is not None and out.max_abs_diff < 1e-4
+
+
+# ---- attention heads ----
+
+HEADS = {
+    # name: (heads, kv heads, query projection, output projection)
+    "tiny-llama": (4, 2, "model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.o_proj"),
+    "tiny-opt": (4, 4, "model.decoder.layers.{i}.self_attn.q_proj", "model.decoder.layers.{i}.self_attn.out_proj"),
+}
+
+
+def test_head_groups_come_from_the_dataflow(tiny_name: str, tiny_gm: GraphModel) -> None:
+    """Each attention: q/k/v feeding the fused attention, the output projection after it,
+    head counts from the shapes, and the shape constants that spell a head count (LLaMA's
+    grouped-query repeat, OPT's head split)."""
+    heads, kv, qname, oname = HEADS[tiny_name]
+    groups = find_head_groups(tiny_gm)
+    assert [(g.query.name, g.consumer.name) for g in groups] == [(qname.format(i=i), oname.format(i=i)) for i in range(2)]
+    assert all((g.heads, g.kv_heads, g.head_dim) == (heads, kv, 16) for g in groups)
+    whats = sorted({w for g in groups for _n, _i, w in g.edits})
+    assert whats == (["kv", "q", "rep"] if kv < heads else ["kv", "q"])
+
+
+@pytest.mark.parametrize("units", ["heads", "kv-groups", "mlp+heads"])
+def test_head_pruning_shrinks_attention_and_graph_and_model_agree(tiny_name: str, tiny_gm: GraphModel, units: str) -> None:
+    """Removed heads leave the query (and for KV groups the key/value) rows and the output
+    projection's columns; each KV group keeps as many query heads; the pruned graph and the
+    edited transformers module compute the same logits; a LLaMA config states the new counts."""
+    heads, kv, _q, _o = HEADS[tiny_name]
+    gm = tiny_gm
+    tokens = random_tokens(3, 16, seed=1)
+    dense = gm(tokens)
+    fraction = 0.3 if units.startswith("mlp") else 0.12
+    gm = PassManager([structured_pass(fraction, "obs", units=units)], _ctx()).run(gm)
+    rep = gm.state.structured
+    entries = [e for e in rep["layers"] if e["kind"] == "heads"]
+    assert len(entries) == 2 and rep["unit"] == units
+    for e, g in zip(entries, find_head_groups(gm), strict=True):
+        nq, nkv = len(e["kept_heads"]), len(e["kept_kv_heads"])
+        assert nq < heads and nq % nkv == 0
+        if units == "kv-groups" or kv == heads:
+            assert nkv < kv and e["kept_heads"] == [k * (heads // kv) + r for k in e["kept_kv_heads"] for r in range(heads // kv)]
+        else:  # query heads within KV groups: every group keeps the same number
+            assert nkv == kv and sorted(h // (heads // kv) for h in e["kept_heads"]) == sorted(list(range(kv)) * (nq // kv))
+        assert (g.heads, g.kv_heads) == (nq, nkv)
+        assert tuple(gm.get_attr(g.query.weight).shape) == (nq * 16, 64)
+        assert tuple(gm.get_attr(g.key.weight).shape) == (nkv * 16, 64)
+        assert tuple(gm.get_attr(g.consumer.weight).shape) == (64, nq * 16)
+    pruned = gm(tokens)
+    torch.testing.assert_close(gm.model(input_ids=tokens, use_cache=False).logits, pruned, rtol=0, atol=0)
+    assert not torch.allclose(pruned, dense)
+    if tiny_name == "tiny-llama":
+        cfg = gm.model.config
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (nq, nkv, 16)
+
+
+def test_head_pruned_folders_reload_and_export(tiny_name: str, tiny_gm: GraphModel, tmp_path) -> None:
+    """LLaMA (config with head_dim): transformers alone reloads the folder with identical logits.
+    OPT (head size derived from hidden_size): the folder records the attention modules' head
+    counts, graphprune reloads it exactly, transformers alone refuses it. Both export for
+    generation to ONNX and TorchScript with the same tokens as eager."""
+    from graphprune.exporters.generation import export_generation
+    from graphprune.models import load_model
+    from graphprune.models.shapes import SHAPES_FILE
+
+    gm = PassManager([structured_pass(0.3, "obs", units="mlp+heads")], _ctx()).run(tiny_gm)
+    tokens = random_tokens(2, 12, seed=5)
+    want = gm(tokens)
+    save_hf_folder(gm.model, ByteTokenizer(), tmp_path / "m")
+    if tiny_name == "tiny-llama":
+        assert not (tmp_path / "m" / SHAPES_FILE).exists()
+        again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m")).eval()
+    else:
+        import json
+
+        recorded = json.loads((tmp_path / "m" / SHAPES_FILE).read_text())
+        assert recorded["attributes"]["model.decoder.layers.0.self_attn"] == {"num_heads": 3}
+        with pytest.raises(Exception, match="ignore_mismatched_sizes|size mismatch"):
+            AutoModelForCausalLM.from_pretrained(str(tmp_path / "m"))
+        again = load_model(str(tmp_path / "m")).model
+    torch.testing.assert_close(again(input_ids=tokens, use_cache=False).logits, want, rtol=0, atol=1e-6)
+    for fmt in ("onnx", "torchscript"):
+        out = export_generation(again, tmp_path / f"gen-{fmt}", format=fmt, tokenizer=ByteTokenizer(), check_tokens=8)
+        assert out.tokens_equal and out.max_abs_diff is not None and out.max_abs_diff < 1e-4
+
+
+def test_obs_reconstructs_heads_better_than_wanda_sp(tiny_gm: GraphModel) -> None:
+    """Same calibration, same head counts: structured OBS's reconstruction error of every
+    output projection is below Wanda-sp's."""
+    a, b = tiny_gm, tiny_gm.clone()
+    a = PassManager([structured_pass(0.12, "obs", units="heads")], _ctx()).run(a)
+    b = PassManager([structured_pass(0.12, "wanda-sp", units="heads")], _ctx()).run(b)
+    obs, sp = a.state.structured["layers"], b.state.structured["layers"]
+    assert all(o["rel_error"] < s["rel_error"] for o, s in zip(obs, sp, strict=True))
+
+
+def test_head_budgets_that_cannot_be_met_are_refused(tiny_gm: GraphModel) -> None:
+    with pytest.raises(ConfigError, match="mlp\\+heads"):
+        PassManager([structured_pass(0.6, "obs", units="heads")], _ctx()).run(tiny_gm)
+    with pytest.raises(ConfigError, match="is not one of"):
+        structured_pass(0.2, "obs", units="heads+kv-groups")

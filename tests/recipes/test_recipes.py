@@ -166,13 +166,15 @@ def test_structured_recipes() -> None:
     prune target both run."""
     job = Recipe.from_yaml("model: m\nstructured: {fraction: 0.3, method: wanda-sp, budget: adaptive}\n").to_job()
     assert (job.structured, job.structured_method, job.structured_budget) == (0.3, "wanda-sp", "adaptive") and not job.prunes()
-    both = PruneJob(model="m", structured=0.2, method="sparsegpt", sparsity=0.5)
+    both = PruneJob(model="m", structured=0.2, method="sparsegpt", sparsity=0.5, structured_units="mlp+heads")
     assert Recipe.from_job(both).to_job() == both and both.prunes()
     assert Recipe.from_yaml(Recipe.from_job(both).to_yaml()).to_job() == both
     with pytest.raises(RecipeError, match="structured.fraction"):
         Recipe.from_yaml("model: m\nstructured: {fraction: 1.2}\n", "r.yaml")
     with pytest.raises(RecipeError, match="structured.method"):
         Recipe.from_yaml("model: m\nstructured: {fraction: 0.2, method: osscar}\n", "r.yaml")
+    with pytest.raises(RecipeError, match="structured.units"):
+        Recipe.from_yaml("model: m\nstructured: {fraction: 0.2, units: experts}\n", "r.yaml")
 
 
 def test_a_job_the_schema_cannot_express_is_refused() -> None:

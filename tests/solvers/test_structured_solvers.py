@@ -99,3 +99,60 @@ def test_keep_out_of_range_is_refused() -> None:
     w, _, stats = _case(3)
     with pytest.raises(ConfigError, match="cannot keep 0 of 10"):
         structured_obs(w, stats, 0)
+
+
+# ---- units: attention heads (several columns that go together) and their KV groups ----
+
+
+def _unit_error(w: torch.Tensor, x: torch.Tensor, cols: list[int]) -> float:
+    sol = torch.linalg.lstsq(x[:, cols], x @ w.T).solution
+    return float(((x @ w.T - x[:, cols] @ sol) ** 2).sum())
+
+
+def test_removing_one_unit_is_exact_against_brute_force() -> None:
+    """With one unit to go, OBS's unit cost tr(W_S [H⁻¹]_SS⁻¹ W_Sᵀ) is the exact error of removing
+    it with the best refit: the chosen unit is the brute-force best and its error is the minimum."""
+    w, x, stats = _case(4, d=12)
+    units = torch.arange(12).view(4, 3)
+    got = structured_obs(w, stats, 3, units=units, damp=0.0)
+    errs = [_unit_error(w, x, [c for v in range(4) if v != u for c in units[v].tolist()]) for u in range(4)]
+    best = min(range(4), key=errs.__getitem__)
+    assert sorted(got.info["kept_units"]) == [u for u in range(4) if u != best]
+    assert got.keep.tolist() == sorted(c for u in got.info["kept_units"] for c in units[u].tolist())
+    assert got.info["error"] == pytest.approx(errs[best], rel=1e-6)
+
+
+def test_units_keep_whole_heads_and_each_kv_group_keeps_as_many() -> None:
+    """Six 2-column heads in three KV groups, keep 3: one head per group, whichever solver."""
+    w, x, stats = _case(5, d=12)
+    units = torch.arange(12).view(6, 2)
+    parents = torch.arange(6) // 2
+    for solve in (structured_obs, wanda_sp, flap):
+        got = solve(w, stats, 3, units=units, parents=parents)
+        kept = got.info["kept_units"]
+        assert sorted(parents[kept].tolist()) == [0, 1, 2], solve.__name__
+        assert got.keep.tolist() == sorted(c for u in kept for c in units[u].tolist())
+        assert got.weight.shape == (w.shape[0], 6)
+    with pytest.raises(ConfigError, match="evenly"):
+        structured_obs(w, stats, 4, units=units, parents=parents)
+
+
+def test_unit_obs_beats_unit_wanda_sp_and_the_local_search_never_loses() -> None:
+    """On heads, OBS's error is at most Wanda-sp's (same kept count); the swap search over
+    units of the same KV group is at most OBS's and keeps the group quota; both are at least
+    the brute-force optimum over quota-respecting choices."""
+    w, x, stats = _case(6, d=16, tokens=96)
+    units = torch.arange(16).view(8, 2)
+    parents = torch.arange(8) // 4
+    obs = structured_obs(w, stats, 4, units=units, parents=parents, damp=0.0)
+    sp = wanda_sp(w, stats, 4, units=units, parents=parents)
+    swap = swap_refine(w, stats, obs, units=units, parents=parents, damp=0.0, candidates=8)
+    assert obs.info["error"] <= sp.info["error"]
+    assert swap.info["error"] <= obs.info["error"] * (1 + 1e-9)
+    assert sorted(parents[swap.info["kept_units"]].tolist()) == [0, 0, 1, 1]
+    best = min(
+        _unit_error(w, x, [c for u in (*a, *b) for c in units[u].tolist()])
+        for a in itertools.combinations(range(4), 2)
+        for b in itertools.combinations(range(4, 8), 2)
+    )
+    assert swap.info["error"] >= best * (1 - 1e-6)
