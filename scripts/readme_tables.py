@@ -190,25 +190,30 @@ def structured() -> str:
     data = _load("structured.json")
     prov = data["provenance"]
     ratios: dict[str, dict[str, str]] = {}
-    cases: list[str] = []
+    cols: list[str] = []
     for rec in data["records"]:
-        if rec["case"] not in cases:
-            cases.append(rec["case"])
-        ratios.setdefault(rec["target"], {})[rec["case"]] = f"{rec['speedup']:.2f}x [{rec['speedup_q1']:.2f}, {rec['speedup_q3']:.2f}]"
+        col = f"{rec['case']} {rec['runtime']}"
+        if col not in cols:
+            cols.append(col)
+        ratios.setdefault(rec["target"], {})[col] = f"{rec['speedup']:.2f}x [{rec['speedup_q1']:.2f}, {rec['speedup_q3']:.2f}]"
     lines = [
-        "| model | perplexity | parameters | block parameters removed | MLP width | " + " | ".join(f"{c} speedup (onnxruntime)" for c in cases) + " |",
-        "|---|---:|---:|---:|---|" + "---|" * len(cases),
+        "| model | perplexity | parameters | block parameters removed | MLP width | heads (query/KV) | " + " | ".join(f"{c} speedup" for c in cols) + " |",
+        "|---|---:|---:|---:|---|---|" + "---|" * len(cols),
     ]
     for name, m in data["models"].items():
         removed = m.get("block_parameters_removed")
         widths = m.get("mlp_width") or []
         width = "-" if not widths else (str(widths[0]) if len(widths) == 1 else f"{min(widths)}-{max(widths)}")
-        cells = [ratios.get(name, {}).get(c, "-") for c in cases]
+        heads = ", ".join(m.get("heads") or []) or "-"
+        cells = ["1.00x" if name == "dense" else ratios.get(name, {}).get(c, "-") for c in cols]
         lines.append(
-            f"| {name} | {m['ppl']:.3f} | {m['parameters']:,} | {'-' if removed is None else f'{removed:.1%}'} | {width} | " + " | ".join(cells) + " |"
+            f"| {name} | {m['ppl']:.3f} | {m['parameters']:,} | {'-' if removed is None else f'{removed:.1%}'} | {width} | {heads} | "
+            + " | ".join(cells)
+            + " |"
         )
     lines += ["", f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; load average and every "
-              "time in [benchmarks/results/structured.md](benchmarks/results/structured.md)."]
+              "time in [benchmarks/results/structured.md](benchmarks/results/structured.md); plot: "
+              "[benchmarks/results/structured.png](benchmarks/results/structured.png)."]
     return "\n".join(lines)
 
 
@@ -221,7 +226,17 @@ def structured_layers() -> str:
     for method, err in data["mean"].items():
         lower = sum(r[method]["rel_error"] < r["wanda-sp"]["rel_error"] for r in rows)
         lines.append(f"| {method} | {err:.4f} | {lower} of {len(rows)} | {data['seconds'][method]:.0f} |")
-    lines += ["", f"{int(round(data['keep'] * 100))} % of each down projection's input channels kept, on the dense model's statistics. "
+    heads = data.get("heads")
+    if heads and heads["rows"]:
+        n = len(heads["rows"])
+        lines += ["", "| method (attention output projections) | mean relative error | layers where it is lower than Wanda-sp | solver seconds |",
+                  "|---|---:|---:|---:|"]
+        for method, err in heads["mean"].items():
+            lower = sum(r[method]["rel_error"] < r["wanda-sp"]["rel_error"] for r in heads["rows"])
+            lines.append(f"| {method} | {err:.4f} | {lower} of {n} | {heads['seconds'][method]:.1f} |")
+    lines += ["", f"{int(round(data['keep'] * 100))} % of each down projection's input channels kept"
+              + (f", {heads['keep_heads']} query heads of each KV group in each output projection" if heads else "")
+              + ", on the dense model's statistics. "
               f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; per-layer errors in "
               "[benchmarks/results/structured_layers.md](benchmarks/results/structured_layers.md)."]
     return "\n".join(lines)
