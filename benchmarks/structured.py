@@ -53,7 +53,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "obs-20-adaptive": {"structured": 0.2, "structured_budget": "adaptive"},
     "obs-40-adaptive": {"structured": 0.4, "structured_budget": "adaptive"},
     "obs-swap-40": {"structured": 0.4, "structured_method": "obs-swap"},
-    **{f"{m}-{p}": {"structured": p / 100, "structured_method": m} for m in ("wanda-sp", "flap") for p in (20, 40)},
+    **{f"{m}-{p}": {"structured": p / 100, "structured_method": m} for m in ("wanda-sp", "flap") for p in (20, 30, 40)},
     **{f"{m}-40-adaptive": {"structured": 0.4, "structured_method": m, "structured_budget": "adaptive"} for m in ("wanda-sp", "flap")},
     "obs-30-heads": {"structured": 0.3, "structured_units": "mlp+heads"},
     "obs-40-heads": {"structured": 0.4, "structured_units": "mlp+heads"},
