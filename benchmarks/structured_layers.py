@@ -112,15 +112,8 @@ def main() -> None:
         secs = {m: sum(r[m]["seconds"] for r in rows) for m in METHODS}
         return wins, mean, secs
 
+    wins, mean, secs = summary(rows)
     hwins, hmean, hsecs = summary(head_rows)
-    wins = {
-        "obs < wanda-sp": sum(r["obs"]["rel_error"] < r["wanda-sp"]["rel_error"] for r in rows),
-        "obs < flap": sum(r["obs"]["rel_error"] < r["flap"]["rel_error"] for r in rows),
-        "obs-swap < obs": sum(r["obs-swap"]["rel_error"] < r["obs"]["rel_error"] for r in rows),
-        "obs-swap <= obs": sum(r["obs-swap"]["rel_error"] <= r["obs"]["rel_error"] for r in rows),
-    }
-    mean = {m: sum(r[m]["rel_error"] for r in rows) / len(rows) for m in METHODS}
-    secs = {m: sum(r[m]["seconds"] for r in rows) for m in METHODS}
     lines = [
         f"# Structured solvers on the same statistics: {args.model}'s MLP down projections, {args.keep:.0%} of channels kept",
         "",

@@ -115,11 +115,16 @@ def export_blockers(gm: GraphModel) -> list[str]:
     return list(gm.state.export_blockers)
 
 
-def set_config(model: nn.Module, **values: Any) -> None:
-    """Set config attributes on the model's config and its text config (multimodal wrappers)."""
+def text_config(model: nn.Module) -> Any:
+    """The model's text config (a multimodal wrapper's language part), else its config, else None."""
     cfg = getattr(model, "config", None)
     getter = getattr(cfg, "get_text_config", None)
-    configs = [cfg, getter() if callable(getter) else None]
+    return getter() if callable(getter) else cfg
+
+
+def set_config(model: nn.Module, **values: Any) -> None:
+    """Set config attributes on the model's config and its text config (multimodal wrappers)."""
+    configs = [getattr(model, "config", None), text_config(model)]
     for c in {id(c): c for c in configs if c is not None}.values():
         for key, value in values.items():
             setattr(c, key, value)

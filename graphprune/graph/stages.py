@@ -78,8 +78,12 @@ class StagedGraph:
                 self.stages.append(Stage(idx, kind, node, mod, idx - 1 if kind == "block" else None))
         # each operator node of the graph -> its copy in its stage (same order, same target)
         self.copies: dict[Node, Node] = {}
+        by_stage: dict[int, list[Node]] = {}
+        for n in gmodel.gm.graph.nodes:
+            if n.op == "call_function":
+                by_stage.setdefault(part[n], []).append(n)
         for stage in self.stages:
-            mine = [n for n in gmodel.gm.graph.nodes if part.get(n) == stage.index and n.op == "call_function"]
+            mine = by_stage.get(stage.index, [])
             theirs = [n for n in stage.module.graph.nodes if n.op == "call_function"]
             if len(mine) == len(theirs) and all(a.target == b.target for a, b in zip(mine, theirs, strict=True)):
                 self.copies.update(zip(mine, theirs, strict=True))

@@ -99,6 +99,21 @@ def _channel_region(start: Node, linears: dict[Node, q.LinearInfo], skip: Callab
     return region, list(producers.values())
 
 
+def _through(skip: Callable[[Node], Node] | None) -> Callable[[Node], Node]:
+    """Maps a node to the value it passes on unchanged: through dtype conversions and ``skip``
+    (e.g. a calibration observer to its input), repeatedly."""
+    see = skip or (lambda n: n)
+
+    def through(node: Node) -> Node:
+        while True:
+            nxt = see(q.see_through(node))
+            if nxt is node:
+                return node
+            node = nxt
+
+    return through
+
+
 def _private(node: Node, allowed: set[Node], through: Callable[[Node], Node]) -> bool:
     """Every reader of ``node`` is in ``allowed``, directly or through pass-through nodes."""
     for user in node.users:
@@ -116,15 +131,7 @@ def find_channel_groups(gm: Any, skip: Callable[[Node], Node] | None = None) -> 
     ``skip`` maps a node to the value it passes through unchanged (e.g. a calibration
     observer to its input); dtype conversions are always seen through.
     """
-    see = skip or (lambda n: n)
-
-    def through(node: Node) -> Node:
-        while True:
-            nxt = see(q.see_through(node))
-            if nxt is node:
-                return node
-            node = nxt
-
+    through = _through(skip)
     linears = {li.node: li for li in gm.linears}
     groups = []
     for consumer in gm.linears:
@@ -319,15 +326,7 @@ def find_head_groups(gm: Any, skip: Callable[[Node], Node] | None = None) -> lis
     explicit matmul/softmax, or whose head tensors pass through anything else (a norm over
     the head dimension), are not head groups.
     """
-    see = skip or (lambda n: n)
-
-    def through(node: Node) -> Node:
-        while True:
-            nxt = see(q.see_through(node))
-            if nxt is node:
-                return node
-            node = nxt
-
+    through = _through(skip)
     linears = {li.node: li for li in gm.linears}
     groups = []
     for consumer in gm.linears:

@@ -47,7 +47,7 @@ import torch
 from tqdm.auto import tqdm
 
 from graphprune.errors import ConfigError, VerificationError
-from graphprune.graph.edit import add_linear_bias, parameter_count, replace_tensor, set_config
+from graphprune.graph.edit import add_linear_bias, parameter_count, replace_tensor, set_config, text_config
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageRunner
 from graphprune.graph.structures import ChannelGroup, HeadGroup, find_channel_groups, find_head_groups
@@ -338,9 +338,7 @@ class StructuredPrunePass(Pass):
     @staticmethod
     def _update_config(gm: GraphModel, width: int, kept: set[int]) -> None:
         """Write the new MLP width into the config under the name the architecture uses for it."""
-        cfg = getattr(gm.model, "config", None)
-        getter = getattr(cfg, "get_text_config", None)
-        text = getter() if callable(getter) else cfg
+        text = text_config(gm.model)
         key = next((k for k in CONFIG_WIDTH_KEYS if getattr(text, k, None) == width), None)
         if len(kept) == 1 and key is not None:
             set_config(gm.model, **{key: next(iter(kept))})
@@ -348,23 +346,29 @@ class StructuredPrunePass(Pass):
         why = "the blocks' MLP widths differ" if len(kept) > 1 else f"the config has no MLP width field among {', '.join(CONFIG_WIDTH_KEYS)}"
         log.info("%s: %s; a saved folder records the widths in %s (graphprune loads it, transformers alone does not)", gm.name, why, SHAPES_FILE)
 
+    @staticmethod
+    def _shrink(gm: GraphModel, staged: StagedGraph, producers: list[tuple[Any, torch.Tensor]], consumer: Any, choice: Any) -> None:
+        """Keep ``rows`` of each producer (weight and bias), give the consumer the solver's
+        weight on the kept columns and add its bias compensation, in the graph, the model and
+        the stage split at once."""
+        also = [staged.split]
+        for li, rows in producers:
+            replace_tensor(gm, gm.get_attr(li.weight), gm.get_attr(li.weight).detach()[rows], also=also)
+            if li.bias is not None:
+                replace_tensor(gm, gm.get_attr(li.bias), gm.get_attr(li.bias).detach()[rows], also=also)
+        replace_tensor(gm, gm.get_attr(consumer.weight), choice.weight, also=also)
+        if choice.bias_delta is not None:
+            assert consumer.bias is not None  # run() gives every consumer a bias for FLAP
+            bias = gm.get_attr(consumer.bias)
+            with torch.no_grad():
+                bias += choice.bias_delta.to(bias.dtype)
+
     def _apply(self, gm: GraphModel, staged: StagedGraph, group: ChannelGroup, stats: Any, keep: int) -> dict[str, Any]:
         t1 = time.perf_counter()
         consumer = group.consumer
         weight = gm.get_attr(consumer.weight).detach()
         choice = self.solve(weight, stats, keep, name=consumer.name, **self.options)
-        idx = choice.keep
-        also = [staged.split]
-        for producer in group.producers:
-            replace_tensor(gm, gm.get_attr(producer.weight), gm.get_attr(producer.weight).detach()[idx], also=also)
-            if producer.bias is not None:
-                replace_tensor(gm, gm.get_attr(producer.bias), gm.get_attr(producer.bias).detach()[idx], also=also)
-        replace_tensor(gm, gm.get_attr(consumer.weight), choice.weight, also=also)
-        if choice.bias_delta is not None:
-            assert consumer.bias is not None  # checked in run()
-            bias = gm.get_attr(consumer.bias)
-            with torch.no_grad():
-                bias += choice.bias_delta.to(bias.dtype)
+        self._shrink(gm, staged, [(p, choice.keep) for p in group.producers], consumer, choice)
         removed = group.width - keep
         return {
             "kind": "mlp",
@@ -409,20 +413,9 @@ class StructuredPrunePass(Pass):
             kept_kv = kept_units
         q_rows = torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in kept_heads])
         kv_rows = torch.cat([torch.arange(g * hd, (g + 1) * hd) for g in kept_kv])
-        also = [staged.split]
         if choice is not None:
-            for li, rows in ((group.query, q_rows), (group.key, kv_rows), (group.value, kv_rows)):
-                if rows.numel() == li.out_features:
-                    continue
-                replace_tensor(gm, gm.get_attr(li.weight), gm.get_attr(li.weight).detach()[rows], also=also)
-                if li.bias is not None:
-                    replace_tensor(gm, gm.get_attr(li.bias), gm.get_attr(li.bias).detach()[rows], also=also)
-            replace_tensor(gm, gm.get_attr(consumer.weight), choice.weight, also=also)
-            if choice.bias_delta is not None:
-                assert consumer.bias is not None  # given in run()
-                bias = gm.get_attr(consumer.bias)
-                with torch.no_grad():
-                    bias += choice.bias_delta.to(bias.dtype)
+            rows = [(li, r) for li, r in ((group.query, q_rows), (group.key, kv_rows), (group.value, kv_rows)) if r.numel() != li.out_features]
+            self._shrink(gm, staged, rows, consumer, choice)
             nq, nkv = len(kept_heads), len(kept_kv)
             counts = {"q": nq, "kv": nkv, "rep": nq // nkv, "qd": nq * hd, "kvd": nkv * hd}
             self._set_head_constants(gm, staged, stage, group, counts)
@@ -469,9 +462,7 @@ class StructuredPrunePass(Pass):
     @staticmethod
     def _update_head_config(gm: GraphModel, groups: list[HeadGroup], layers: list[dict[str, Any]]) -> None:
         """Write the new head counts into a LLaMA-style config (one with a ``head_dim`` field)."""
-        cfg = getattr(gm.model, "config", None)
-        getter = getattr(cfg, "get_text_config", None)
-        text = getter() if callable(getter) else cfg
+        text = text_config(gm.model)
         counts = {(len(e["kept_heads"]), len(e["kept_kv_heads"])) for e in layers}
         if len(counts) == 1 and text is not None and hasattr(text, "head_dim") and hasattr(text, "num_key_value_heads"):
             nq, nkv = next(iter(counts))
