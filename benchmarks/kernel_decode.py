@@ -56,7 +56,7 @@ from provenance import Run  # noqa: E402
 
 from graphprune.bench import machine_info  # noqa: E402
 from graphprune.fileio import write_json, write_text  # noqa: E402
-from graphprune.kernels.packed import PackedLinear, has_avx512, packed_available, packed_unavailable_reason  # noqa: E402
+from graphprune.kernels.packed import PackedLinear, native_isa, packed_available, packed_unavailable_reason  # noqa: E402
 from graphprune.kernels.sparse_cpu import CSRLinear  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     run = Run()
     kinds = KINDS if packed_available() else tuple(k for k in KINDS if not k.startswith("packed"))
-    packed_note = ("AVX-512" if has_avx512() else "scalar") if packed_available() else f"unavailable ({packed_unavailable_reason()})"
+    packed_note = {"avx512": "AVX-512", "avx2": "AVX2"}.get(native_isa() or "", "scalar") if packed_available() else f"unavailable ({packed_unavailable_reason()})"
     say(f"packed kernel: {packed_note}; torch threads {torch.get_num_threads()}")
     cache_bytes = args.cache_mb * 2**20
     bw = bandwidth(max(2 * cache_bytes, 256 * 2**20), passes=3 if args.smoke else 7)

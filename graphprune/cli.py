@@ -129,8 +129,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", required=True, help="the prompt (repeat for a batch)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument(
-        "--runtime", choices=["eager", "torchscript", "onnxruntime"], default="eager",
-        help="where a model runs (an export runs in its own format's runtime); torchscript/onnxruntime export it first",
+        "--runtime", choices=["eager", "torchscript", "onnxruntime", "compile"], default="eager",
+        help="where a model runs (an export runs in its own format's runtime); torchscript/onnxruntime export it first; "
+        "compile runs the decode steps compiled by torch.compile (minutes to compile on the first run)",
+    )
+    p.add_argument(
+        "--kernels", choices=["auto", "measure", "off"], default="auto",
+        help="sparse kernels of a pruned model in eager/compile: auto = the folder's saved choice "
+        "(graphprune_kernels.json) when measured on this machine, else measured now; measure; off = dense",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: all)")
@@ -141,7 +147,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", parents=[common], help="latency of models side by side (first = baseline)")
     p.add_argument("targets", nargs="+", metavar="TARGET", help="model folders (or built-in names); the first is the baseline")
-    p.add_argument("--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime"], help="eager, torchscript, onnxruntime")
+    p.add_argument(
+        "--runtimes", nargs="+", default=["eager", "torchscript", "onnxruntime"],
+        help="eager, torchscript, onnxruntime, compile (torch.compile: ttft and decode cases only)",
+    )
+    p.add_argument(
+        "--kernels", choices=["auto", "measure", "off"], default="auto",
+        help="sparse kernels of pruned models (eager, compile, torchscript): auto = a folder's saved choice when measured "
+        "on this machine, else measured now; measure; off = dense. ONNX files always hold dense weights",
+    )
     p.add_argument(
         "--cases", nargs="+", default=["prefill", "ttft", "decode"],
         help="prefill (1x128), ttft (time to first token after 128 and 512 tokens), decode (64 tokens after 128 with "
@@ -336,7 +350,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     _quiet_onnx_exporter(args)
     job = GenerateJob(
         args.model or DEFAULT_MODEL, list(args.prompt), args.max_new_tokens, args.runtime, args.temperature, args.top_k,
-        args.seed, args.threads, args.trust_remote_code,
+        args.seed, args.threads, args.trust_remote_code, args.kernels,
     )
     res = run_generate(job, progress=not args.quiet)
     if args.json:
@@ -359,7 +373,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     job = BenchJob(
         args.targets, args.runtimes, args.cases, repeats=args.repeats, warmup=args.warmup, out=args.out,
         threads=args.threads, names=args.names, trust_remote_code=args.trust_remote_code,
-        generation={k: str(v) for k, v in _kv(args.generation, "--generation").items()},
+        generation={k: str(v) for k, v in _kv(args.generation, "--generation").items()}, kernels=args.kernels,
     )
     res = run_bench(job, progress=not args.quiet)
     res.pop("result")

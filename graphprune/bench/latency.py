@@ -22,9 +22,11 @@ per-repeat ratios are paired. Every record carries the median and the spread
 target (``baseline time / target time``; > 1 means faster than the baseline).
 
 Runtimes: ``eager`` (the nn.Module under ``torch.inference_mode``), ``torchscript``
-(a given file, else the module traced in memory) and ``onnxruntime``
+(a given file, else the module traced in memory), ``onnxruntime``
 (CPUExecutionProvider, spin-waiting off; a given file, else exported to a temporary file,
-unchecked). ``ttft`` and ``decode`` cases run generation exports
+unchecked) and ``compile`` (ttft and decode only: the KV-cache step compiled by
+``torch.compile``, see :class:`~graphprune.exporters.runners.CompiledRunner`; its
+compilation happens in the warm-up runs). ``ttft`` and ``decode`` cases run generation exports
 (:mod:`graphprune.exporters.generation`): a given folder, else one made in a temporary folder.
 """
 
@@ -47,7 +49,10 @@ from tqdm.auto import tqdm
 
 from graphprune.errors import ConfigError
 
-RUNTIMES = ("eager", "torchscript", "onnxruntime")
+#: every runtime; ``compile`` (torch.compile, inductor) times the ttft and decode cases only.
+RUNTIMES = ("eager", "torchscript", "onnxruntime", "compile")
+#: what a bench runs when not told: the runtimes that need no compilation.
+DEFAULT_RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
 
 CaseKind = Literal["forward", "ttft", "decode"]
@@ -309,10 +314,15 @@ def _generation_runner(
     from graphprune.exporters.runners import Runner as StepRunner
 
     runner: StepRunner
-    if runtime == "eager":
+    if runtime in ("eager", "compile"):
         if target.model is None:
-            raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
-        runner = EagerRunner(target.model)
+            raise ConfigError(f"runtime {runtime!r} needs a model for target {target.name!r}.")
+        if runtime == "compile":
+            from graphprune.exporters.runners import CompiledRunner
+
+            runner = CompiledRunner(target.model)
+        else:
+            runner = EagerRunner(target.model)
     else:
         folder = target.generation.get(runtime)
         files["generation"] = folder
@@ -336,10 +346,13 @@ def _generation_runner(
 
 def _check_available(target: BenchTarget, runtime: str, cases: Sequence[Case]) -> None:
     """Fail before any timing when a target cannot run a case in a runtime."""
+    if runtime == "compile" and any(c.kind == "forward" for c in cases):
+        forward = sorted(c.name for c in cases if c.kind == "forward")
+        raise ConfigError(f"runtime 'compile' times the ttft and decode cases only; drop {forward} or time them in another runtime.")
     if target.model is not None:
         return
-    if runtime == "eager":
-        raise ConfigError(f"runtime 'eager' needs a model for target {target.name!r}.")
+    if runtime in ("eager", "compile"):
+        raise ConfigError(f"runtime {runtime!r} needs a model for target {target.name!r}.")
     if any(c.kind != "forward" for c in cases) and runtime not in target.generation:
         raise ConfigError(f"target {target.name!r} has neither a generation export for {runtime} nor a model to export.")
     if any(c.kind == "forward" for c in cases):
@@ -392,7 +405,7 @@ def _seconds(run: Runner, ids: Tensor) -> float:
 
 def bench_latency(
     targets: Iterable[BenchTarget] | Mapping[str, nn.Module],
-    runtimes: Sequence[str] = RUNTIMES,
+    runtimes: Sequence[str] = DEFAULT_RUNTIMES,
     cases: Sequence[Case] = PROTOCOL_CASES,
     *,
     repeats: int = 20,
@@ -407,7 +420,7 @@ def bench_latency(
 
     Args:
         targets: :class:`BenchTarget` list, or ``{name: model}``.
-        runtimes: any of ``"eager"``, ``"torchscript"``, ``"onnxruntime"``.
+        runtimes: any of ``"eager"``, ``"torchscript"``, ``"onnxruntime"``, ``"compile"``.
         cases: what to time; default every protocol case (forward, ttft and decode).
         repeats: timed runs per (target, runtime, case).
         warmup: untimed runs before them.

@@ -18,7 +18,8 @@ from torch import nn
 
 from graphprune import fileio
 from graphprune.errors import ExportError
-from graphprune.kernels import kernels_lowered
+from graphprune.kernels import has_kernels, kernels_lowered
+from graphprune.kernels.regime import plan_of, write_plan
 from graphprune.models.shapes import SHAPES_FILE, write_shapes
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,9 @@ def save_hf_folder(
 
     Sparse kernels (``graphprune.kernels``) are lowered to ``nn.Linear`` while saving, so
     the folder holds plain dense weights (zeros where pruned) that ``transformers`` loads
-    unchanged; the model keeps its kernels afterwards.
+    unchanged; the model keeps its kernels afterwards, and the choice of kernels is written
+    as ``graphprune_kernels.json`` (:mod:`graphprune.kernels.regime`), which graphprune
+    re-applies when it runs the folder for generation.
 
     Args:
         model: the model; its weights are what the pipeline pruned.
@@ -80,6 +83,8 @@ def save_hf_folder(
             cast(Any, lowered).save_pretrained(tmp, safe_serialization=True)  # a transformers model (checked above)
             if write_shapes(tmp, lowered):
                 log.info("%s: some layers' widths differ from the config; wrote %s (graphprune loads the folder)", out, SHAPES_FILE)
+        if has_kernels(model):  # the kernel choice, re-applied when graphprune loads the folder for generation
+            write_plan(tmp, plan_of(model))
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(tmp)
         if extra is not None:

@@ -9,7 +9,8 @@ decode the Linear is bound by the bytes of its weight, so bytes are time.
 
 The kernel is the custom operator ``graphprune::packed_linear``, built from source with
 ``torch.utils.cpp_extension.load`` on first use (``-O3 -march=native``: AVX-512 expand
-loads where the CPU has them, a scalar loop otherwise) into
+loads where the CPU has them, AVX2 table-driven permutes where it has AVX2, a scalar
+loop otherwise; :func:`native_isa` says which) into
 ``~/.cache/graphprune/ext/<torch version>-<cpu>`` and loaded once per process. When the
 build or load fails (no compiler, no headers, ...) one warning names the cause,
 :func:`packed_available` is False, :func:`packed_unavailable_reason` says why and
@@ -152,6 +153,11 @@ def packed_unavailable_reason() -> str | None:
 def has_avx512() -> bool:
     """Whether the loaded kernel was compiled with its AVX-512 path (False when not loaded)."""
     return load_native() and bool(torch.ops.graphprune.packed_has_avx512())
+
+
+def native_isa() -> str | None:
+    """The vector path of the loaded kernel (``"avx512"``, ``"avx2"`` or ``"scalar"``), None when not loaded."""
+    return str(torch.ops.graphprune.packed_isa()) if load_native() else None
 
 
 def _register_fake() -> None:

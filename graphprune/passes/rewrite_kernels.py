@@ -37,7 +37,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections import Counter
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ from tqdm.auto import tqdm
 from graphprune.errors import ConfigError
 from graphprune.graph.model import GraphModel
 from graphprune.graph.queries import LinearInfo
-from graphprune.kernels import KernelLinear, KernelReport, select_kernel
+from graphprune.kernels import KernelLinear
+from graphprune.kernels.regime import DECODE_TOKENS, PREFILL_TOKENS, choose_regime_kernel
 from graphprune.kernels.select import Timer
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 
@@ -92,10 +93,11 @@ class RewriteKernelsPass(Pass):
     def __init__(
         self,
         device: str | torch.device = "cpu",
-        tokens: int = 128,
+        tokens: int | Sequence[int] = DECODE_TOKENS + PREFILL_TOKENS,
         dtype: torch.dtype | None = None,
         candidates: Iterable[str] | None = None,
         *,
+        max_decode_tokens: int = max(DECODE_TOKENS),
         repeats: int = 20,
         warmup: int = 3,
         min_speedup: float = 1.05,
@@ -103,10 +105,14 @@ class RewriteKernelsPass(Pass):
         include: Iterable[str] = ("*",),
         confirm: bool = True,
     ) -> None:
-        if tokens < 1:
-            raise ConfigError(f"RewriteKernelsPass needs tokens >= 1, got {tokens}.")
+        counts = (tokens,) if isinstance(tokens, int) else tuple(int(t) for t in tokens)
+        if not counts or any(t < 1 for t in counts):
+            raise ConfigError(f"RewriteKernelsPass needs token counts >= 1, got {tokens}.")
+        if max_decode_tokens < 1:
+            raise ConfigError(f"RewriteKernelsPass needs max_decode_tokens >= 1, got {max_decode_tokens}.")
         self.device = torch.device(device)
-        self.tokens = int(tokens)
+        self.decode_tokens = tuple(sorted({t for t in counts if t <= max_decode_tokens}))
+        self.prefill_tokens = tuple(sorted({t for t in counts if t > max_decode_tokens}))
         self.dtype = dtype
         self.candidates = None if candidates is None else tuple(candidates)
         self.repeats = repeats
@@ -126,31 +132,31 @@ class RewriteKernelsPass(Pass):
             if name in by_name and any(fnmatch.fnmatchcase(name, p) for p in self.include)
         ]
         choices: Counter[str] = Counter()
-        seconds_dense = seconds_chosen = 0.0
+        counts = self.decode_tokens + self.prefill_tokens
+        seconds_dense = dict.fromkeys(counts, 0.0)
+        seconds_chosen = dict.fromkeys(counts, 0.0)
         for li in tqdm(todo, desc="kernels", unit="linear", disable=not ctx.progress):
-            module, report = self._select(gm, li)
-            entry = report.to_dict() | {"target": None, "rewritten": False}
-            if report.choice != "dense" and self.confirm:
-                # A sparse win is rare and one stall of a loaded machine during the dense runs
-                # fakes one: measure dense and the winner again and keep the win only if it repeats.
-                module, again = self._select(gm, li, candidates=(report.choice,))
-                entry["confirm_times"] = again.times
-                if again.choice != report.choice:
-                    entry["choice"], entry["kept_dense_because"] = "dense", f"{report.choice} did not win again when re-measured"
-                    report = again
+            module, entry = self._select(gm, li)
+            entry |= {"choice": _choice(entry), "target": None, "rewritten": False}
+            lost = [r for r, c in entry.get("confirm", {}).items() if not c["won_again"]]
+            if lost:
+                entry["kept_dense_because"] = ", ".join(f"{entry['confirm'][r]['kind']} ({r}) did not win again when re-measured" for r in lost)
             if entry["choice"] != "dense":
                 reason = self._blocker(gm, li)
                 if reason is None:
                     entry["target"] = self._rewrite(gm, li, module)
                     entry["rewritten"] = True
                 else:
-                    log.warning("%s: keeping dense although %s is faster: %s", li.name, report.choice, reason)
-                    entry["choice"], entry["kept_dense_because"] = "dense", reason
+                    log.warning("%s: keeping dense although %s is faster: %s", li.name, entry["choice"], reason)
+                    entry["kept_dense_because"] = reason
+                    entry["decode"] = entry["prefill"] = entry["choice"] = "dense"
             done[li.name] = entry
             choices[entry["choice"]] += 1
-            seconds_dense += report.times["dense"]
-            seconds_chosen += report.times[entry["choice"]]
-            log.info("%s %s: %s (%s)", li.name, report.shape, entry["choice"], _fmt_times(report))
+            for t in counts:
+                times = entry["times"][str(t)]
+                seconds_dense[t] += times["dense"]
+                seconds_chosen[t] += times[entry["decode" if t in self.decode_tokens else "prefill"]]
+            log.info("%s %s: %s (%s)", li.name, entry["shape"], entry["choice"], _fmt_times(entry))
         rewritten = sum(1 for li in todo if done[li.name]["rewritten"])
         if rewritten:
             gm.lint()
@@ -159,18 +165,17 @@ class RewriteKernelsPass(Pass):
             "linears": len(todo),
             "rewritten": rewritten,
             "choices": dict(choices),
-            "tokens": self.tokens,
+            "decode_tokens": list(self.decode_tokens),
+            "prefill_tokens": list(self.prefill_tokens),
             "device": str(self.device),
-            # sum over Linears of the per-Linear medians: the Linears' share of one forward
-            "linear_seconds_dense": seconds_dense,
-            "linear_seconds_chosen": seconds_chosen,
+            # per token count, the sum over Linears of the per-Linear medians: the Linears' share of one forward
+            "linear_seconds_dense": {str(t): v for t, v in seconds_dense.items()},
+            "linear_seconds_chosen": {str(t): v for t, v in seconds_chosen.items()},
         }
         return PassResult(gm, modified=rewritten > 0, stats=stats)
 
     # ------------------------------------------------------------------ steps
-    def _select(
-        self, gm: GraphModel, li: LinearInfo, candidates: Iterable[str] | None = None
-    ) -> tuple[KernelLinear, KernelReport]:
+    def _select(self, gm: GraphModel, li: LinearInfo) -> tuple[KernelLinear, dict[str, Any]]:
         weight = gm.get_attr(li.weight)
         bias = gm.get_attr(li.bias) if li.bias else None
         if weight.device.type != self.device.type:
@@ -183,17 +188,17 @@ class RewriteKernelsPass(Pass):
                 f"{li.name}: the weight is {weight.dtype} but kernels are asked for {self.dtype}; "
                 "cast the model to that dtype before capture (the graph feeds kernels its own activations)."
             )
-        return select_kernel(
+        return choose_regime_kernel(
             weight.detach(),
             None if bias is None else bias.detach(),
-            tokens=self.tokens,
-            device=self.device,
-            dtype=weight.dtype,
-            candidates=self.candidates if candidates is None else candidates,
+            decode_tokens=self.decode_tokens,
+            prefill_tokens=self.prefill_tokens,
+            candidates=self.candidates,
             repeats=self.repeats,
             warmup=self.warmup,
             min_speedup=self.min_speedup,
             timer=self.timer,
+            confirm=self.confirm,
         )
 
     def _blocker(self, gm: GraphModel, li: LinearInfo) -> str | None:
@@ -241,8 +246,15 @@ def _attr_nodes(linear: Node) -> list[Node]:
     return [a for a in linear.args[1:3] if isinstance(a, Node) and a.op == "get_attr"]
 
 
-def _fmt_times(report: KernelReport) -> str:
-    return ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in report.times.items())
+def _choice(entry: dict[str, Any]) -> str:
+    """One kind, or ``"<decode kind>+<prefill kind>"`` when the regimes chose differently."""
+    return entry["decode"] if entry["decode"] == entry["prefill"] else f"{entry['decode']}+{entry['prefill']}"
+
+
+def _fmt_times(entry: dict[str, Any]) -> str:
+    return "; ".join(
+        f"{t} tokens: " + ", ".join(f"{k} {v * 1e6:.0f}us" for k, v in times.items()) for t, times in entry["times"].items()
+    )
 
 
 def kernel_summary(gm: GraphModel) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from graphprune.bench.report import write_plot
 from graphprune.errors import ConfigError, ExportError
 from graphprune.fileio import publish, staging_dir, write_text
 from graphprune.kernels import KernelLinear
+from graphprune.kernels.regime import kernels_for
 from graphprune.models import LoadedModel, load_model
 from graphprune.pipeline.jobs import BenchJob, ExportJob
 
@@ -257,6 +258,11 @@ def _given_generation(job: BenchJob, label: str) -> dict[str, str | Path]:
     return {runtime: folder}
 
 
+def _kernel_line(target: dict[str, Any]) -> dict[str, Any]:
+    kernels = target.get("kernels")
+    return {} if kernels is None else {"kernels": {k: v for k, v in kernels.items() if k != "report"}}
+
+
 def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
     """Load every target, time them side by side, write the report files; return the summary."""
     cases = job.validate()
@@ -269,6 +275,10 @@ def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
         info.append(
             {"name": label, "source": spec, "parameters": sum(p.numel() for p in lm.model.parameters()), **linear_sparsity(lm.model)}
         )
+        if set(job.runtimes) != {"onnxruntime"}:  # onnxruntime runs ONNX files, which hold dense weights
+            kernels = kernels_for(lm.model, spec, job.kernels, progress=progress)
+            info[-1]["kernels"] = kernels
+            log.info("%s: kernels %s (%s)", label, kernels["choices"] or "all dense", kernels["source"])
     vocab = {getattr(lm.config, "vocab_size", None) for lm in loaded}
     if len(vocab) != 1:
         raise ConfigError(f"the models have different vocabularies {sorted(map(str, vocab))}; compare models of one family.")
@@ -288,7 +298,7 @@ def run_bench(job: BenchJob, progress: bool = True) -> dict[str, Any]:
     result.machine["load_average"] = load
     summary = {
         "baseline": result.baseline,
-        "targets": info,
+        "targets": [{k: v for k, v in t.items() if k != "kernels"} | _kernel_line(t) for t in info],
         "seconds": round(time.perf_counter() - t0, 2),
         "table": summary_table(result),
         "files": {},

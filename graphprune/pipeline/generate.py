@@ -24,7 +24,8 @@ import torch
 
 from graphprune.errors import ConfigError
 from graphprune.exporters.generation import DESCRIPTION, export_generation, read_description
-from graphprune.exporters.runners import EagerRunner, Runner, generate, left_padded, load_runner
+from graphprune.exporters.runners import CompiledRunner, EagerRunner, Runner, generate, left_padded, load_runner
+from graphprune.kernels.regime import kernels_for
 from graphprune.models import load_model
 from graphprune.models.loader import load_tokenizer
 from graphprune.pipeline.jobs import GenerateJob
@@ -93,7 +94,12 @@ def _open(job: GenerateJob, tmp: Path) -> tuple[Runner, Any, str, str]:
             raise ConfigError(f"{folder} is a {desc['format']} export and runs in {runtime}; drop --runtime or give --runtime {runtime}.")
         return load_runner(folder, job.threads), load_tokenizer(folder), folder.name, runtime
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
-    if job.runtime == "eager":
+    if job.runtime in ("eager", "compile"):
+        kernels = kernels_for(loaded.model, folder, job.kernels, progress=False)
+        log.info("%s: kernels %s (%s)", loaded.name, kernels["choices"] or "all dense", kernels["source"])
+        if job.runtime == "compile":
+            log.info("compiling the decode step with torch.compile (minutes on the first run) ...")
+            return CompiledRunner(loaded.model), loaded.tokenizer, loaded.name, "compile"
         return EagerRunner(loaded.model), loaded.tokenizer, loaded.name, "eager"
     fmt = "onnx" if job.runtime == "onnxruntime" else "torchscript"
     log.info("exporting %s to %s for generation (a temporary file) ...", loaded.name, fmt)

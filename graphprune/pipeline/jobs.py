@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from graphprune.bench.latency import CASE_GROUPS, RUNTIMES, Case
+from graphprune.bench.latency import CASE_GROUPS, DEFAULT_RUNTIMES, RUNTIMES, Case
 from graphprune.errors import ConfigError, ExportError, ModelLoadError
+from graphprune.kernels.regime import KERNEL_MODES
 from graphprune.models import DEFAULT_MODEL
 from graphprune.models.tiny import TINY_MODELS
 from graphprune.solvers import SparsitySpec
@@ -203,10 +204,14 @@ class GenerateJob:
     seed: int = 0
     threads: int | None = None
     trust_remote_code: bool = False
+    #: sparse kernels for eager / compile runs: ``auto`` (the folder's saved plan, else measured), ``measure``, ``off``
+    kernels: str = "auto"
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
             raise ConfigError(f"unknown runtime {self.runtime!r}; choose from {list(RUNTIMES)}.")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"unknown --kernels {self.kernels!r}; choose from {list(KERNEL_MODES)}.")
         if not self.prompts or any(not p for p in self.prompts):
             raise ConfigError("give a non-empty --prompt (repeat it for a batch).")
         if self.max_new_tokens < 1:
@@ -243,7 +248,7 @@ class BenchJob:
     """Everything ``graphprune bench`` needs; the first target is the baseline."""
 
     targets: Sequence[str]
-    runtimes: Sequence[str] = RUNTIMES
+    runtimes: Sequence[str] = DEFAULT_RUNTIMES
     cases: Sequence[str] = DEFAULT_CASES
     repeats: int = 10
     warmup: int = 2
@@ -255,10 +260,15 @@ class BenchJob:
     extra: dict[str, Any] = field(default_factory=dict)
     #: generation export folders to time instead of exporting, by target label
     generation: dict[str, str] = field(default_factory=dict)
+    #: sparse kernels of pruned models (``auto``: a folder's saved plan for this machine, else measured; ``measure``; ``off``);
+    #: ONNX files are exported with them lowered to dense
+    kernels: str = "auto"
 
     def validate(self) -> list[Case]:
         if not self.targets:
             raise ConfigError("bench needs at least one model (the first is the baseline).")
+        if self.kernels not in KERNEL_MODES:
+            raise ConfigError(f"unknown --kernels {self.kernels!r}; choose from {list(KERNEL_MODES)}.")
         unknown = [r for r in self.runtimes if r not in RUNTIMES]
         if unknown:
             raise ConfigError(f"unknown runtime(s) {unknown}; choose from {list(RUNTIMES)}.")

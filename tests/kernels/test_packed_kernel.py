@@ -218,18 +218,32 @@ def test_failed_build_reports_unavailable(tmp_path: Path) -> None:
     assert done.stderr.count("runs these layers dense") == 1, done.stderr
 
 
+def _cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag} " in Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
 @pytest.mark.slow
 @native
-def test_scalar_fallback_build(tmp_path: Path) -> None:
-    """The portable (non-AVX-512) path, built separately in a fresh process (~20 s)."""
+@pytest.mark.parametrize(
+    ("isa", "flags"),
+    [
+        pytest.param("avx2", ["-O2", "-mavx2", "-mfma", "-mno-avx512f"], marks=pytest.mark.skipif(not _cpu_has("avx2"), reason="the CPU has no AVX2")),
+        ("scalar", ["-O2", "-mno-avx2", "-mno-avx512f"]),
+    ],
+)
+def test_other_vector_paths_build(tmp_path: Path, isa: str, flags: list[str]) -> None:
+    """The AVX2 and the portable paths, each built separately in a fresh process (~20 s each)."""
     code = f"""
         import torch, torch.nn.functional as F
         from torch.utils import cpp_extension
         from graphprune.kernels.packed import SOURCE, pack_weight
-        cpp_extension.load(name="graphprune_packed_scalar", sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O2", "-mno-avx512f", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        cpp_extension.load(name="graphprune_packed_{isa}", sources=[str(SOURCE)], is_python_module=False,
+                           extra_cflags={flags + ["-fopenmp"]!r}, extra_ldflags=["-fopenmp"],
                            build_directory={str(tmp_path)!r})
-        assert not torch.ops.graphprune.packed_has_avx512()
+        assert torch.ops.graphprune.packed_isa() == {isa!r}, torch.ops.graphprune.packed_isa()
         gen = torch.Generator().manual_seed(0)
         for out, inp in [(7, 37), (64, 100), (5, 576)]:
             for p in (0.0, 0.5, 1.0):

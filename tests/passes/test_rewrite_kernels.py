@@ -80,10 +80,12 @@ def test_forced_csr_rewrites_every_pruned_linear(tiny_gm, tokens) -> None:
     meta = gm.state.kernels
     assert set(meta) == pruned
     entry = next(iter(meta.values()))
-    assert entry["choice"] == "csr" and entry["rewritten"] and entry["times"] == {"dense": 2.0, "csr": 1.0}
-    assert entry["tokens"] == 16 and entry["sparsity"] == pytest.approx(0.5, abs=0.02)
+    assert entry["choice"] == "csr" and entry["rewritten"]
+    assert entry["times"]["16"]["dense"] == 2.0 and entry["times"]["16"]["csr"] == 1.0 and set(entry["times"]) == {"16"}
+    assert entry["decode"] == entry["prefill"] == "csr" and entry["sparsity"] == pytest.approx(0.5, abs=0.02)
     stats = manager.report()[0]
     assert stats["rewritten"] == len(pruned) and stats["choices"] == {"csr": len(pruned)}
+    assert stats["prefill_tokens"] == [16] and stats["decode_tokens"] == []
     assert Prop.KERNELS in gm.props
     assert kernel_summary(gm)["choices"] == {"csr": len(pruned)}
 
@@ -116,7 +118,7 @@ def test_a_sparse_win_that_does_not_repeat_keeps_dense(tiny_gm) -> None:
     result = RewriteKernelsPass(tokens=8, timer=flaky).run(gm, PassContext(progress=False))
     assert not result.modified and result.stats["choices"] == {"dense": len(gm.state.masks)}
     entry = next(iter(gm.state.kernels.values()))
-    assert entry["times"]["csr"] < entry["times"]["dense"] and "did not win again" in entry["kept_dense_because"]
+    assert entry["times"]["8"]["csr"] < entry["times"]["8"]["dense"] and "did not win again" in entry["kept_dense_because"]
 
 
 @pytest.mark.parametrize("tiny_name", ["tiny-llama"])
@@ -156,3 +158,38 @@ def test_lowering_gives_back_plain_linears(tiny_gm, tokens) -> None:
     with kernels_lowered(gm.model) as lowered:
         assert not any(isinstance(m, KernelLinear) for m in lowered.modules())
     assert not any(isinstance(m, DenseLinear) for m in gm.model.modules())
+
+
+def by_rows(decode_winner: str, max_rows: int = 8):
+    """Fake timer: ``decode_winner`` is fastest on up to ``max_rows`` input rows, dense above."""
+
+    def timer(module: KernelLinear, x: torch.Tensor, *, repeats: int, warmup: int) -> float:
+        winner = decode_winner if x.shape[0] <= max_rows else "dense"
+        return 1.0 if module.kind == winner else 3.0
+
+    return timer
+
+
+@pytest.mark.parametrize("tiny_name", ["tiny-llama"])
+def test_decode_and_prefill_kernels_for_one_weight(tiny_gm, tokens, tmp_path) -> None:
+    from graphprune.kernels.regime import RegimeLinear, plan_of, read_plan
+
+    gm = magnitude_prune(tiny_gm)
+    before = gm(tokens)
+    result = RewriteKernelsPass(tokens=(1, 8, 128), candidates=["csr"], timer=by_rows("csr")).run(gm, PassContext(progress=False))
+    pruned = len(gm.state.masks)
+    assert result.stats["choices"] == {"csr+dense": pruned} and result.stats["rewritten"] == pruned
+    assert result.stats["decode_tokens"] == [1, 8] and result.stats["prefill_tokens"] == [128]
+    assert result.stats["linear_seconds_chosen"]["1"] * 3 == result.stats["linear_seconds_dense"]["1"]
+    assert result.stats["linear_seconds_chosen"]["128"] == result.stats["linear_seconds_dense"]["128"]
+    kernels = [gm.gm.get_submodule(n.target) for n in kernel_nodes(gm)]
+    assert len(kernels) == pruned and all(isinstance(k, RegimeLinear) for k in kernels)
+    assert isinstance(gm.model.model.layers[0].mlp.down_proj, RegimeLinear)
+    torch.testing.assert_close(gm(tokens), before, atol=1e-5, rtol=1e-5)  # 32 rows: the dense prefill kernel
+    torch.testing.assert_close(gm(tokens[:1, :4]), before[:1, :4], atol=1e-5, rtol=1e-5)  # 4 rows: CSR
+    assert set(plan_of(gm.model)["linears"]) == set(gm.state.masks)
+    save_hf_folder(gm.model, None, tmp_path / "folder")
+    assert read_plan(tmp_path / "folder")["linears"] == plan_of(gm.model)["linears"]
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folder").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, before, atol=1e-5, rtol=1e-5)

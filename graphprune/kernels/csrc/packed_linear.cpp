@@ -16,8 +16,13 @@
 // with the 16 consecutive inputs of that token. The weights are read once per call for up
 // to 8 tokens (the accumulators of 8 tokens x 2 chunks stay in registers); larger token
 // counts are processed in blocks of 8, which re-reads the weights per block (correct,
-// but a dense GEMM is the better kernel there). Without AVX-512 a scalar loop walks the
-// set bits. Rows are split between threads with at::parallel_for.
+// but a dense GEMM is the better kernel there). With AVX2 only (no expand loads), each
+// 8-bit chunk of a word loads the next 8 packed values and spreads the first
+// popcount(chunk) of them into the lanes of the set bits with one permute
+// (_mm256_permutevar8x32_ps) whose lane indices, and the lanes to keep, come from two
+// 256-entry tables indexed by the chunk; near the end of the values the load is masked so
+// it never reads past them. Without either, a scalar loop walks the set bits. Rows are
+// split between threads with at::parallel_for.
 //
 // Unlike a dense row, the address of each value load depends on the popcounts of the mask
 // read just before, so out-of-order execution cannot run far ahead of a cache miss and one
@@ -32,9 +37,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -126,6 +132,117 @@ void rows_avx512(const Packed& p, const float* x, float* y, int64_t r0, int64_t 
 
 #endif  // __AVX512F__
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define GRAPHPRUNE_AVX2 1
+
+// For each 8-bit chunk k: idx[k][j] = rank of bit j among the set bits of k (which packed
+// value lane j takes), keep[k][j] = all ones when bit j is set, else zero.
+struct ExpandTable {
+  alignas(32) int32_t idx[256][8];
+  alignas(32) int32_t keep[256][8];
+};
+
+const ExpandTable& expand_table() {
+  static const ExpandTable table = [] {
+    ExpandTable t{};
+    for (int k = 0; k < 256; ++k) {
+      int rank = 0;
+      for (int j = 0; j < 8; ++j) {
+        const bool set = (k >> j) & 1;
+        t.idx[k][j] = set ? rank++ : 0;
+        t.keep[k][j] = set ? -1 : 0;
+      }
+    }
+    return t;
+  }();
+  return table;
+}
+
+// lanes [0, n) all ones, the rest zero (n in 0..8)
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// The next popcount(k) values of v spread into the lanes of the set bits of k, zeros
+// elsewhere; never reads at or past `end`.
+inline __m256 expand8(const ExpandTable& t, uint32_t k, const float* v, const float* end) {
+  const __m256 raw = (end - v >= 8) ? _mm256_loadu_ps(v) : _mm256_maskload_ps(v, first_lanes(end - v));
+  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[k]));
+  const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[k])));
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, idx), keep);
+}
+
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int T>
+void rows_avx2(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1) {
+  const ExpandTable& table = expand_table();
+  const float* end = p.values + p.offsets[p.out];
+  const int64_t full_words = p.in / 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float b = p.bias ? p.bias[r] : 0.0f;
+    const int64_t begin = p.offsets[r];
+    if (p.offsets[r + 1] == begin) {
+      for (int t = 0; t < T; ++t) y[t * p.out + r] = b;
+      continue;
+    }
+    const uint32_t* m = p.mask + r * p.words;
+    const float* v = p.values + begin;
+    if (r + kPrefetchMaskRows < p.out) {
+      _mm_prefetch(reinterpret_cast<const char*>(m + kPrefetchMaskRows * p.words), _MM_HINT_T0);
+    }
+    // two accumulator sets (even / odd chunks): two independent FMA chains per token, in registers
+    __m256 even[T], odd[T];
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) {
+      even[t] = _mm256_setzero_ps();
+      odd[t] = _mm256_setzero_ps();
+    }
+    for (int64_t w = 0; w < full_words; ++w) {
+      const uint32_t bits = m[w];
+      _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchFloats), _MM_HINT_T0);
+      // each chunk's start from independent popcounts: the only serial dependency between
+      // words is v += popcount(bits)
+      const __m256 w0 = expand8(table, bits & 0xFFu, v, end);
+      const __m256 w1 = expand8(table, (bits >> 8) & 0xFFu, v + __builtin_popcount(bits & 0xFFu), end);
+      const __m256 w2 = expand8(table, (bits >> 16) & 0xFFu, v + __builtin_popcount(bits & 0xFFFFu), end);
+      const __m256 w3 = expand8(table, bits >> 24, v + __builtin_popcount(bits & 0xFFFFFFu), end);
+      v += __builtin_popcount(bits);
+      const float* xc = x + w * 32;
+#pragma GCC unroll 8
+      for (int t = 0; t < T; ++t) {
+        const float* xt = xc + t * p.in;
+        even[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xt), even[t]);
+        odd[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xt + 8), odd[t]);
+        even[t] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xt + 16), even[t]);
+        odd[t] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xt + 24), odd[t]);
+      }
+    }
+    if (full_words < p.words) {  // last, partial word: masked input loads, no bits past `in`
+      const int64_t base = full_words * 32;
+      const uint32_t bits = m[full_words];
+      for (int c = 0; c < 4 && base + 8 * c < p.in; ++c) {
+        const uint32_t k = (bits >> (8 * c)) & 0xFFu;
+        const __m256 wv = expand8(table, k, v, end);
+        v += __builtin_popcount(k);
+        const __m256i lanes = first_lanes(std::min<int64_t>(8, p.in - base - 8 * c));
+        for (int t = 0; t < T; ++t) {
+          even[t] = _mm256_fmadd_ps(wv, _mm256_maskload_ps(x + t * p.in + base + 8 * c, lanes), even[t]);
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int t = 0; t < T; ++t) y[t * p.out + r] = b + hsum(_mm256_add_ps(even[t], odd[t]));
+  }
+}
+
+#endif  // AVX2
+
 // Portable path: walk the set bits of each word. Any T up to kMaxTokens.
 void rows_scalar(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1, int64_t T) {
   float acc[kMaxTokens];
@@ -159,6 +276,18 @@ void rows(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1, int
     case 6: return rows_avx512<6>(p, x, y, r0, r1);
     case 7: return rows_avx512<7>(p, x, y, r0, r1);
     case 8: return rows_avx512<8>(p, x, y, r0, r1);
+    default: break;
+  }
+#elif defined(GRAPHPRUNE_AVX2)
+  switch (T) {
+    case 1: return rows_avx2<1>(p, x, y, r0, r1);
+    case 2: return rows_avx2<2>(p, x, y, r0, r1);
+    case 3: return rows_avx2<3>(p, x, y, r0, r1);
+    case 4: return rows_avx2<4>(p, x, y, r0, r1);
+    case 5: return rows_avx2<5>(p, x, y, r0, r1);
+    case 6: return rows_avx2<6>(p, x, y, r0, r1);
+    case 7: return rows_avx2<7>(p, x, y, r0, r1);
+    case 8: return rows_avx2<8>(p, x, y, r0, r1);
     default: break;
   }
 #endif
@@ -237,12 +366,24 @@ bool packed_has_avx512() {
 #endif
 }
 
+// The vector path this build uses: "avx512", "avx2" or "scalar".
+std::string packed_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(GRAPHPRUNE_AVX2)
+  return "avx2";
+#else
+  return "scalar";
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(graphprune, m) {
   m.set_python_module("graphprune.kernels.packed");
   m.def("packed_linear(Tensor x, Tensor mask, Tensor offsets, Tensor values, Tensor? bias, int out_features) -> Tensor");
   m.def("packed_has_avx512() -> bool", &packed_has_avx512);
+  m.def("packed_isa() -> str", &packed_isa);
 }
 
 TORCH_LIBRARY_IMPL(graphprune, CPU, m) {
