@@ -121,7 +121,8 @@ def kernel_choice(model: torch.nn.Module, tokens: int) -> tuple[dict[str, Any], 
         agg = per_kind.setdefault(name.rsplit(".", 1)[-1], {"linears": 0, "csr_chosen": 0, "ratios": []})
         agg["linears"] += 1
         agg["csr_chosen"] += int(entry["choice"] == "csr")
-        agg["ratios"].append(entry["times"].get("csr", float("nan")) / entry["times"]["dense"])
+        times = entry["times"][str(tokens)]
+        agg["ratios"].append(times.get("csr", float("nan")) / times["dense"])
     for agg in per_kind.values():
         agg["median_csr_over_dense"] = statistics.median(agg["ratios"])
     stats["per_linear_kind"] = per_kind
@@ -214,13 +215,18 @@ def files_table(targets: dict[str, dict[str, Any]]) -> str:
 
 
 def kernels_section(stats: dict[str, Any], name: str) -> str:
+    tokens = (stats.get("prefill_tokens") or [None])[0] or stats.get("tokens")
+    dense = stats["linear_seconds_dense"]
+    chosen = stats["linear_seconds_chosen"]
+    if isinstance(dense, dict):  # per token count
+        dense, chosen = dense[str(tokens)], chosen[str(tokens)]
     lines = [
-        f"`RewriteKernelsPass(tokens={stats['tokens']})` on {name} measured dense vs CSR for each of its "
-        f"{stats['linears']} pruned Linears (`x [{stats['tokens']}, in]`, median of 20 runs, a sparse win re-measured "
+        f"`RewriteKernelsPass(tokens={tokens})` on {name} measured dense vs CSR for each of its "
+        f"{stats['linears']} pruned Linears (`x [{tokens}, in]`, median of 20 runs, a sparse win re-measured "
         f"before it counts; BSR needs >= 50 % all-zero "
         f"blocks and 2:4 semi-structured needs CUDA, so neither applies here). Choices: {stats['choices']}; "
-        f"sum of per-Linear medians: dense {stats['linear_seconds_dense'] * 1e3:.1f} ms, chosen "
-        f"{stats['linear_seconds_chosen'] * 1e3:.1f} ms.",
+        f"sum of per-Linear medians: dense {dense * 1e3:.1f} ms, chosen "
+        f"{chosen * 1e3:.1f} ms.",
         "",
         "| Linear | count | CSR chosen | CSR time / dense time (median over layers) [min, max] |",
         "|---|---:|---:|---:|",

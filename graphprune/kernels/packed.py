@@ -170,6 +170,11 @@ def _register_fake() -> None:
         torch._check(x.shape[-1] <= mask.shape[1] * WORD_BITS)
         return x.new_empty((*x.shape[:-1], out_features))
 
+    @torch.library.register_fake("graphprune::dense_linear")
+    def _dense_linear_fake(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        torch._check(x.shape[-1] == weight.shape[1])
+        return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
     _state["fake"] = True
 
 
@@ -268,6 +273,42 @@ class PackedLinear(KernelLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, nnz={self.nnz}"
+
+
+class StreamLinear(KernelLinear):
+    """A dense weight streamed row by row by ``graphprune::dense_linear`` (FMA, rows split
+    between threads): for 1-8 tokens, where torch's float32 matmul reads the weight at a
+    fraction of the memory bandwidth on some CPUs. The weight is shared with the tensor it
+    is built from (no copy), so it can serve a weight tied to the embedding."""
+
+    kind = "stream"
+    weight: Tensor
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        check_weight(weight, bias)
+        reason = _reason(weight, weight.device, weight.dtype)
+        if reason:
+            raise KernelUnavailableError(f"StreamLinear: {reason}; keep this layer dense (DenseLinear).")
+        if bias is not None and bias.dtype != PACKED_DTYPE:
+            raise KernelUnavailableError(f"StreamLinear: the bias must be float32 like the weight, got {bias.dtype}.")
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+        self.register_buffer("weight", weight.detach().contiguous())
+
+    @classmethod
+    def unavailable_reason(cls, weight: Tensor, *, device: torch.device, dtype: torch.dtype) -> str | None:
+        return _reason(weight, device, dtype)
+
+    @classmethod
+    def from_linear(cls, weight: Tensor, bias: Tensor | None = None) -> StreamLinear:
+        return cls(weight, bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not torch.jit.is_tracing():
+            self._check_input(x)
+        return torch.ops.graphprune.dense_linear(x, self.weight, self.bias)
+
+    def dense_weight(self) -> Tensor:
+        return self.weight
 
 
 def _op_loaded() -> bool:

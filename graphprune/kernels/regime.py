@@ -288,6 +288,11 @@ def prunable_linears(model: nn.Module) -> list[str]:
     ]
 
 
+def all_linears(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` module, the LM head included."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+
+
 def kernelize(
     model: nn.Module,
     *,
@@ -330,15 +335,23 @@ KERNEL_MODES = ("auto", "measure", "off")
 
 
 def kernels_for(
-    model: nn.Module, folder: str | Path | None = None, mode: str = "auto", *, progress: bool = True, **measure: Any
+    model: nn.Module,
+    folder: str | Path | None = None,
+    mode: str = "auto",
+    *,
+    linears: str = "all",
+    progress: bool = True,
+    **measure: Any,
 ) -> dict[str, Any]:
     """Give a loaded model its kernels: the plan saved in ``folder`` or a new measurement.
 
     Args:
         model: the causal LM (rewritten in place).
         folder: the model folder it was loaded from (for its ``graphprune_kernels.json``), or None.
-        mode: ``auto`` (the saved plan when it was measured on this machine, else measure
-            when the model has pruned Linears), ``measure`` (always measure) or ``off``.
+        mode: ``auto`` (the saved plan when it was measured on this machine, else measure),
+            ``measure`` (always measure) or ``off``.
+        linears: which Linears to measure: ``all`` (dense ones and the LM head too: a dense
+            weight can run faster on a decode kernel as well) or ``pruned`` (those with zeros).
         progress: a progress bar while measuring.
         measure: keyword arguments of :func:`kernelize` (token counts, candidates, timer, ...).
 
@@ -348,16 +361,19 @@ def kernels_for(
     """
     if mode not in KERNEL_MODES:
         raise ConfigError(f"unknown kernels mode {mode!r}; choose from {list(KERNEL_MODES)}.")
+    if linears not in ("all", "pruned"):
+        raise ConfigError(f"linears must be 'all' or 'pruned', got {linears!r}.")
     if mode == "off":
         return {"source": "off", "rewritten": 0, "choices": {}}
     plan = read_plan(folder) if mode == "auto" and folder is not None and Path(folder).is_dir() else None
     out: dict[str, Any]
     if plan is not None:
         out = {"source": "plan", "rewritten": apply_plan(model, plan)}
-    elif not prunable_linears(model):
-        return {"source": "none", "rewritten": 0, "choices": {}}
     else:
-        measured = kernelize(model, progress=progress, **measure)
+        names = all_linears(model) if linears == "all" else prunable_linears(model)
+        if not names:
+            return {"source": "none", "rewritten": 0, "choices": {}}
+        measured = kernelize(model, names=names, progress=progress, **measure)
         out = {"source": "measured", "report": measured["report"]}
         out["rewritten"] = sum(1 for k in measured["linears"].values() if set(k.values()) != {"dense"})
     counts: dict[str, int] = {}

@@ -27,13 +27,13 @@ from torch import Tensor
 from graphprune.errors import ConfigError
 from graphprune.kernels.base import KernelLinear, KernelUnavailableError, check_weight
 from graphprune.kernels.dense import DenseLinear
-from graphprune.kernels.packed import PackedLinear
+from graphprune.kernels.packed import PackedLinear, StreamLinear
 from graphprune.kernels.semi_structured import SemiStructuredLinear
 from graphprune.kernels.sparse_cpu import BSRLinear, CSRLinear
 
 #: every kernel by ``kind``; ``dense`` first (it is the reference and the fallback).
 KERNELS: dict[str, type[KernelLinear]] = {
-    cls.kind: cls for cls in (DenseLinear, CSRLinear, BSRLinear, SemiStructuredLinear, PackedLinear)
+    cls.kind: cls for cls in (DenseLinear, CSRLinear, BSRLinear, SemiStructuredLinear, PackedLinear, StreamLinear)
 }
 
 Timer = Callable[..., "float | Sequence[float]"]
