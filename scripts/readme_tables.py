@@ -9,6 +9,8 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 * ``rotations``: rotations x solvers (``rotations.json``);
 * ``latency``: paired speed-ups per case and runtime (``latency.json``);
 * ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``);
+* ``decode_kernels``: cached decode on graphprune's kernels in ``torch.compile`` against dense
+  (``decode_kernels.json``);
 * ``shipped``: perplexity through the exported files, last-position prefill (``shipped.json``);
 * ``structured``: structured pruning (MLP channels) against slicing, perplexity and speed-ups
   (``structured.json``);
@@ -153,6 +155,32 @@ def decode() -> str:
     prov = data["provenance"]
     lines += ["", f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; machine, "
               "load average, file sizes, the greedy checks and every time in [benchmarks/results/decode.md](benchmarks/results/decode.md)."]
+    return "\n".join(lines)
+
+
+def decode_kernels() -> str:
+    data = _load("decode_kernels.json")
+    lines = [
+        "| model / runtime | tokens/s | vs dense onnxruntime | vs dense torch.compile | weight MB per step | logits vs dense eager |",
+        "|---|---:|---:|---:|---:|---|",
+    ]
+    models = data["models"]
+
+    def fmt(r: list[float]) -> str:
+        return f"{r[1]:.2f}x [{r[0]:.2f}, {r[2]:.2f}]"
+
+    for row in data["rows"]:
+        name, runtime = row["pair"].split(" / ")
+        m = models.get(name, {})
+        mb = f"{m['step_bytes'] / 1e6:.0f}" if "step_bytes" in m and runtime != "onnxruntime" else ""
+        chk = m.get("logits_check") if runtime.startswith("compile+") else None
+        check = f"max rel diff {chk['max_rel_diff']:.1e}{'' if chk['same_tokens'] else ' (tokens differ)'}" if chk else ""
+        lines.append(f"| {row['pair']} | {row['tokens_per_s']:.1f} | {fmt(row['vs dense / onnxruntime'])} | "
+                     f"{fmt(row['vs dense / compile'])} | {mb} | {check} |")
+    prov = data["provenance"]
+    lines += ["", f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}` ({data['native_isa']} "
+              "kernels); machine, load average, kernel choices and every time in "
+              "[benchmarks/results/decode_kernels.md](benchmarks/results/decode_kernels.md)."]
     return "\n".join(lines)
 
 

@@ -164,9 +164,17 @@ inline __m256i first_lanes(int64_t n) {
 }
 
 // The next popcount(k) values of v spread into the lanes of the set bits of k, zeros
-// elsewhere; never reads at or past `end`.
+// elsewhere. Near the end of the values (Tail) the load is masked so that it never reads
+// at or past `end`; elsewhere it is a plain load of 8 floats (a branch per chunk would cost
+// more than the load, since the compiler may evaluate both sides).
+template <bool Tail>
 inline __m256 expand8(const ExpandTable& t, uint32_t k, const float* v, const float* end) {
-  const __m256 raw = (end - v >= 8) ? _mm256_loadu_ps(v) : _mm256_maskload_ps(v, first_lanes(end - v));
+  __m256 raw;
+  if constexpr (Tail) {
+    raw = _mm256_maskload_ps(v, first_lanes(std::min<int64_t>(8, end - v)));
+  } else {
+    raw = _mm256_loadu_ps(v);
+  }
   const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[k]));
   const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[k])));
   return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, idx), keep);
@@ -179,17 +187,16 @@ inline float hsum(__m256 a) {
   return _mm_cvtss_f32(s);
 }
 
-template <int T>
-void rows_avx2(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1) {
-  const ExpandTable& table = expand_table();
-  const float* end = p.values + p.offsets[p.out];
+// One row; Tail when its 8-float loads could reach past the end of the values.
+template <int T, bool Tail>
+inline void row_avx2(const Packed& p, const ExpandTable& table, const float* end, const float* x, float* y, int64_t r) {
   const int64_t full_words = p.in / 32;
-  for (int64_t r = r0; r < r1; ++r) {
+  {
     const float b = p.bias ? p.bias[r] : 0.0f;
     const int64_t begin = p.offsets[r];
     if (p.offsets[r + 1] == begin) {
       for (int t = 0; t < T; ++t) y[t * p.out + r] = b;
-      continue;
+      return;
     }
     const uint32_t* m = p.mask + r * p.words;
     const float* v = p.values + begin;
@@ -208,10 +215,10 @@ void rows_avx2(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1
       _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchFloats), _MM_HINT_T0);
       // each chunk's start from independent popcounts: the only serial dependency between
       // words is v += popcount(bits)
-      const __m256 w0 = expand8(table, bits & 0xFFu, v, end);
-      const __m256 w1 = expand8(table, (bits >> 8) & 0xFFu, v + __builtin_popcount(bits & 0xFFu), end);
-      const __m256 w2 = expand8(table, (bits >> 16) & 0xFFu, v + __builtin_popcount(bits & 0xFFFFu), end);
-      const __m256 w3 = expand8(table, bits >> 24, v + __builtin_popcount(bits & 0xFFFFFFu), end);
+      const __m256 w0 = expand8<Tail>(table, bits & 0xFFu, v, end);
+      const __m256 w1 = expand8<Tail>(table, (bits >> 8) & 0xFFu, v + __builtin_popcount(bits & 0xFFu), end);
+      const __m256 w2 = expand8<Tail>(table, (bits >> 16) & 0xFFu, v + __builtin_popcount(bits & 0xFFFFu), end);
+      const __m256 w3 = expand8<Tail>(table, bits >> 24, v + __builtin_popcount(bits & 0xFFFFFFu), end);
       v += __builtin_popcount(bits);
       const float* xc = x + w * 32;
 #pragma GCC unroll 8
@@ -228,7 +235,7 @@ void rows_avx2(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1
       const uint32_t bits = m[full_words];
       for (int c = 0; c < 4 && base + 8 * c < p.in; ++c) {
         const uint32_t k = (bits >> (8 * c)) & 0xFFu;
-        const __m256 wv = expand8(table, k, v, end);
+        const __m256 wv = expand8<Tail>(table, k, v, end);
         v += __builtin_popcount(k);
         const __m256i lanes = first_lanes(std::min<int64_t>(8, p.in - base - 8 * c));
         for (int t = 0; t < T; ++t) {
@@ -238,6 +245,20 @@ void rows_avx2(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1
     }
 #pragma GCC unroll 8
     for (int t = 0; t < T; ++t) y[t * p.out + r] = b + hsum(_mm256_add_ps(even[t], odd[t]));
+  }
+}
+
+template <int T>
+void rows_avx2(const Packed& p, const float* x, float* y, int64_t r0, int64_t r1) {
+  const ExpandTable& table = expand_table();
+  const int64_t total = p.offsets[p.out];
+  const float* end = p.values + total;
+  for (int64_t r = r0; r < r1; ++r) {
+    if (p.offsets[r + 1] + 8 <= total) {
+      row_avx2<T, false>(p, table, end, x, y, r);
+    } else {
+      row_avx2<T, true>(p, table, end, x, y, r);
+    }
   }
 }
 
