@@ -10,13 +10,15 @@ repeat, so every ratio is paired:
 * ``dense / compile``: the dense model's KV-cache step compiled by ``torch.compile``
   (inductor; graphprune's ``--runtime compile``);
 * ``dense+kernels / compile+kernels``: the dense model on the kernels measured for it
-  (``kernels_for(..., "measure")``: torch's dense matmul, CSR, the packed kernel and the
+  (``kernels_for(..., "measure")``: torch's dense matmul, the packed kernel and the
   streaming dense kernel timed on every Linear, LM head included, at 1, 8 and 128 tokens; a
   decode kernel and a prefill kernel per weight), compiled the same way: the fastest dense
   graphprune runtime;
-* ``<pruned> / compile+kernels``: each pruned folder on its measured kernels, compiled;
-* ``<pruned> / onnxruntime``: the pruned folder's generation export (dense weights:
-  onnxruntime has no sparse matmul that pays).
+* ``<pruned> / compile+kernels``: each pruned folder on its measured kernels, compiled.
+
+Decode kernels are timed cold (cycling through copies twice the last-level cache), prefill
+kernels hot, torch's dense matmul against the packed and the streaming kernel (10 timed runs;
+torch's CSR, 0.5-0.8x of dense at decode in kernel_decode.md, is left out to save time).
 
 Reported: tokens per second, the paired speedups against dense onnxruntime and against
 dense compile, and, per pruned model, the logits of 16 greedy tokens of the compiled
@@ -65,6 +67,9 @@ from graphprune.pipeline.export_bench import linear_sparsity  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 PROMPT, NEW = 128, 64
 CHECK_TOKENS = 16
+#: kernels measured besides torch's dense matmul (torch's CSR is 0.5-0.8x of dense at 50-70 %
+#: and 1-8 tokens in kernel_decode.md, and several times slower at 128: left out to save time)
+CANDIDATES = ("packed", "stream")
 
 
 def say(msg: str) -> None:
@@ -148,12 +153,9 @@ def main() -> None:
         else:
             lm = load_model(path).model.eval()
             models[name] = {"source": path, **linear_sparsity(lm)}
-            say(f"{name}: exporting to ONNX for generation ...")
-            folder = export_generation(lm, tmp / f"{name}-onnx", format="onnx", check_tokens=8).path.parent
-            pairs[f"{name} / onnxruntime"] = decode_timer(load_runner(folder, spinning=False), ids)
         say(f"{name}: measuring kernels for {sum(1 for m in lm.modules() if isinstance(m, torch.nn.Linear))} Linears ...")
         t0 = time.perf_counter()
-        kernels = kernels_for(lm, None, "measure", progress=False)
+        kernels = kernels_for(lm, None, "measure", progress=False, candidates=CANDIDATES, repeats=10, warmup=2)
         models[name]["kernel_seconds"] = round(time.perf_counter() - t0, 1)
         models[name]["kernels"] = {k: v for k, v in kernels.items() if k != "report"}
         report = kernels["report"]

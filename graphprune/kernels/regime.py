@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from graphprune.errors import ConfigError
 from graphprune.kernels.base import KernelLinear
-from graphprune.kernels.select import KERNELS, KernelReport, Timer, select_kernel
+from graphprune.kernels.select import KERNELS, KernelReport, Timer, cold_runtime, select_kernel
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +138,19 @@ def choose_regime_kernel(
     min_speedup: float = 1.05,
     timer: Timer | None = None,
     confirm: bool = True,
+    cold_repeats: int = 5,
 ) -> tuple[KernelLinear, dict[str, Any]]:
     """Measure the candidates at every token count and build the kernel (or pair) each regime wants.
 
     Args:
         weight, bias: the Linear's dense tensors (zeros where pruned).
         decode_tokens, prefill_tokens: token counts of each regime (either may be empty, not both).
-        candidates, repeats, warmup, min_speedup, timer: as for :func:`select_kernel`.
+        candidates, repeats, warmup, min_speedup, timer: as for :func:`select_kernel`. Without
+            an injected ``timer``, decode counts are timed cold (:func:`~graphprune.kernels.select.cold_runtime`:
+            cycling through copies larger than the cache, ``cold_repeats`` passes after one
+            warm-up), prefill counts on one module (their weights are reused ``tokens`` times per call).
         confirm: measure dense and a sparse winner once more and keep the win only if it repeats.
+        cold_repeats: timed passes of a cold measurement.
 
     Returns:
         ``(module, entry)``: the kernel, and a JSON-able entry with ``decode`` / ``prefill``
@@ -161,9 +166,12 @@ def choose_regime_kernel(
         raise ConfigError(f"decode token counts {counts['decode']} must all be below the prefill counts {counts['prefill']}.")
 
     def measure(tokens: int, cands: Iterable[str] | None) -> KernelReport:
+        # decode reads each weight from memory once per step: time it cold (unless a timer is injected)
+        cold = timer is None and tokens in counts["decode"]
         return select_kernel(
-            weight, bias, tokens=tokens, candidates=cands, repeats=repeats, warmup=warmup,
-            min_speedup=min_speedup, timer=timer,
+            weight, bias, tokens=tokens, candidates=cands,
+            repeats=cold_repeats if cold else repeats, warmup=1 if cold else warmup,
+            min_speedup=min_speedup, timer=cold_runtime if cold else timer,
         )[1]
 
     reports = {t: measure(t, candidates) for c in counts.values() for t in c}

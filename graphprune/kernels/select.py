@@ -56,6 +56,46 @@ def median_runtime(module: KernelLinear, x: Tensor, *, repeats: int, warmup: int
     return times
 
 
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (from sysfs; 32 MiB when it cannot be read)."""
+    from pathlib import Path
+
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        try:
+            sizes.append(int(text.rstrip("KMG")) * scale)
+        except ValueError:
+            continue
+    return max(sizes, default=32 << 20)
+
+
+def cold_runtime(module: KernelLinear, x: Tensor, *, repeats: int, warmup: int) -> list[float]:
+    """Seconds per call with the weight coming from memory, as a decode step reads it.
+
+    Timing one module again and again measures a weight that sits in the cache, which
+    favours kernels that compute less over kernels that read fewer bytes; a decode step
+    reads every weight once per token, from memory. So the calls cycle through copies of
+    ``module`` whose storage together is twice the last-level cache, and each run is one
+    pass over all copies divided by their number.
+    """
+    import copy
+
+    size = sum(b.numel() * b.element_size() for b in module.buffers()) or 1
+    count = max(1, min(512, math.ceil(2 * last_level_cache_bytes() / size)))
+    copies = [module] + [copy.deepcopy(module) for _ in range(count - 1)]
+    times: list[float] = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            start = time.perf_counter()
+            for m in copies:
+                m(x)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) / count)
+    return times
+
+
 @dataclass
 class KernelReport:
     """What :func:`select_kernel` measured and chose.
