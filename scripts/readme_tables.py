@@ -276,6 +276,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "rotations": rotations,
     "latency": latency,
     "decode": decode,
+    "decode_kernels": decode_kernels,
     "shipped": shipped,
     "deploy": deploy,
     "structured": structured,

@@ -137,3 +137,36 @@ def test_a_plan_from_another_machine_or_model_is_not_applied(tmp_path) -> None:
     (tmp_path / PLAN_FILE).write_text("{not json")
     with pytest.raises(ConfigError, match="delete it"):
         read_plan(tmp_path)
+
+
+def test_cold_timing_cycles_through_copies_larger_than_the_cache(monkeypatch) -> None:
+    from graphprune.kernels import select
+
+    monkeypatch.setattr(select, "last_level_cache_bytes", lambda: 1 << 20)
+    kernel = DenseLinear.from_linear(torch.randn(64, 256))  # 64 KiB of weight
+    calls: list[int] = []
+    original = DenseLinear.forward
+
+    def counting(self: DenseLinear, x: torch.Tensor) -> torch.Tensor:
+        calls.append(id(self))
+        return original(self, x)
+
+    monkeypatch.setattr(DenseLinear, "forward", counting)
+    times = select.cold_runtime(kernel, torch.randn(1, 256), repeats=3, warmup=1)
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert len(set(calls)) == 32 and len(calls) == 4 * 32  # 2 MiB / 64 KiB copies, every pass over all of them
+    assert select.last_level_cache_bytes() == 1 << 20
+
+
+def test_decode_counts_are_timed_cold_without_an_injected_timer(monkeypatch) -> None:
+    from graphprune.kernels import regime
+
+    seen: list[tuple[str, int]] = []
+
+    def fake_cold(module: KernelLinear, x: torch.Tensor, *, repeats: int, warmup: int) -> list[float]:
+        seen.append((module.kind, x.shape[0]))
+        return [1.0]
+
+    monkeypatch.setattr(regime, "cold_runtime", fake_cold)
+    choose_regime_kernel(sparse_weight(), candidates=["csr"], prefill_tokens=(16,), repeats=1, warmup=0)
+    assert {tokens for _, tokens in seen} == {1, 8}  # prefill (16 rows) is timed hot, on one module
