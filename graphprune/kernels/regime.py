@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from graphprune.errors import ConfigError
 from graphprune.kernels.base import KernelLinear
-from graphprune.kernels.select import KERNELS, KernelReport, Timer, cold_runtime, select_kernel
+from graphprune.kernels.select import KERNELS, KernelReport, Timer, cold_runtime, last_level_cache_bytes, select_kernel
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def choose_regime_kernel(
     timer: Timer | None = None,
     confirm: bool = True,
     cold_repeats: int = 5,
+    working_set: int | None = None,
 ) -> tuple[KernelLinear, dict[str, Any]]:
     """Measure the candidates at every token count and build the kernel (or pair) each regime wants.
 
@@ -151,6 +152,9 @@ def choose_regime_kernel(
             warm-up), prefill counts on one module (their weights are reused ``tokens`` times per call).
         confirm: measure dense and a sparse winner once more and keep the win only if it repeats.
         cold_repeats: timed passes of a cold measurement.
+        working_set: bytes of all the weights a decode step reads (the model's Linears); when
+            they fit in the last-level cache, decode reads them from the cache and is timed hot.
+            None: assume they do not.
 
     Returns:
         ``(module, entry)``: the kernel, and a JSON-able entry with ``decode`` / ``prefill``
@@ -165,9 +169,11 @@ def choose_regime_kernel(
     if counts["decode"] and counts["prefill"] and max(counts["decode"]) >= min(counts["prefill"]):
         raise ConfigError(f"decode token counts {counts['decode']} must all be below the prefill counts {counts['prefill']}.")
 
+    fits_cache = working_set is not None and working_set <= last_level_cache_bytes()
+
     def measure(tokens: int, cands: Iterable[str] | None) -> KernelReport:
         # decode reads each weight from memory once per step: time it cold (unless a timer is injected)
-        cold = timer is None and tokens in counts["decode"]
+        cold = timer is None and tokens in counts["decode"] and not fits_cache
         return select_kernel(
             weight, bias, tokens=tokens, candidates=cands,
             repeats=cold_repeats if cold else repeats, warmup=1 if cold else warmup,
@@ -320,6 +326,7 @@ def kernelize(
         the plan (see :func:`plan_of`) plus ``report``: each Linear's :func:`choose_regime_kernel` entry.
     """
     names = list(prunable_linears(model) if names is None else names)
+    working_set = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, nn.Linear))
     report: dict[str, Any] = {}
     for name in tqdm(names, desc="kernels", unit="linear", disable=not progress):
         module = model.get_submodule(name)
@@ -328,7 +335,7 @@ def kernelize(
         kernel, entry = choose_regime_kernel(
             module.weight.detach(), None if module.bias is None else module.bias.detach(),
             decode_tokens=decode_tokens, prefill_tokens=prefill_tokens, candidates=candidates,
-            repeats=repeats, warmup=warmup, min_speedup=min_speedup, timer=timer,
+            repeats=repeats, warmup=warmup, min_speedup=min_speedup, timer=timer, working_set=working_set,
         )
         report[name] = entry
         if kernel.kind != "dense":

@@ -135,8 +135,9 @@ class RewriteKernelsPass(Pass):
         counts = self.decode_tokens + self.prefill_tokens
         seconds_dense = dict.fromkeys(counts, 0.0)
         seconds_chosen = dict.fromkeys(counts, 0.0)
+        working_set = sum(gm.get_attr(li.weight).numel() * gm.get_attr(li.weight).element_size() for li in gm.linears)
         for li in tqdm(todo, desc="kernels", unit="linear", disable=not ctx.progress):
-            module, entry = self._select(gm, li)
+            module, entry = self._select(gm, li, working_set)
             entry |= {"choice": _choice(entry), "target": None, "rewritten": False}
             lost = [r for r, c in entry.get("confirm", {}).items() if not c["won_again"]]
             if lost:
@@ -175,7 +176,7 @@ class RewriteKernelsPass(Pass):
         return PassResult(gm, modified=rewritten > 0, stats=stats)
 
     # ------------------------------------------------------------------ steps
-    def _select(self, gm: GraphModel, li: LinearInfo) -> tuple[KernelLinear, dict[str, Any]]:
+    def _select(self, gm: GraphModel, li: LinearInfo, working_set: int | None = None) -> tuple[KernelLinear, dict[str, Any]]:
         weight = gm.get_attr(li.weight)
         bias = gm.get_attr(li.bias) if li.bias else None
         if weight.device.type != self.device.type:
@@ -199,6 +200,7 @@ class RewriteKernelsPass(Pass):
             min_speedup=self.min_speedup,
             timer=self.timer,
             confirm=self.confirm,
+            working_set=working_set,
         )
 
     def _blocker(self, gm: GraphModel, li: LinearInfo) -> str | None:

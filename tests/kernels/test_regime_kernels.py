@@ -170,3 +170,6 @@ def test_decode_counts_are_timed_cold_without_an_injected_timer(monkeypatch) -> 
     monkeypatch.setattr(regime, "cold_runtime", fake_cold)
     choose_regime_kernel(sparse_weight(), candidates=["csr"], prefill_tokens=(16,), repeats=1, warmup=0)
     assert {tokens for _, tokens in seen} == {1, 8}  # prefill (16 rows) is timed hot, on one module
+    seen.clear()  # a model whose weights fit in the cache decodes from the cache: timed hot
+    choose_regime_kernel(sparse_weight(), candidates=["csr"], prefill_tokens=(16,), repeats=1, warmup=0, working_set=1 << 16)
+    assert not seen
