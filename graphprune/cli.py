@@ -134,9 +134,9 @@ def _parser() -> argparse.ArgumentParser:
         "compile runs the decode steps compiled by torch.compile (minutes to compile on the first run)",
     )
     p.add_argument(
-        "--kernels", choices=["auto", "measure", "off"], default="auto",
-        help="sparse kernels of a pruned model in eager/compile: auto = the folder's saved choice "
-        "(graphprune_kernels.json) when measured on this machine, else measured now; measure; off = dense",
+        "--kernels", choices=["auto", "measure", "off"], default="off",
+        help="graphprune's kernels in eager/compile: auto = the folder's saved choice (graphprune_kernels.json) "
+        "when measured on this machine, else measured now (minutes for the default model); measure; off = torch's dense matmul (default)",
     )
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k best tokens (0: all)")
@@ -152,9 +152,10 @@ def _parser() -> argparse.ArgumentParser:
         help="eager, torchscript, onnxruntime, compile (torch.compile: ttft and decode cases only)",
     )
     p.add_argument(
-        "--kernels", choices=["auto", "measure", "off"], default="auto",
-        help="sparse kernels of pruned models (eager, compile, torchscript): auto = a folder's saved choice when measured "
-        "on this machine, else measured now; measure; off = dense. ONNX files always hold dense weights",
+        "--kernels", choices=["auto", "measure", "off"], default="off",
+        help="graphprune's kernels (eager, compile, torchscript): auto = a folder's saved choice when measured on this "
+        "machine, else measured now (minutes for the default model); measure; off = torch's dense matmul (default). "
+        "ONNX files always hold dense weights",
     )
     p.add_argument(
         "--cases", nargs="+", default=["prefill", "ttft", "decode"],

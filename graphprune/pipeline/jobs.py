@@ -205,7 +205,7 @@ class GenerateJob:
     threads: int | None = None
     trust_remote_code: bool = False
     #: sparse kernels for eager / compile runs: ``auto`` (the folder's saved plan, else measured), ``measure``, ``off``
-    kernels: str = "auto"
+    kernels: str = "off"
 
     def validate(self) -> None:
         if self.runtime not in RUNTIMES:
@@ -262,7 +262,7 @@ class BenchJob:
     generation: dict[str, str] = field(default_factory=dict)
     #: sparse kernels of pruned models (``auto``: a folder's saved plan for this machine, else measured; ``measure``; ``off``);
     #: ONNX files are exported with them lowered to dense
-    kernels: str = "auto"
+    kernels: str = "off"
 
     def validate(self) -> list[Case]:
         if not self.targets:
