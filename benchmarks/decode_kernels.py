@@ -59,9 +59,8 @@ from graphprune.bench.latency import machine_info  # noqa: E402
 from graphprune.exporters.generation import export_generation  # noqa: E402
 from graphprune.exporters.runners import CompiledRunner, EagerRunner, generate, load_runner  # noqa: E402
 from graphprune.fileio import write_json, write_text  # noqa: E402
-from graphprune.kernels import KernelLinear  # noqa: E402
 from graphprune.kernels.packed import native_isa  # noqa: E402
-from graphprune.kernels.regime import RegimeLinear, kernels_for  # noqa: E402
+from graphprune.kernels.regime import RegimeLinear, kernels_for, top_kernels  # noqa: E402
 from graphprune.models import load_model  # noqa: E402
 from graphprune.pipeline.export_bench import linear_sparsity  # noqa: E402
 
@@ -81,19 +80,12 @@ def step_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights the Linears (LM head included) read per decode step: each kernel's decode storage,
     each plain Linear's weight and bias (an embedding lookup reads one row, left out)."""
     total = 0
+    for _, kernel in top_kernels(model):
+        decode = kernel.decode if isinstance(kernel, RegimeLinear) else kernel
+        total += sum(b.numel() * b.element_size() for b in decode.buffers())
     for module in model.modules():
-        if isinstance(module, KernelLinear) and not isinstance(module, RegimeLinear):
-            continue  # counted through its parent below, or standalone here
-        if isinstance(module, RegimeLinear):
-            total += sum(b.numel() * b.element_size() for b in module.decode.buffers())
-        elif isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear):
             total += sum(p.numel() * p.element_size() for p in module.parameters())
-    for name, module in model.named_modules():
-        parent = name.rpartition(".")[0]
-        if isinstance(module, KernelLinear) and not isinstance(module, RegimeLinear) and not isinstance(
-            model.get_submodule(parent) if parent else None, RegimeLinear
-        ):
-            total += sum(b.numel() * b.element_size() for b in module.buffers())
     return total
 
 
@@ -168,7 +160,7 @@ def main() -> None:
         models[name]["linear_seconds"] = {
             t: {
                 "dense": sum(e["times"][t]["dense"] for e in report.values()),
-                "chosen": sum(e["times"][t][e["decode" if int(t) <= 8 else "prefill"]] for e in report.values()),
+                "chosen": sum(e["times"][t][e["decode" if int(t) <= e["max_decode_tokens"] else "prefill"]] for e in report.values()),
             }
             for t in ("1", "8", "128")
         }

@@ -220,7 +220,30 @@ def _reason(weight: Tensor, device: torch.device, dtype: torch.dtype) -> str | N
     return packed_unavailable_reason()
 
 
-class PackedLinear(KernelLinear):
+class NativeLinear(KernelLinear):
+    """What the native library's kernels share: float32 on the CPU with the library loaded,
+    checked when a kernel is built (:class:`KernelUnavailableError` naming the reason)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        check_weight(weight, bias)
+        name = type(self).__name__
+        reason = _reason(weight, weight.device, weight.dtype)
+        if reason:
+            raise KernelUnavailableError(f"{name}: {reason}; keep this layer dense (DenseLinear).")
+        if bias is not None and bias.dtype != PACKED_DTYPE:
+            raise KernelUnavailableError(f"{name}: the bias must be float32 like the weight, got {bias.dtype}.")
+        super().__init__(weight.shape[1], weight.shape[0], bias)
+
+    @classmethod
+    def unavailable_reason(cls, weight: Tensor, *, device: torch.device, dtype: torch.dtype) -> str | None:
+        return _reason(weight, device, dtype)
+
+    @classmethod
+    def from_linear(cls, weight: Tensor, bias: Tensor | None = None) -> NativeLinear:
+        return cls(weight, bias)
+
+
+class PackedLinear(NativeLinear):
     """Linear with a bitmask + packed-values weight, computed by ``graphprune::packed_linear``.
 
     Best at decode (1-8 tokens), where time follows the bytes read; for long prompts a
@@ -233,25 +256,11 @@ class PackedLinear(KernelLinear):
     values: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        check_weight(weight, bias)
-        reason = _reason(weight, weight.device, weight.dtype)
-        if reason:
-            raise KernelUnavailableError(f"PackedLinear: {reason}; keep this layer dense (DenseLinear).")
-        if bias is not None and bias.dtype != PACKED_DTYPE:
-            raise KernelUnavailableError(f"PackedLinear: the bias must be float32 like the weight, got {bias.dtype}.")
-        super().__init__(weight.shape[1], weight.shape[0], bias)
+        super().__init__(weight, bias)
         mask, offsets, values = pack_weight(weight.detach())
         self.register_buffer("mask", mask)
         self.register_buffer("offsets", offsets)
         self.register_buffer("values", values)
-
-    @classmethod
-    def unavailable_reason(cls, weight: Tensor, *, device: torch.device, dtype: torch.dtype) -> str | None:
-        return _reason(weight, device, dtype)
-
-    @classmethod
-    def from_linear(cls, weight: Tensor, bias: Tensor | None = None) -> PackedLinear:
-        return cls(weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_tracing():  # the operator checks the shape itself; keep traces free of constants
@@ -275,7 +284,7 @@ class PackedLinear(KernelLinear):
         return f"{super().extra_repr()}, nnz={self.nnz}"
 
 
-class StreamLinear(KernelLinear):
+class StreamLinear(NativeLinear):
     """A dense weight streamed row by row by ``graphprune::dense_linear`` (FMA, rows split
     between threads): for 1-8 tokens, where torch's float32 matmul reads the weight at a
     fraction of the memory bandwidth on some CPUs. The weight is shared with the tensor it
@@ -285,22 +294,8 @@ class StreamLinear(KernelLinear):
     weight: Tensor
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        check_weight(weight, bias)
-        reason = _reason(weight, weight.device, weight.dtype)
-        if reason:
-            raise KernelUnavailableError(f"StreamLinear: {reason}; keep this layer dense (DenseLinear).")
-        if bias is not None and bias.dtype != PACKED_DTYPE:
-            raise KernelUnavailableError(f"StreamLinear: the bias must be float32 like the weight, got {bias.dtype}.")
-        super().__init__(weight.shape[1], weight.shape[0], bias)
+        super().__init__(weight, bias)
         self.register_buffer("weight", weight.detach().contiguous())
-
-    @classmethod
-    def unavailable_reason(cls, weight: Tensor, *, device: torch.device, dtype: torch.dtype) -> str | None:
-        return _reason(weight, device, dtype)
-
-    @classmethod
-    def from_linear(cls, weight: Tensor, bias: Tensor | None = None) -> StreamLinear:
-        return cls(weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if not torch.jit.is_tracing():

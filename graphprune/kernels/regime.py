@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -102,6 +102,11 @@ def kinds_of(module: nn.Module) -> dict[str, str]:
         return module.kinds
     kind = module.kind if isinstance(module, KernelLinear) else "dense"
     return {"decode": kind, "prefill": kind}
+
+
+def kinds_label(kinds: Mapping[str, str]) -> str:
+    """One kind, or ``"<decode kind>+<prefill kind>"`` when the regimes chose differently."""
+    return kinds["decode"] if kinds["decode"] == kinds["prefill"] else f"{kinds['decode']}+{kinds['prefill']}"
 
 
 def _best(reports: Sequence[KernelReport], min_speedup: float) -> tuple[str, dict[str, float]]:
@@ -224,25 +229,26 @@ def machine_tag() -> dict[str, str]:
     return {"cpu": f"{platform.machine()}-{_cpu_tag()}", "torch": torch.__version__, "threads": str(torch.get_num_threads())}
 
 
+def top_kernels(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, KernelLinear]]:
+    """``(name, kernel)`` of every kernel of ``model`` that is not part of another kernel
+    (the two halves of a :class:`RegimeLinear` are not listed)."""
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, KernelLinear):
+            yield path, child
+        else:
+            yield from top_kernels(child, f"{path}.")
+
+
 def plan_of(model: nn.Module) -> dict[str, Any]:
     """The kernel plan of a model whose Linears were rewritten (empty ``linears`` when none were)."""
     linears: dict[str, dict[str, str]] = {}
     max_decode = 0
-    for name, module in model.named_modules():
-        if isinstance(module, KernelLinear) and not _inside_kernel(model, name):
-            linears[name] = kinds_of(module)
-            if isinstance(module, RegimeLinear):
-                max_decode = max(max_decode, module.max_decode_tokens)
+    for name, module in top_kernels(model):
+        linears[name] = kinds_of(module)
+        if isinstance(module, RegimeLinear):
+            max_decode = max(max_decode, module.max_decode_tokens)
     return {"format": PLAN_FORMAT, "machine": machine_tag(), "max_decode_tokens": max_decode or max(DECODE_TOKENS), "linears": linears}
-
-
-def _inside_kernel(model: nn.Module, name: str) -> bool:
-    parent = name.rpartition(".")[0]
-    while parent:
-        if isinstance(model.get_submodule(parent), KernelLinear):
-            return True
-        parent = parent.rpartition(".")[0]
-    return False
 
 
 def apply_plan(model: nn.Module, plan: Mapping[str, Any]) -> int:
@@ -393,7 +399,7 @@ def kernels_for(
         out["rewritten"] = sum(1 for k in measured["linears"].values() if set(k.values()) != {"dense"})
     counts: dict[str, int] = {}
     for kinds in plan_of(model)["linears"].values():
-        label = kinds["decode"] if kinds["decode"] == kinds["prefill"] else f"{kinds['decode']}+{kinds['prefill']}"
+        label = kinds_label(kinds)
         counts[label] = counts.get(label, 0) + 1
     return out | {"choices": counts}
 

@@ -13,11 +13,13 @@ the choice logic can be tested deterministically; the default,
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -58,8 +60,6 @@ def median_runtime(module: KernelLinear, x: Tensor, *, repeats: int, warmup: int
 
 def last_level_cache_bytes() -> int:
     """Size of the CPU's largest cache (from sysfs; 32 MiB when it cannot be read)."""
-    from pathlib import Path
-
     sizes = []
     for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
         text = entry.read_text().strip().upper()
@@ -80,8 +80,6 @@ def cold_runtime(module: KernelLinear, x: Tensor, *, repeats: int, warmup: int) 
     ``module`` whose storage together is twice the last-level cache, and each run is one
     pass over all copies divided by their number.
     """
-    import copy
-
     size = sum(b.numel() * b.element_size() for b in module.buffers()) or 1
     count = max(1, min(512, math.ceil(2 * last_level_cache_bytes() / size)))
     copies = [module] + [copy.deepcopy(module) for _ in range(count - 1)]

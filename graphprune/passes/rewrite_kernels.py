@@ -48,7 +48,7 @@ from graphprune.errors import ConfigError
 from graphprune.graph.model import GraphModel
 from graphprune.graph.queries import LinearInfo
 from graphprune.kernels import KernelLinear
-from graphprune.kernels.regime import DECODE_TOKENS, PREFILL_TOKENS, choose_regime_kernel
+from graphprune.kernels.regime import DECODE_TOKENS, PREFILL_TOKENS, choose_regime_kernel, kinds_label
 from graphprune.kernels.select import Timer
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 
@@ -135,10 +135,11 @@ class RewriteKernelsPass(Pass):
         counts = self.decode_tokens + self.prefill_tokens
         seconds_dense = dict.fromkeys(counts, 0.0)
         seconds_chosen = dict.fromkeys(counts, 0.0)
-        working_set = sum(gm.get_attr(li.weight).numel() * gm.get_attr(li.weight).element_size() for li in gm.linears)
+        weights = [gm.get_attr(li.weight) for li in gm.linears]
+        working_set = sum(w.numel() * w.element_size() for w in weights)
         for li in tqdm(todo, desc="kernels", unit="linear", disable=not ctx.progress):
             module, entry = self._select(gm, li, working_set)
-            entry |= {"choice": _choice(entry), "target": None, "rewritten": False}
+            entry |= {"choice": kinds_label(entry), "target": None, "rewritten": False}
             lost = [r for r, c in entry.get("confirm", {}).items() if not c["won_again"]]
             if lost:
                 entry["kept_dense_because"] = ", ".join(f"{entry['confirm'][r]['kind']} ({r}) did not win again when re-measured" for r in lost)
@@ -246,11 +247,6 @@ class RewriteKernelsPass(Pass):
 def _attr_nodes(linear: Node) -> list[Node]:
     """The ``get_attr`` nodes (weight, bias) an ``aten.linear`` node reads."""
     return [a for a in linear.args[1:3] if isinstance(a, Node) and a.op == "get_attr"]
-
-
-def _choice(entry: dict[str, Any]) -> str:
-    """One kind, or ``"<decode kind>+<prefill kind>"`` when the regimes chose differently."""
-    return entry["decode"] if entry["decode"] == entry["prefill"] else f"{entry['decode']}+{entry['prefill']}"
 
 
 def _fmt_times(entry: dict[str, Any]) -> str:

@@ -61,6 +61,21 @@ struct Packed {
   int64_t words;
 };
 
+#if defined(__AVX2__) && defined(__FMA__)
+// 8-lane helpers of the AVX2 paths (the packed kernel without AVX-512, and the dense kernel)
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// lanes [0, n) all ones, the rest zero (n in 0..8)
+inline __m256i first_lanes(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+#endif
+
 #ifdef __AVX512F__
 
 // The next popcount(k) packed values spread into the lanes of the set bits of k (zeros
@@ -158,11 +173,6 @@ const ExpandTable& expand_table() {
   return table;
 }
 
-// lanes [0, n) all ones, the rest zero (n in 0..8)
-inline __m256i first_lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
 // The next popcount(k) values of v spread into the lanes of the set bits of k, zeros
 // elsewhere. Near the end of the values (Tail) the load is masked so that it never reads
 // at or past `end`; elsewhere it is a plain load of 8 floats (a branch per chunk would cost
@@ -178,13 +188,6 @@ inline __m256 expand8(const ExpandTable& t, uint32_t k, const float* v, const fl
   const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(t.idx[k]));
   const __m256 keep = _mm256_castsi256_ps(_mm256_load_si256(reinterpret_cast<const __m256i*>(t.keep[k])));
   return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, idx), keep);
-}
-
-inline float hsum(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // One row; Tail when its 8-float loads could reach past the end of the values.
@@ -384,13 +387,6 @@ at::Tensor packed_linear_cpu(
 // bandwidth on some CPUs; this streams each row of W once per block of 8 tokens with FMAs,
 // rows split between threads.
 #if defined(__AVX2__) && defined(__FMA__)
-inline float hsum8(__m256 a) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <int T>
 void dense_rows_avx2(const float* W, const float* bias, int64_t in, int64_t out, const float* x, float* y, int64_t r0, int64_t r1) {
   const int64_t full = in / 16 * 16;
@@ -418,7 +414,7 @@ void dense_rows_avx2(const float* W, const float* bias, int64_t in, int64_t out,
       for (int t = 0; t < T; ++t) rest[t] += w[j] * x[t * in + j];
     const float b = bias ? bias[r] : 0.0f;
 #pragma GCC unroll 8
-    for (int t = 0; t < T; ++t) y[t * out + r] = b + rest[t] + hsum8(_mm256_add_ps(even[t], odd[t]));
+    for (int t = 0; t < T; ++t) y[t * out + r] = b + rest[t] + hsum(_mm256_add_ps(even[t], odd[t]));
   }
 }
 #endif
