@@ -22,7 +22,7 @@ log = logging.getLogger("graphprune")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (built-in), tiny-llama, tiny-opt, a HF folder or a .gguf file")
+    p.add_argument("--model", default="smollm2-135m", help="smollm2-135m (built-in), tiny-llama, tiny-opt, tiny-<family>, a HF folder or a .gguf file")
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
 
 

@@ -16,6 +16,7 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
   (``structured.json``);
 * ``structured_layers``: the structured solvers on the same statistics, per down projection
   (``structured_layers.json``);
+* ``zoo``: architecture family x capability, with the reason for every gap (``zoo_matrix.json``);
 * ``deploy``: int8 on top of pruning and the peers' generation files (``deploy.json``, whose
   tables ``benchmarks/deploy.py`` renders from its own records).
 
@@ -267,6 +268,32 @@ def structured_layers() -> str:
               + ", on the dense model's statistics. "
               f"Measured {prov['date'][:10]} at commit `{_short_commit(data)}` by `{prov['command']}`; per-layer errors in "
               "[benchmarks/results/structured_layers.md](benchmarks/results/structured_layers.md)."]
+    return "\n".join(lines)
+
+
+def zoo() -> str:
+    data = _load("zoo_matrix.json")
+    caps = data["capabilities"]
+    cells = {(c["family"], c["capability"]): c for c in data["cells"]}
+    reasons: list[str] = []
+    lines = ["| family | " + " | ".join(caps) + " |", "|---|" + ":---:|" * len(caps)]
+    for fam in data["families"]:
+        row = []
+        for cap in caps:
+            cell = cells.get((fam, cap))
+            if cell is None:
+                row.append("")
+            elif cell["ok"]:
+                row.append("yes")
+            else:
+                if cell["gap"] not in reasons:
+                    reasons.append(cell["gap"])
+                row.append(f"no ({reasons.index(cell['gap']) + 1})")
+        lines.append(f"| {fam} | " + " | ".join(row) + " |")
+    prov = data["provenance"]
+    lines += [""] + [f"({i}) {r}." for i, r in enumerate(reasons, 1)]
+    lines += ["", f"Checked at commit `{prov['commit'].split(' ')[0]}` ({prov['date']}); each failure's error message is in "
+              "[benchmarks/results/zoo_matrix.md](benchmarks/results/zoo_matrix.md)."]
     return "\n".join(lines)
 
 

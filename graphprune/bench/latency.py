@@ -32,6 +32,7 @@ compilation happens in the warm-up runs). ``ttft`` and ``decode`` cases run gene
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import statistics
@@ -229,6 +230,15 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 
 
 Runner = Callable[[Tensor], Any]
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so an RSS difference measured
+    after it counts new allocations rather than reuse of memory earlier work freed; no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def resident_mib() -> float | None:
@@ -480,6 +490,7 @@ def bench_latency(
             loaded: dict[str, tuple[float | None, dict[str, Any]]] = {}
             for i, t in enumerate(targets):
                 files: dict[str, Any] = {}
+                release_freed_memory()
                 before = resident_mib()
                 if forward:
                     run = _make_runner(t, runtime, example, threads, tmp / f"target{i}", files)

@@ -20,6 +20,7 @@ from torch.fx import GraphModule
 from graphprune.errors import CaptureError, GraphPruneError
 from graphprune.graph import queries as q
 from graphprune.graph.capture import capture
+from graphprune.graph.linears import standard_linears
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ class GraphModel:
 
     @classmethod
     def capture(cls, model: nn.Module, example: Tensor | None = None, name: str = "model") -> "GraphModel":
+        standard_linears(model)  # Conv1D and custom-forward Linear subclasses become nn.Linear (same state dict)
         gmod = cls(model, capture(model.eval(), example), name)
         if not gmod.linears:
             raise CaptureError(f"{name}: the captured graph has no aten.linear nodes on weights; nothing to prune.")
@@ -163,8 +165,23 @@ class GraphModel:
         return self._cached("embedding", lambda: q.find_embedding(self.gm))
 
     def block_linears(self) -> list[q.LinearInfo]:
-        """The Linears inside decoder blocks (the ones pruned by default)."""
-        return [li for li in self.linears if li.block is not None]
+        """The Linears inside decoder blocks (the ones pruned by default); MoE routers excepted."""
+        routers = {li.node for li in self.routers}
+        return [li for li in self.linears if li.block is not None and li.node not in routers]
+
+    @property
+    def routers(self) -> list[q.LinearInfo]:
+        """Block Linears that score experts (their output reaches a top-k): kept dense."""
+        return self._cached("routers", lambda: [li for li in self.linears if li.block is not None and q.is_router(li.node)])
+
+    def block_matrices(self) -> dict[str, Tensor]:
+        """Every parameter with two or more dimensions inside a decoder block, by state-dict name.
+
+        Whatever module holds it: batched expert weights (transformers 5 keeps some as 3-D
+        parameters, not ``nn.Linear``) count too, so reports can say what was not pruned.
+        """
+        prefixes = tuple(b.name + "." for b in self.blocks)
+        return {n: p for n, p in self.model.named_parameters() if n.startswith(prefixes) and p.dim() >= 2}
 
     def networkx(self) -> nx.DiGraph:
         return q.to_networkx(self.gm)

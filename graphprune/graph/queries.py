@@ -28,7 +28,7 @@ from graphprune.graph.capture import ROOT
 aten = torch.ops.aten
 _BLOCK_PATH = re.compile(r"^(.*)\.(\d+)$")
 # Operators that only convert dtype or check metadata: see through them.
-_TRANSPARENT = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default, aten.alias.default}
+_TRANSPARENT = {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, aten.clone.default, aten.alias.default, aten.type_as.default}
 
 
 def strip_root(name: str) -> str:
@@ -86,6 +86,10 @@ class NormInfo:
     bias: str | None
     eps: float
     block: int | None = None
+    #: the scale is ``weight + offset`` (Gemma's RMSNorm multiplies by ``1 + w``)
+    offset: float = 0.0
+    #: a LayerNorm written out as arithmetic: its ``mean`` and ``x - mean`` nodes
+    internals: tuple[Node, ...] = ()
 
 
 @dataclass
@@ -156,6 +160,32 @@ def _rms_input(rsqrt: Node) -> Node | None:
     return pw.args[0] if isinstance(pw.args[0], Node) else None
 
 
+def _centred(x: Node) -> tuple[Node, Node] | None:
+    """``(y, mean)`` when ``x`` is ``y - mean(y, -1, keepdim)``."""
+    if x.target is not aten.sub.Tensor or len(x.args) != 2:
+        return None
+    y, mean = x.args
+    if isinstance(y, Node) and isinstance(mean, Node) and mean.target is aten.mean.dim and mean.args[0] is y and list(mean.args[1]) == [-1]:  # type: ignore[arg-type]
+        return y, mean
+    return None
+
+
+def _norm_scale(gm: GraphModule, arg: object) -> tuple[str, float] | None:
+    """``(weight target, offset)`` when ``arg`` is a 1-D weight, or ``weight + c`` (seen through conversions)."""
+    if not isinstance(arg, Node):
+        return None
+    arg = see_through(arg)
+    target = _get_attr_target(arg)
+    if target is not None:
+        return (target, 0.0) if len(_attr_shape(gm, target)) == 1 else None
+    if arg.target in (aten.add.Tensor, aten.add.Scalar) and len(arg.args) == 2 and isinstance(arg.args[1], (int, float)):
+        inner = see_through(arg.args[0]) if isinstance(arg.args[0], Node) else None
+        target = _get_attr_target(inner)
+        if target is not None and len(_attr_shape(gm, target)) == 1:
+            return target, float(arg.args[1])
+    return None
+
+
 def find_norms(gm: GraphModule) -> list[NormInfo]:
     blocks = {p: i for i, p in enumerate(find_blocks(gm))}
     norms: list[NormInfo] = []
@@ -172,11 +202,20 @@ def find_norms(gm: GraphModule) -> list[NormInfo]:
             if x is None:
                 continue
             eps = float(node.args[0].args[1])
-            # normalised = x * rsqrt(...), possibly dtype-converted, then scaled by a 1-D weight
-            normed = next((u for u in node.users if u.target is aten.mul.Tensor and x in u.args), None)
+            kind = "rmsnorm"
+            internals: tuple[Node, ...] = ()
+            centred = _centred(x)
+            if centred is not None:  # LayerNorm written out: (y - mean y) * rsqrt(var + eps) (Cohere)
+                y, mean = centred
+                subs = [u for u in mean.users if u.target is aten.sub.Tensor and u.args == (y, mean)]
+                normed = next((u for u in node.users if u.target is aten.mul.Tensor and any(a in subs for a in u.args)), None)
+                kind, internals, x = "layernorm", (mean, *subs), y
+            else:
+                # normalised = x * rsqrt(...), possibly dtype-converted, then scaled by a 1-D weight
+                normed = next((u for u in node.users if u.target is aten.mul.Tensor and x in u.args), None)
             if normed is None:
                 continue
-            out, weight = normed, None
+            out, weight, offset = normed, None, 0.0
             frontier = [normed]
             while frontier:
                 cur = frontier.pop()
@@ -184,12 +223,12 @@ def find_norms(gm: GraphModule) -> list[NormInfo]:
                     if user.target in _TRANSPARENT:
                         frontier.append(user)
                     elif user.target is aten.mul.Tensor:
-                        attrs = [a for a in user.args if _get_attr_target(a) and len(_attr_shape(gm, a.target)) == 1]
-                        if attrs:
-                            out, weight = user, attrs[0].target
+                        scale = next((sc for sc in map(lambda a: _norm_scale(gm, a), user.args) if sc is not None), None)
+                        if scale is not None:
+                            out, (weight, offset) = user, scale
                             frontier = []
                             break
-            norms.append(NormInfo("rmsnorm", module_path(node), see_through(x), out, weight, None, eps, _block_of(node, blocks)))
+            norms.append(NormInfo(kind, module_path(node), see_through(x), out, weight, None, eps, _block_of(node, blocks), offset, internals))
     return norms
 
 
@@ -218,6 +257,23 @@ def find_lm_head(gm: GraphModule, linears: Iterable[LinearInfo] | None = None) -
             return by_node[cur]
         frontier.extend(cur.all_input_nodes)
     return None
+
+
+def is_router(node: Node, depth: int = 8) -> bool:
+    """True when a Linear's output selects experts: it reaches ``aten.topk`` within ``depth``
+    operators (softmax, conversions). Routers stay dense: pruning one changes which experts run."""
+    frontier, seen = [node], {node}
+    for _ in range(depth):
+        nxt = []
+        for cur in frontier:
+            for user in cur.users:
+                if user.target is aten.topk.default:
+                    return True
+                if user not in seen and user.target is not aten.linear.default:
+                    seen.add(user)
+                    nxt.append(user)
+        frontier = nxt
+    return False
 
 
 def to_networkx(gm: GraphModule) -> nx.DiGraph:

@@ -39,6 +39,7 @@ aten = torch.ops.aten
 STREAM_OPS = frozenset(
     {
         aten.add.Tensor,  # the residual add
+        aten.add_.Tensor,  # Falcon sums its parallel attention and MLP outputs in place
         aten.to.dtype,
         aten.to.dtype_layout,
         aten._to_copy.default,
@@ -64,6 +65,28 @@ class StreamNorm:
 
 
 @dataclass
+class StreamScale:
+    """A constant factor between a stream writer and the stream, ``mul(source, c)``.
+
+    Gemma scales its embeddings by ``sqrt(d)``, Granite its embeddings and every block's
+    output by configured multipliers. :class:`~graphprune.passes.fold_norms.FoldNormsPass`
+    folds each factor into the writer's weights before anything rotates the stream.
+
+    Attributes:
+        node: the multiplication.
+        source: the embedding lookup or Linear it scales.
+        factor: ``c``.
+        buffer: the ``get_attr`` target holding ``c`` when it is a model buffer (set to 1
+            after folding, so the model keeps computing what the graph computes), else None.
+    """
+
+    node: Node
+    source: Node
+    factor: float
+    buffer: str | None
+
+
+@dataclass
 class ResidualStream:
     """Everything that reads or writes the residual stream of one graph.
 
@@ -74,6 +97,7 @@ class ResidualStream:
         writers: Linears whose output is added into the stream (``out_features == d``).
         norms: the norms reading the stream, each with its reader Linears.
         lm_head: the Linear computing the logits (a reader of the final norm).
+        scales: constant factors between writers and the stream (none once norms are folded).
     """
 
     width: int
@@ -82,6 +106,7 @@ class ResidualStream:
     writers: list[q.LinearInfo]
     norms: list[StreamNorm]
     lm_head: q.LinearInfo | None
+    scales: list[StreamScale] = field(default_factory=list)
 
     @property
     def readers(self) -> list[q.LinearInfo]:
@@ -106,8 +131,66 @@ def _through(node: Node) -> Node:
     return node
 
 
+def _rank(node: Node) -> int | None:
+    val = node.meta.get("val")
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+_RESHAPES = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default})
+
+
+def _keeps_last_axis(node: Node) -> bool:
+    """A view/reshape that leaves the last axis as it is (GPT-2 flattens tokens before its LM head)."""
+    if node.target not in _RESHAPES or not isinstance(node.args[0], Node):
+        return False
+    src, out = node.args[0].meta.get("val"), node.meta.get("val")
+    return isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor) and src.dim() > 0 and out.dim() > 0 and src.shape[-1] == out.shape[-1]
+
+
+def _reshaped(node: Node) -> Node:
+    """Follow conversions and last-axis-keeping reshapes back to the value they carry."""
+    while isinstance(node, Node) and node.op == "call_function" and (node.target in q._TRANSPARENT or _keeps_last_axis(node)):
+        node = node.args[0]  # type: ignore[assignment]
+    return node
+
+
 def _is_tensor(node: Node) -> bool:
     return isinstance(node.meta.get("val"), torch.Tensor) or node.op == "get_attr"
+
+
+def _constant(gm: GraphModel, arg: object) -> tuple[float, str | None] | None:
+    """``(value, buffer target or None)`` when ``arg`` is a number or a one-element attribute."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return float(arg), None
+    if isinstance(arg, Node):
+        node = _through(arg)
+        if node.op == "get_attr":
+            value = gm.get_attr(node.target)  # type: ignore[arg-type]
+            if value.numel() == 1:
+                return float(value), node.target  # type: ignore[return-value]
+    return None
+
+
+def _scaled(gm: GraphModel, node: Node) -> tuple[Node, float, str | None] | None:
+    """``(x, c, buffer)`` when ``node`` is ``x * c`` with ``c`` a constant."""
+    if node.op != "call_function" or node.target not in (aten.mul.Tensor, aten.mul.Scalar) or len(node.args) != 2:
+        return None
+    for a, b in (node.args, node.args[::-1]):
+        const = _constant(gm, b)
+        if const is not None and isinstance(a, Node):
+            return _through(a), const[0], const[1]
+    return None
+
+
+def _is_lookup(node: Node) -> bool:
+    return node.target is aten.embedding.default and isinstance(node.args[0], Node) and node.args[0].op == "get_attr"
+
+
+def _from_embedding(gm: GraphModel, node: Node) -> bool:
+    """``node`` is an embedding lookup, or one times a constant (seen through conversions)."""
+    node = _through(node)
+    scaled = _scaled(gm, node)
+    return _is_lookup(_through(scaled[0]) if scaled else node)
 
 
 def find_stream(gm: GraphModel) -> ResidualStream:
@@ -123,14 +206,20 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     graph = gm.gm.graph
     by_name = {n.name: n for n in graph.nodes}
     dataflow = gm.networkx()
-    candidates = {n.name for n in graph.nodes if n.op == "call_function" and n.target in STREAM_OPS}
+    # stream values are [batch, seq, d] (or flattened [tokens, d]): a conversion of a scalar is not one
+    candidates = {n.name for n in graph.nodes if n.op == "call_function" and n.target in STREAM_OPS and _rank(n) != 0}
     candidates |= {ni.input.name for ni in norms}
     view = dataflow.subgraph(candidates)
     starts = {ni.input.name for ni in norms}
     members: set[str] = set()
     for comp in nx.weakly_connected_components(view):
-        if comp & starts:
+        # the stream is what the embedding starts: a norm inside attention (q/k norms) is not on it
+        touches = any(_from_embedding(gm, by_name[m]) or any(_from_embedding(gm, i) for i in by_name[m].all_input_nodes) for m in comp)
+        if comp & starts and touches:
             members |= comp
+    norms = [ni for ni in norms if ni.input.name in members]
+    if not norms:
+        raise ConfigError(f"{gm.name}: no norm reads the residual stream that starts at the embedding; rotations need a pre-norm decoder.")
     order = {n: i for i, n in enumerate(graph.nodes)}
     nodes = sorted((by_name[n] for n in members), key=order.__getitem__)
 
@@ -138,13 +227,20 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     writers: list[q.LinearInfo] = []
     embeddings: list[tuple[Node, str]] = []
 
+    scales: list[StreamScale] = []
+
     def source(src: Node, into: Node) -> None:
+        scaled = _scaled(gm, src)
+        if scaled is not None and (scaled[0] in linears or _is_lookup(scaled[0])):
+            scales.append(StreamScale(src, scaled[0], scaled[1], scaled[2]))
+            source(scaled[0], src)
+            return
         if src in linears:
             if all(w.node is not src for w in writers):
                 writers.append(linears[src])
-        elif src.target is aten.embedding.default and isinstance(src.args[0], Node) and src.args[0].op == "get_attr":
+        elif _is_lookup(src):
             if all(e is not src for e, _ in embeddings):
-                embeddings.append((src, src.args[0].target))  # type: ignore[arg-type]
+                embeddings.append((src, str(src.args[0].target)))  # type: ignore[union-attr]
         else:
             raise ConfigError(
                 f"{gm.name}: {src.format_node()} ({q.module_path(src) or 'no module'}) feeds the residual stream "
@@ -172,10 +268,10 @@ def find_stream(gm: GraphModel) -> ResidualStream:
         frontier = list(ni.output.users)
         while frontier:
             user = frontier.pop()
-            if user in linears and _through(user.args[0]) is ni.output:  # type: ignore[arg-type]
+            if user in linears and _reshaped(user.args[0]) is ni.output:  # type: ignore[arg-type]
                 sn.readers.append(linears[user])
                 reader_nodes.add(user)
-            elif user.op == "call_function" and user.target in q._TRANSPARENT:
+            elif user.op == "call_function" and (user.target in q._TRANSPARENT or _keeps_last_axis(user)):
                 frontier.extend(user.users)
             elif user.op == "call_function" and user.target in _SHAPE_ONLY:
                 continue
@@ -187,17 +283,20 @@ def find_stream(gm: GraphModel) -> ResidualStream:
         sn.readers.sort(key=lambda li: order[li.node])
         stream_norms.append(sn)
 
+    internals = {n for ni in norms for n in ni.internals}
     for node in nodes:
         for user in node.users:
-            if user.name in members or user.op == "output":
+            if user.name in members or user.op == "output" or user in internals:
                 continue
             if user.op == "call_function" and (user.target in _SHAPE_ONLY or user.target in _NORM_READS):
                 continue
+            if user.target is aten.type_as.default and user.args[0] is not node:
+                continue  # read for its dtype only (Gemma's norms cast their output like their input)
             raise ConfigError(
                 f"{gm.name}: stream value {node.name} is read by {user.format_node()} "
                 f"({q.module_path(user) or 'no module'}) outside a norm; this architecture cannot be rotated."
             )
-    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head)
+    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales)
 
 
 # ---------------------------------------------------------------------------- weight surgery

@@ -17,7 +17,7 @@ from torch import nn
 
 from graphprune.errors import ModelLoadError
 from graphprune.models.shapes import SHAPES_FILE, load_with_shapes
-from graphprune.models.tiny import TINY_MODELS
+from graphprune.models.zoo import ALL_TINY as TINY_MODELS
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,10 @@ def shape_overrides(model: nn.Module, reference: nn.Module | None = None) -> dic
     if reference is None:
         return {}
     want = {name: tuple(p.shape) for name, p in reference.named_parameters()}
-    return {name: list(p.shape) for name, p in model.named_parameters() if name in want and tuple(p.shape) != want[name]}
+    # the state dict, as saved: a layer kept in another layout in memory (GPT-2's Conv1D as a
+    # TransposedLinear) saves in its own layout
+    saved = model.state_dict(keep_vars=True)
+    return {name: list(p.shape) for name, p in saved.items() if name in want and tuple(p.shape) != want[name]}
 
 
 def attribute_overrides(model: nn.Module, reference: nn.Module | None = None) -> dict[str, dict[str, int]]:

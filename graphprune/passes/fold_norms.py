@@ -16,7 +16,8 @@ scale or a mean subtraction, so both move into the neighbouring Linears first:
    bias exists in the graph and the in-memory model, but transformers' OPT cannot load
    it, which is recorded as an export blocker.
 3. The final norm folds into the LM head. When the head shares its table with the token
-   embedding (tied, like SmolLM2), the head is untied first -- it gets its own copy of the
+   embedding (tied, like SmolLM2; or any tied LayerNorm model, whose tables centring
+   changes), the head is untied first -- it gets its own copy of the
    table and the config says ``tie_word_embeddings = False`` -- since ``E`` and
    ``E·diag(g)`` differ. This adds ``vocab × d`` parameters.
 
@@ -78,13 +79,19 @@ class FoldNormsPass(Pass):
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         stream = find_stream(gm)
+        scaled = self._fold_scales(gm, stream) if stream.scales else 0
+        if scaled:
+            stream = find_stream(gm)
         kinds = stream.kinds
         if len(kinds) > 1:
             raise ConfigError(f"{gm.name}: the stream mixes {sorted(kinds)}; folding needs one norm kind.")
-        centred = 0
+        centred, untied = 0, False
         if kinds == {"layernorm"}:
+            # centring rewrites the embedding tables; a head sharing one must keep the original
+            if untie_lm_head(gm, stream):
+                untied, stream = True, find_stream(gm)
             centred = self._centre(gm, stream)
-        untied = self._untie_head(gm, stream)
+        untied = self._untie_head(gm, stream) or untied
         folded = 0
         for sn in stream.norms:
             folded += self._fold(gm, sn.norm, sn.readers)
@@ -93,8 +100,49 @@ class FoldNormsPass(Pass):
             gm.state.stream_centred = True
         gm.lint()
         gm.invalidate()
-        stats = {"norms": len(stream.norms), "folded": folded, "centred": centred, "untied": untied, "layernorms_to_rms": rewritten}
-        return PassResult(gm, modified=bool(folded or centred or untied or rewritten), stats=stats)
+        stats = {"norms": len(stream.norms), "folded": folded, "centred": centred, "untied": untied, "layernorms_to_rms": rewritten, "scales_folded": scaled}
+        return PassResult(gm, modified=bool(folded or centred or untied or rewritten or scaled), stats=stats)
+
+    # -------------------------------------------------------------- 0. constant factors on the stream
+    @staticmethod
+    def _fold_scales(gm: GraphModel, stream: ResidualStream) -> int:
+        """Fold ``writer * c`` into the writer (embedding table or Linear weight and bias) and drop the product.
+
+        A scaled embedding whose table the LM head shares is untied first (the head keeps the
+        unscaled table). A factor held in a model buffer (Gemma's ``embed_scale``) is set to 1,
+        so the model computes what the graph does; a factor written in the model's code
+        (Granite's multipliers) cannot be changed there, which is recorded as an export blocker.
+        """
+        lookups = {node for node, _ in stream.embeddings}
+        if any(sc.source in lookups for sc in stream.scales) and untie_lm_head(gm, stream):
+            stream = find_stream(gm)
+            lookups = {node for node, _ in stream.embeddings}
+        linears = {li.node: li for li in gm.linears}
+        graph = gm.gm.graph
+        for sc in stream.scales:
+            if sc.source in lookups:
+                table = str(sc.source.args[0].target)  # type: ignore[union-attr]
+                gm.set_weight(table, _w64(gm, table) * sc.factor)
+                what = table
+            else:
+                li = linears[sc.source]
+                gm.set_weight(li.weight, _w64(gm, li.weight) * sc.factor)
+                if li.bias is not None:
+                    gm.set_weight(li.bias, _w64(gm, li.bias) * sc.factor)
+                what = li.name
+            if sc.buffer is not None:
+                gm.set_weight(sc.buffer, torch.ones_like(gm.get_attr(sc.buffer)))
+            else:
+                add_export_blocker(
+                    gm, f"{q.module_path(sc.node) or gm.name}: the constant factor {sc.factor:g} was folded into {what}, "
+                    f"but transformers' {type(gm.model).__name__} still applies it in its code"
+                )
+            sc.node.replace_all_uses_with(sc.source)
+            graph.erase_node(sc.node)
+        gm.lint()
+        gm.invalidate()
+        log.info("%s: folded %d constant stream factors into their writers", gm.name, len(stream.scales))
+        return len(stream.scales)
 
     # -------------------------------------------------------------- 1. centring (LayerNorm only)
     @staticmethod
@@ -121,14 +169,14 @@ class FoldNormsPass(Pass):
         final = stream.final_norm
         if final is None or final.norm.weight is None:
             return False
-        if bool((gm.get_attr(final.norm.weight) == 1).all()) and final.norm.bias is None:
+        if bool((gm.get_attr(final.norm.weight) + final.norm.offset == 1).all()) and final.norm.bias is None:
             return False  # nothing to fold into the head
         return untie_lm_head(gm, stream)
 
     # -------------------------------------------------------------- 2. fold scale and bias
     @staticmethod
     def _fold(gm: GraphModel, norm: q.NormInfo, readers: list[q.LinearInfo]) -> int:
-        g = _w64(gm, norm.weight) if norm.weight is not None else None
+        g = _w64(gm, norm.weight) + norm.offset if norm.weight is not None else None
         beta = _w64(gm, norm.bias) if norm.bias is not None else None
         if beta is not None and not beta.any():
             beta = None
@@ -147,8 +195,8 @@ class FoldNormsPass(Pass):
                     )
             if g is not None:
                 gm.set_weight(li.weight, w * g)
-        if norm.weight is not None:
-            gm.set_weight(norm.weight, torch.ones_like(gm.get_attr(norm.weight)))
+        if norm.weight is not None:  # a unit scale: 1 - offset (0 for Gemma's 1 + w)
+            gm.set_weight(norm.weight, torch.full_like(gm.get_attr(norm.weight), 1.0 - norm.offset))
         if norm.bias is not None:
             gm.set_weight(norm.bias, torch.zeros_like(gm.get_attr(norm.bias)))
         return 1
@@ -159,6 +207,15 @@ class FoldNormsPass(Pass):
         graph = gm.gm.graph
         count = 0
         for sn in stream.norms:
+            if sn.norm.internals:  # written out: the centred stream makes y - mean(y) just y
+                mean, *subs = sn.norm.internals
+                for sub in subs:
+                    sub.replace_all_uses_with(sn.norm.input)
+                    graph.erase_node(sub)
+                if not mean.users:
+                    graph.erase_node(mean)
+                count += 1
+                continue
             ln = sn.norm.output
             if ln.target is not aten.layer_norm.default:
                 continue

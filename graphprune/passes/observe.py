@@ -115,14 +115,20 @@ class InsertObserversPass(Pass):
         mapping: dict[str, str] = dict(gm.state.observers)
         graph = gm.gm.graph
         added = 0
+        order = {n: i for i, n in enumerate(graph.nodes)}
         for value, group in q.group_by_input(linears).items():
             if all(li.name in mapping for li in group):
                 continue
             attr = f"{OBSERVER_PREFIX}{len([n for n in gm.gm._modules if n.startswith(OBSERVER_PREFIX)])}"
             gm.gm.add_submodule(attr, InputObserver(group[0].name, group[0].in_features, self.hessian))
-            with graph.inserting_after(value):
+            # placed at, and attributed to, the first reader: a Linear reading a value made in an
+            # earlier block (OLMo2's q/k/v read the stream itself) is observed in its own block's stage
+            first = min((li.node for li in group), key=order.__getitem__)
+            with graph.inserting_before(first):
                 obs = graph.call_module(attr, (value,))
             obs.meta = dict(value.meta)
+            if "nn_module_stack" in first.meta:
+                obs.meta["nn_module_stack"] = first.meta["nn_module_stack"]
             for li in group:
                 li.node.replace_input_with(value, obs)
                 mapping[li.name] = attr

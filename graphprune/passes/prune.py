@@ -103,6 +103,23 @@ class StageIO(Protocol):
     def leave(self, block: int, roots: list[torch.nn.Module]) -> None: ...  # after it is pruned and checkpointed
 
 
+def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
+    """The decoder blocks' weight matrices the pass left alone, each with why."""
+    routers = {li.param_name for li in gm.routers}
+    out = []
+    for name, p in gm.block_matrices().items():
+        if name in pruned:
+            continue
+        if name in routers:
+            reason = "MoE router: kept dense (pruning it changes which experts run)"
+        elif any(li.param_name == name for li in gm.linears):
+            reason = "excluded by the job's include/exclude or per-layer settings"
+        else:
+            reason = f"not an nn.Linear weight ({p.dim()}-D parameter, e.g. batched expert weights): graphprune cannot prune it yet"
+        out.append({"name": name, "shape": list(p.shape), "reason": reason})
+    return out
+
+
 class SequentialPrunePass(Pass):
     """Stage-wise calibration and pruning of every observed block Linear."""
 
@@ -243,11 +260,15 @@ class SequentialPrunePass(Pass):
             bar.close()
         total = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in layers)
         numel = sum(e["shape"][0] * e["shape"][1] for e in layers)
+        # every other weight matrix of the blocks counts as dense: nothing leaves the denominator
+        not_pruned = _not_pruned(gm, {li.param_name for li in gm.linears if li.name in {e["name"] for e in layers}})
+        numel += sum(int(torch.Size(e["shape"]).numel()) for e in not_pruned)
         report = {
             "method": self.config.method,
             "pattern": self.config.spec.pattern,
             "target_sparsity": self.config.spec.sparsity,
             "achieved_sparsity": total / numel if numel else 0.0,
+            "not_pruned": not_pruned,
             "calibration": list(tokens.shape),
             "layers": layers,
             "stages": stages,

@@ -206,7 +206,7 @@ def build_problem(gm: GraphModel, stream: ResidualStream, stats: StreamStats) ->
 def check_folded(gm: GraphModel, stream: ResidualStream) -> None:
     for sn in stream.norms:
         n = sn.norm
-        if n.weight is not None and not bool((gm.get_attr(n.weight) == 1).all()):
+        if n.weight is not None and not bool((gm.get_attr(n.weight) + n.offset == 1).all()):
             raise ConfigError(f"norm {n.name} still has a non-trivial scale; run FoldNormsPass before rotating.")
         if n.bias is not None and bool(gm.get_attr(n.bias).any()):
             raise ConfigError(f"norm {n.name} still has a bias; run FoldNormsPass before rotating.")

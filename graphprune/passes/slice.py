@@ -151,8 +151,15 @@ class SlicePass(Pass):
                 if p is not None and p.dim() == 1 and p.shape[0] == d and id(p) not in done:
                     done.add(id(p))
                     replace_tensor(gm, p, p.detach()[:keep])
-        # stream shape constants: view/reshape to [..., d]
-        for node in stream.nodes:
+        # stream shape constants: view/reshape to [..., d], on the stream and between norms and their readers
+        reshaped = list(stream.nodes)
+        frontier = [sn.norm.output for sn in stream.norms]
+        while frontier:
+            for user in frontier.pop().users:
+                if user.target in q._TRANSPARENT or user.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+                    reshaped.append(user)
+                    frontier.append(user)
+        for node in reshaped:
             if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
                 shape = list(node.args[1])  # type: ignore[arg-type]
                 if shape and shape[-1] == d:

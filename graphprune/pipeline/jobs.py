@@ -15,7 +15,7 @@ from graphprune.bench.latency import CASE_GROUPS, DEFAULT_RUNTIMES, RUNTIMES, Ca
 from graphprune.errors import ConfigError, ExportError, ModelLoadError
 from graphprune.kernels.regime import KERNEL_MODES
 from graphprune.models import DEFAULT_MODEL
-from graphprune.models.tiny import TINY_MODELS
+from graphprune.models.zoo import ALL_TINY as TINY_MODELS
 from graphprune.solvers import SparsitySpec
 
 FORMATS = ("onnx", "torchscript")
@@ -32,7 +32,7 @@ def check_model_spec(spec: str) -> None:
     if not Path(spec).expanduser().exists():
         raise ModelLoadError(
             f"model {spec!r} not found: give a model folder (e.g. one written by `graphprune prune --out`), "
-            f"a .gguf file, {DEFAULT_MODEL}, tiny-llama or tiny-opt."
+            f"a .gguf file, {DEFAULT_MODEL}, or a tiny test model ({', '.join(sorted(TINY_MODELS))})."
         )
 
 
