@@ -42,6 +42,7 @@ class PassState:
         stream_centred: FoldNormsPass made the residual stream zero-mean (LayerNorm models).
         kernels: Linear name -> kernel choice and candidate timings (RewriteKernelsPass).
         export_blockers: reasons the graph can no longer be saved as a Hugging Face folder.
+        adapters: names of the adapter Linears FoldNormsPass put behind post-block norms (kept dense).
     """
 
     observers: dict[str, str] = field(default_factory=dict)
@@ -55,6 +56,7 @@ class PassState:
     stream_centred: bool = False
     kernels: dict[str, dict[str, Any]] = field(default_factory=dict)
     export_blockers: list[str] = field(default_factory=list)
+    adapters: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -167,7 +169,8 @@ class GraphModel:
     def block_linears(self) -> list[q.LinearInfo]:
         """The Linears inside decoder blocks (the ones pruned by default); MoE routers excepted."""
         routers = {li.node for li in self.routers}
-        return [li for li in self.linears if li.block is not None and li.node not in routers]
+        adapters = set(self.state.adapters)
+        return [li for li in self.linears if li.block is not None and li.node not in routers and li.name not in adapters]
 
     @property
     def routers(self) -> list[q.LinearInfo]:

@@ -98,6 +98,8 @@ class ResidualStream:
         norms: the norms reading the stream, each with its reader Linears.
         lm_head: the Linear computing the logits (a reader of the final norm).
         scales: constant factors between writers and the stream (none once norms are folded).
+        post_norms: norms between a block's output and the stream (Gemma2's post-attention
+            norm); folding gives each an adapter Linear, which then writes the stream.
     """
 
     width: int
@@ -107,6 +109,7 @@ class ResidualStream:
     norms: list[StreamNorm]
     lm_head: q.LinearInfo | None
     scales: list[StreamScale] = field(default_factory=list)
+    post_norms: list[q.NormInfo] = field(default_factory=list)
 
     @property
     def readers(self) -> list[q.LinearInfo]:
@@ -208,7 +211,8 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     dataflow = gm.networkx()
     # stream values are [batch, seq, d] (or flattened [tokens, d]): a conversion of a scalar is not one
     candidates = {n.name for n in graph.nodes if n.op == "call_function" and n.target in STREAM_OPS and _rank(n) != 0}
-    candidates |= {ni.input.name for ni in norms}
+    # a norm on a Linear's output (OLMo2's q/k norms) must not join the Linear's input to the stream
+    candidates |= {ni.input.name for ni in norms if ni.input.target is not aten.linear.default}
     view = dataflow.subgraph(candidates)
     starts = {ni.input.name for ni in norms}
     members: set[str] = set()
@@ -228,8 +232,16 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     embeddings: list[tuple[Node, str]] = []
 
     scales: list[StreamScale] = []
+    post_norms: list[q.NormInfo] = []
+    norm_outputs = {ni.output: ni for ni in gm.norms if ni.input.name not in members}
 
     def source(src: Node, into: Node) -> None:
+        src = _through(src)  # a converted writer output (Gemma2 casts its post-norm output back)
+        post = norm_outputs.get(src)
+        if post is not None:
+            if all(p is not post for p in post_norms):
+                post_norms.append(post)
+            return
         scaled = _scaled(gm, src)
         if scaled is not None and (scaled[0] in linears or _is_lookup(scaled[0])):
             scales.append(StreamScale(src, scaled[0], scaled[1], scaled[2]))
@@ -292,11 +304,16 @@ def find_stream(gm: GraphModel) -> ResidualStream:
                 continue
             if user.target is aten.type_as.default and user.args[0] is not node:
                 continue  # read for its dtype only (Gemma's norms cast their output like their input)
+            if user.target is aten.linear.default:
+                raise ConfigError(
+                    f"{gm.name}: {q.module_path(user) or user.name} reads the residual stream ({node.name}) with no norm in between "
+                    "(a decoder without pre-norms, such as OLMo2); rotating such a stream is not supported yet."
+                )
             raise ConfigError(
                 f"{gm.name}: stream value {node.name} is read by {user.format_node()} "
                 f"({q.module_path(user) or 'no module'}) outside a norm; this architecture cannot be rotated."
             )
-    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales)
+    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms)
 
 
 # ---------------------------------------------------------------------------- weight surgery

@@ -29,9 +29,11 @@ import logging
 
 import torch
 from torch import Tensor
+from torch.fx import Node
 
 from graphprune.errors import ConfigError
 from graphprune.graph import queries as q
+from graphprune.graph.capture import ROOT
 from graphprune.graph.edit import add_export_blocker, add_linear_bias, get_attr_node, own_weight_target, set_config, set_module_parameter
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stream import ResidualStream, find_stream
@@ -82,6 +84,9 @@ class FoldNormsPass(Pass):
         scaled = self._fold_scales(gm, stream) if stream.scales else 0
         if scaled:
             stream = find_stream(gm)
+        adapted = self._adapt_post_norms(gm, stream) if stream.post_norms else 0
+        if adapted:
+            stream = find_stream(gm)
         kinds = stream.kinds
         if len(kinds) > 1:
             raise ConfigError(f"{gm.name}: the stream mixes {sorted(kinds)}; folding needs one norm kind.")
@@ -100,8 +105,52 @@ class FoldNormsPass(Pass):
             gm.state.stream_centred = True
         gm.lint()
         gm.invalidate()
-        stats = {"norms": len(stream.norms), "folded": folded, "centred": centred, "untied": untied, "layernorms_to_rms": rewritten, "scales_folded": scaled}
-        return PassResult(gm, modified=bool(folded or centred or untied or rewritten or scaled), stats=stats)
+        stats = {"norms": len(stream.norms), "folded": folded, "centred": centred, "untied": untied, "layernorms_to_rms": rewritten, "scales_folded": scaled,
+                 "post_norm_adapters": adapted}
+        return PassResult(gm, modified=bool(folded or centred or untied or rewritten or scaled or adapted), stats=stats)
+
+    # -------------------------------------------------------------- 0b. post-block norms
+    @staticmethod
+    def _adapt_post_norms(gm: GraphModel, stream: ResidualStream) -> int:
+        """Give each post-block norm an adapter Linear holding its scale: ``norm(y)·g -> linear(norm(y), diag(g))``.
+
+        A norm between a block's output projection and the residual add writes the stream
+        through its per-channel scale, which no rotation of the stream passes through. As a
+        ``d x d`` Linear (``diag(g)``, and the norm's bias as its bias) the scale becomes an
+        ordinary stream writer that rotation and slicing transform (SliceGPT's extra matrix);
+        the norm itself keeps only the scale-free normalisation, computed in the block's own
+        basis. Adapters stay dense (not pruned) and transformers' class has no place for them,
+        which is recorded as an export blocker.
+        """
+        graph = gm.gm.graph
+        count = 0
+        for ni in stream.post_norms:
+            out = ni.output
+            if ni.kind != "rmsnorm" or ni.internals or out.target is not aten.mul.Tensor or ni.weight is None:
+                raise ConfigError(
+                    f"{gm.name}: the post-block norm {ni.name} is a {ni.kind} without a separate scale multiplication; "
+                    "only scaled RMSNorms get adapters so far, so this architecture cannot be rotated."
+                )
+            normed = next(a for a in out.args if isinstance(a, Node) and q._norm_scale(gm.gm, a) is None)
+            g = _w64(gm, ni.weight) + ni.offset
+            set_module_parameter(gm, ni.name, "adapter", torch.diag(g).to(gm.get_attr(ni.weight).dtype))
+            target = f"{ROOT}.{ni.name}.adapter"
+            with graph.inserting_before(out):
+                weight = get_attr_node(gm, target)
+                lin = graph.call_function(aten.linear.default, (normed, weight))
+            lin.meta = {k: v for k, v in out.meta.items()}
+            out.replace_all_uses_with(lin)
+            graph.erase_node(out)
+            gm.state.adapters.append(ni.name)
+            add_export_blocker(
+                gm, f"{ni.name}: the post-block norm's scale became a {g.numel()}x{g.numel()} adapter matrix, "
+                f"which transformers' {type(gm.model).__name__} has no place for"
+            )
+            count += 1
+        gm.lint()
+        gm.invalidate()
+        log.info("%s: %d post-block norms got adapter Linears", gm.name, count)
+        return count
 
     # -------------------------------------------------------------- 0. constant factors on the stream
     @staticmethod

@@ -106,12 +106,15 @@ class StageIO(Protocol):
 def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
     """The decoder blocks' weight matrices the pass left alone, each with why."""
     routers = {li.param_name for li in gm.routers}
+    adapters = {f"{name}.adapter" for name in gm.state.adapters}
     out = []
     for name, p in gm.block_matrices().items():
         if name in pruned:
             continue
         if name in routers:
             reason = "MoE router: kept dense (pruning it changes which experts run)"
+        elif name in adapters:
+            reason = "adapter of a post-block norm (added by norm folding): kept dense"
         elif any(li.param_name == name for li in gm.linears):
             reason = "excluded by the job's include/exclude or per-layer settings"
         else:

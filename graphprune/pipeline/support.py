@@ -39,13 +39,13 @@ CORE = ("capture", "wanda", "pca", "onnx")
 
 
 _STREAM = (*ROTATIONS, "slice")
-_POST_NORM = "post-block norms (a scaled norm between a block's output projection and the residual add) need an adapter matrix, not built yet"
+_NO_PRE_NORM = "Linears read the residual stream with no norm in between (no pre-norms); rotating such a stream is not built yet"
 _EXPERTS = "expert weights are batched 3-D parameters, not nn.Linear: reported as not pruned and counted, not pruned yet"
 #: What does not work yet, and why: (family, capability) -> reason. The tests expect exactly
 #: these to fail with a clear error; the benchmark flags any cell that disagrees.
 GAPS: dict[tuple[str, str], str] = {
-    **{(f, c): _POST_NORM for f in ("olmo2", "gemma2", "gemma3") for c in _STREAM},
-    **{("bloom", c): "the embedding LayerNorm writes the stream through a scaled norm; needs an adapter matrix, not built yet" for c in _STREAM},
+    **{("olmo2", c): _NO_PRE_NORM for c in _STREAM},
+    **{("bloom", c): "the stream starts at a LayerNorm of the embedding, not at the embedding; not built yet" for c in _STREAM},
     **{(f, c): _EXPERTS for f in ("mixtral", "qwen2_moe") for c in (*SOLVERS, "2:4")},
     **{(f, c): "the routed sum of the experts writes the stream; rotating expert weights is not built yet" for f in ("mixtral", "qwen2_moe") for c in _STREAM},
     **{(f, "onnx"): "torch.onnx cannot convert the data-dependent expert loop" for f in ("mixtral", "qwen2_moe")},

@@ -69,6 +69,7 @@ def test_wanda_prunes_every_block_matrix_and_the_folder_reloads(captured, tmp_pa
     # the achieved sparsity counts every matrix of the blocks, pruned or not
     assert report["achieved_sparsity"] == pytest.approx(zeros / total, abs=1e-3)
     if ZOO[name].moe:
+        assert len(routers) == 2  # one router per block, found from the graph (it feeds a top-k)
         experts = [n for n, e in skipped.items() if n not in routers]
         assert experts and all("cannot prune" in skipped[n]["reason"] for n in experts)
         assert report["achieved_sparsity"] < 0.45
@@ -89,6 +90,9 @@ def test_pca_rotation_keeps_the_logits_or_names_the_gap(captured) -> None:
     if gap is None:
         gm = pm.run(gm)
         assert relative_diff(gm(IDS), reference) <= 1e-4
+        if name in ("gemma2", "gemma3"):  # post-block norms: one dense adapter each, and the folder is graph-only
+            assert len(gm.state.adapters) == 4 and not set(gm.state.adapters) & {li.name for li in gm.block_linears()}
+            assert any("adapter" in reason for reason in gm.state.export_blockers)
     else:  # a known gap: a clear error naming the model, nothing changed
         with pytest.raises(GraphPruneError, match=f"tiny-{name}"):
             pm.run(gm)
