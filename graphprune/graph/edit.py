@@ -122,12 +122,24 @@ def text_config(model: nn.Module) -> Any:
     return getter() if callable(getter) else cfg
 
 
-def set_config(model: nn.Module, **values: Any) -> None:
-    """Set config attributes on the model's config and its text config (multimodal wrappers)."""
+def set_config(model: nn.Module, **values: Any) -> list[str]:
+    """Set config attributes on the model's config and its text config (multimodal wrappers).
+
+    Returns:
+        The keys the config derives (a read-only property, such as Falcon's ``head_dim``) and
+        that would now read a different value: the config cannot state them.
+    """
     configs = [getattr(model, "config", None), text_config(model)]
+    unset: list[str] = []
     for c in {id(c): c for c in configs if c is not None}.values():
         for key, value in values.items():
+            prop = getattr(type(c), key, None)
+            if isinstance(prop, property) and prop.fset is None:
+                if key not in unset and getattr(c, key) != value:
+                    unset.append(key)
+                continue
             setattr(c, key, value)
+    return unset
 
 
 def parameter_count(model: nn.Module) -> int:

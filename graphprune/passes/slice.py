@@ -33,7 +33,7 @@ import torch
 
 from graphprune.errors import ConfigError
 from graphprune.graph import queries as q
-from graphprune.graph.edit import parameter_count, replace_parameter, replace_tensor, set_config
+from graphprune.graph.edit import add_export_blocker, parameter_count, replace_parameter, replace_tensor, set_config
 from graphprune.graph.model import GraphModel
 from graphprune.graph.stream import ResidualStream, find_stream
 from graphprune.passes.fold_norms import untie_lm_head
@@ -178,7 +178,12 @@ class SlicePass(Pass):
                     values[key] = getattr(cfg, key) * eps_scale
             if getattr(cfg, "word_embed_proj_dim", None) == d:  # OPT
                 values["word_embed_proj_dim"] = keep
-        set_config(gm.model, **values)
+        unset = set_config(gm.model, **values)
+        if unset:
+            add_export_blocker(
+                gm, f"{type(cfg).__name__} derives {', '.join(unset)} from the width, so its config cannot state the sliced model's "
+                f"{', '.join(f'{k}={values[k]}' for k in unset)}"
+            )
 
 
 def _eps_node(x: torch.fx.Node) -> torch.fx.Node:
