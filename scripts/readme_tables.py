@@ -306,6 +306,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "decode_kernels": decode_kernels,
     "shipped": shipped,
     "deploy": deploy,
+    "zoo": zoo,
     "structured": structured,
     "structured_layers": structured_layers,
 }
