@@ -107,6 +107,7 @@ def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
     """The decoder blocks' weight matrices the pass left alone, each with why."""
     routers = {li.param_name for li in gm.routers}
     adapters = {f"{name}.adapter" for name in gm.state.adapters}
+    linear_params = {li.param_name for li in gm.linears}
     out = []
     for name, p in gm.block_matrices().items():
         if name in pruned:
@@ -115,7 +116,7 @@ def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
             reason = "MoE router: kept dense (pruning it changes which experts run)"
         elif name in adapters:
             reason = "adapter of a post-block norm (added by norm folding): kept dense"
-        elif any(li.param_name == name for li in gm.linears):
+        elif name in linear_params:
             reason = "excluded by the job's include/exclude or per-layer settings"
         else:
             reason = f"not an nn.Linear weight ({p.dim()}-D parameter, e.g. batched expert weights): graphprune cannot prune it yet"
@@ -264,7 +265,8 @@ class SequentialPrunePass(Pass):
         total = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in layers)
         numel = sum(e["shape"][0] * e["shape"][1] for e in layers)
         # every other weight matrix of the blocks counts as dense: nothing leaves the denominator
-        not_pruned = _not_pruned(gm, {li.param_name for li in gm.linears if li.name in {e["name"] for e in layers}})
+        done = {e["name"] for e in layers}
+        not_pruned = _not_pruned(gm, {li.param_name for li in gm.linears if li.name in done})
         numel += sum(int(torch.Size(e["shape"]).numel()) for e in not_pruned)
         report = {
             "method": self.config.method,

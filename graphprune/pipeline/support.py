@@ -120,9 +120,10 @@ def _prune(family: str, work: Path, method: str, pattern: str = "unstructured") 
     outcome = run_prune(job, progress=False)
     gm = outcome.gm
     routers = {li.param_name for li in gm.routers}
-    matrices = {n: w.detach() for n, w in gm.block_matrices().items() if n not in routers}
+    every = gm.block_matrices()
+    matrices = {n: w.detach() for n, w in every.items() if n not in routers}
     for name in routers:
-        if bool((gm.block_matrices()[name] == 0).any()):
+        if bool((every[name] == 0).any()):
             raise CheckFailed(f"the router {name} was pruned; routers stay dense")
     low = {n: float((w == 0).float().mean()) for n, w in matrices.items() if float((w == 0).float().mean()) < 0.49}
     if low:
