@@ -58,30 +58,36 @@ def cli_for(job: PruneJob) -> str:
 def run_dense(run: Run) -> dict[str, Any]:
     """The unpruned model's perplexity, as ``graphprune eval --model smollm2-135m --json`` gives it."""
     res = run_eval(EvalJob(model=MODEL), progress=True)
-    return run.stamp({k: res[k] for k in ("model", "ppl", "nll", "tokens", "seconds", "eval_seconds")},
-                     cli=f"graphprune eval --model {MODEL} --json")
+    row = {k: res[k] for k in ("model", "ppl", "nll", "tokens", "seconds", "eval_seconds")}
+    row["ppl_news"] = res["texts"]["news"]["ppl"]
+    return run.stamp(row, cli=f"graphprune eval --model {MODEL} --json")
 
 
 def run_config(name: str, run: Run) -> dict[str, Any]:
     job = job_for(name)
     rep = run_prune(job, progress=True).report
-    row = {"ppl": rep["ppl"], "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["prune_seconds"],
+    row = {"ppl": rep["ppl"], "ppl_news": rep["eval"]["news"]["ppl"], "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["prune_seconds"],
            "mean_rel_error": sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"])}
     # no peak RSS here: it is the whole process's, which ran earlier configurations too
     return run.stamp(row, cli=cli_for(job))
 
 
 def write_table(rows: dict, dense: dict | None) -> str:
-    lines = ["| configuration | perplexity | achieved sparsity | prune s | mean layer rel. error | commit | date | load (start / end) |",
-             "|---|---:|---:|---:|---:|---|---|---|"]
+    lines = ["| configuration | perplexity pydoc | perplexity news | achieved sparsity | prune s | mean layer rel. error | commit | date | load (start / end) |",
+             "|---|---:|---:|---:|---:|---:|---|---|---|"]
     if dense:
-        lines.append(f"| dense | {dense['ppl']:.3f} | 0 | - | - | {provenance_cells(dense)} |")
+        lines.append(f"| dense | {dense['ppl']:.3f} | {news_cell(dense)} | 0 | - | - | {provenance_cells(dense)} |")
     order = [n for n in DEFAULT_ORDER if n in rows] + [n for n in rows if n not in DEFAULT_ORDER]
     for name in order:
         r = rows[name]
-        lines.append(f"| {name} | {r['ppl']:.3f} | {r['achieved_sparsity']:.4f} | {r['prune_seconds']:.1f} | "
+        lines.append(f"| {name} | {r['ppl']:.3f} | {news_cell(r)} | {r['achieved_sparsity']:.4f} | {r['prune_seconds']:.1f} | "
                      f"{r['mean_rel_error']:.4f} | {provenance_cells(r)} |")
     return "\n".join(lines)
+
+
+def news_cell(row: dict[str, Any]) -> str:
+    """The second text's perplexity; '-' for rows measured before it was part of the protocol."""
+    return f"{row['ppl_news']:.3f}" if "ppl_news" in row else "-"
 
 
 def provenance_cells(row: dict[str, Any]) -> str:
@@ -108,7 +114,7 @@ def write_grid(rows: dict) -> str:
         cells = []
         for p in PATTERN_ORDER:
             r = rows.get(f"{m} {p}")
-            cells.append(f"{r['ppl']:.3f}" if r else ("n/a" if m == "proximal" and p != "2:4" else "-"))
+            cells.append(f"{r['ppl']:.3f} / {news_cell(r)}" if r else ("n/a" if m == "proximal" and p != "2:4" else "-"))
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -129,8 +135,9 @@ def render(rows: dict) -> str:
         "the commit it was measured at (`+dirty`: with uncommitted changes to the code), the date and the load average; "
         "the commands are listed below the table.",
         "",
-        (f"Perplexity (dense {dense['ppl']:.3f}); `-` not measured yet, `n/a` not applicable (the proximal "
-         "regulariser induces 2:4 only):") if dense else "Perplexity:",
+        (f"Perplexity on the protocol text / on the second text, news prose (dense {dense['ppl']:.3f} / {news_cell(dense)}); "
+         "`-` not measured yet (rows measured before the second text joined the protocol have the first figure only), "
+         "`n/a` not applicable (the proximal regulariser induces 2:4 only):") if dense else "Perplexity:",
         "",
         write_grid(rows),
         "",

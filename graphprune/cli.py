@@ -26,8 +26,15 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-remote-code", action="store_true", help="allow a model folder's own Python code")
 
 
-def _add_text(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--text", nargs="*", default=(), metavar="FILE", help="UTF-8 text files instead of the built-in text")
+def _add_text(p: argparse.ArgumentParser, evaluating: bool = False) -> None:
+    if evaluating:
+        p.add_argument("--text", nargs="*", default=(), metavar="FILE|NAME",
+                       help="texts to evaluate on: UTF-8 files or built-in names (pydoc, news); default: pydoc and news")
+        return
+    p.add_argument("--text", nargs="*", default=(), metavar="FILE|NAME",
+                   help="calibration texts: UTF-8 files or built-in names (pydoc, news); default: pydoc (the protocol text)")
+    p.add_argument("--text-weights", nargs="*", type=float, default=(), metavar="W",
+                   help="share of the calibration segments drawn from each --text entry (default: equal shares)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -43,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", parents=[common], help="perplexity per the protocol (of a model, or of an exported .onnx / .pt file)")
     _add_model(p)
-    _add_text(p)
+    _add_text(p, evaluating=True)
     p.add_argument("--eval-len", type=int, default=512, help="window length (default 512)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
@@ -68,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
     p.add_argument("--eval", action="store_true", help="also report perplexity per the protocol")
     p.add_argument("--eval-len", type=int, default=512, help="perplexity window length (default 512)")
+    p.add_argument("--eval-text", nargs="*", default=(), metavar="FILE|NAME",
+                   help="texts --eval scores (default: the --text files, else pydoc and news)")
     p.add_argument("--out", default=None, help="output model folder (default out/<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job from its checkpoint")
@@ -234,7 +243,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{res['model']}: perplexity {res['ppl']:.3f} over {res['tokens']} tokens ({res['seconds']:.1f}s)")
+        texts = "; ".join(f"{name} {r['ppl']:.3f} over {r['tokens']} tokens" for name, r in res["texts"].items())
+        print(f"{res['model']}: perplexity {texts} ({res['seconds']:.1f}s)")
     return 0
 
 
@@ -262,9 +272,11 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         text=args.text,
+        text_weights=args.text_weights,
         overwrite=args.overwrite,
         evaluate=args.eval,
         eval_len=args.eval_len,
+        eval_text=args.eval_text,
         trust_remote_code=args.trust_remote_code,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
@@ -319,7 +331,10 @@ def _report_json(args: argparse.Namespace, rep: dict[str, Any]) -> bool:
 
 
 def _summary(rep: dict[str, Any]) -> str:
-    ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
+    if "eval" in rep:
+        ppl = ", perplexity " + ", ".join(f"{name} {r['ppl']:.3f}" for name, r in rep["eval"].items())
+    else:
+        ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
     return f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}"
 
 

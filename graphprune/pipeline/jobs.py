@@ -41,7 +41,7 @@ class EvalJob:
     """Everything ``graphprune eval`` needs."""
 
     model: str = DEFAULT_MODEL
-    text: Sequence[str] = ()
+    text: Sequence[str] = ()  # texts to evaluate on: files or built-in names (default: pydoc and news)
     eval_len: int = 512
     batch_size: int = 4
     trust_remote_code: bool = False
@@ -65,11 +65,13 @@ class PruneJob:
     calib_len: int = 512
     seed: int = 0
     batch_size: int = 8
-    text: Sequence[str] = ()
+    text: Sequence[str] = ()  # calibration texts: files or built-in names (default: the protocol text, pydoc)
+    text_weights: Sequence[float] = ()  # share of the calibration segments per text (default: equal shares)
     out: str | None = None
     overwrite: bool = False
     evaluate: bool = False
     eval_len: int = 512
+    eval_text: Sequence[str] = ()  # texts to evaluate on (default: the --text files, else pydoc and news)
     trust_remote_code: bool = False
     checkpoint: bool = True  # save each finished stage (in checkpoint_dir or <out>.ckpt) until the output is written
     checkpoint_dir: str | None = None
@@ -92,6 +94,23 @@ class PruneJob:
         return not (
             self.sparsity is None and self.pattern.strip().lower() == "unstructured" and bool(self.rotation or self.slicing or self.structured)
         )
+
+    def check_texts(self) -> None:
+        """Validate the text settings (files or built-in names, one weight per text) before anything is loaded."""
+        from graphprune.data import BUILTIN_TEXTS, calibration_shares
+
+        specs = list(self.text) + (list(self.eval_text) if self.evaluate else [])
+        for spec in specs:
+            if not Path(spec).is_file() and str(spec) not in BUILTIN_TEXTS:
+                raise ConfigError(
+                    f"text {str(spec)!r} is neither an existing file nor a built-in text ({', '.join(BUILTIN_TEXTS)}); "
+                    "pass UTF-8 text files or built-in names with --text / --eval-text."
+                )
+        if self.text_weights:
+            count = len(self.text) or 1
+            if len(self.text_weights) != count:
+                raise ConfigError(f"--text-weights gives {len(self.text_weights)} weights for {count} calibration texts; give one weight per --text entry.")
+            calibration_shares(self.calib_samples, list(self.text_weights))
 
     def check_structured(self) -> None:
         """Validate the structured-pruning fields (fraction, method) before anything is loaded."""

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from graphprune.data import TokenSplits, read_texts
+from graphprune.data import PROTOCOL_EVAL_TEXTS, TextSplits, load_texts
 from graphprune.distributed import current
 from graphprune.errors import ConfigError, ExportError, ModelLoadError
 from graphprune.eval import perplexity, sharded_perplexity
@@ -63,6 +63,7 @@ class PrunePlan:
         prunes = job.prunes()
         spec = job.spec() if prunes else SparsitySpec(0.0)
         solver = get_solver(job.method)  # unknown method -> clear error before loading anything
+        job.check_texts()
         return cls(rotation, prunes, spec, parse_rules(job.overrides, spec), solver)
 
 
@@ -79,8 +80,42 @@ def check_length(loaded: LoadedModel, length: int, what: str) -> None:
         raise ConfigError(f"{what} {length} exceeds {loaded.name}'s context of {limit} tokens; use a length <= {limit}.")
 
 
-def _splits(loaded: LoadedModel, text: Sequence[str]) -> TokenSplits:
-    return TokenSplits.from_text(loaded.tokenizer, read_texts(text) if text else None)
+def _splits(loaded: LoadedModel, text: Sequence[str]) -> TextSplits:
+    return TextSplits.from_texts(loaded.tokenizer, load_texts(text))
+
+
+def eval_text_specs(text: Sequence[str], eval_text: Sequence[str] = ()) -> list[str]:
+    """The texts a run evaluates on: ``eval_text`` if given, else the run's own ``--text``
+    files, else the protocol's two texts (``pydoc`` then ``news``)."""
+    return list(eval_text) or list(text) or list(PROTOCOL_EVAL_TEXTS)
+
+
+def evaluate_texts(
+    logits_fn: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    specs: Sequence[str],
+    length: int,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Protocol perplexity on each text's evaluation split (sharded across ranks under torchrun).
+
+    Returns the first text's ``ppl``, ``nll`` and ``tokens`` at the top level (the headline
+    figure) and every text's under ``texts``: ``{name: {"ppl", "nll", "tokens"}}``.
+    """
+    windows = TextSplits.from_texts(tokenizer, load_texts(specs)).eval_windows(length)
+    dist = current()
+    texts: dict[str, dict[str, Any]] = {}
+    seconds = 0.0
+    for name, w in windows.items():
+        if dist.active:
+            res = sharded_perplexity(logits_fn, w, dist, progress=progress and dist.is_main)
+        else:
+            res = perplexity(logits_fn, w, batch_size=batch_size, progress=progress)
+        seconds += res["seconds"]
+        texts[name] = {"ppl": res["ppl"], "nll": res["nll"], "tokens": res["tokens"]}
+    first = next(iter(texts.values()))
+    return {**first, "seconds": seconds, "texts": texts}
 
 
 EXPORTED_SUFFIXES = (".onnx", ".pt")
@@ -96,18 +131,13 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
     t0 = time.perf_counter()
     loaded = load_model(job.model, trust_remote_code=job.trust_remote_code)
     check_length(loaded, job.eval_len, "--eval-len")
-    splits = _splits(loaded, job.text)
     model = loaded.model
 
     def logits(ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids, use_cache=False).logits
 
-    dist = current()
     with torch.no_grad():
-        if dist.active:
-            res = sharded_perplexity(logits, splits.eval_windows(job.eval_len), dist, progress=progress and dist.is_main)
-        else:
-            res = perplexity(logits, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+        res = evaluate_texts(logits, loaded.tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress)
     return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
 
 
@@ -135,9 +165,8 @@ def _eval_generation(job: EvalJob, progress: bool) -> dict[str, Any]:
             out.append(logits[:, -1].float())
         return torch.stack(out, dim=1)
 
-    splits = TokenSplits.from_text(tokenizer, read_texts(job.text) if job.text else None)
     with torch.no_grad():
-        res = perplexity(logits_fn, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+        res = evaluate_texts(logits_fn, tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress)
     runtime = "onnxruntime (CPUExecutionProvider)" if desc["format"] == "onnx" else "torch.jit.load"
     return {"model": folder.name, "runtime": f"{runtime}, token by token with the KV cache", **res,
             "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
@@ -185,9 +214,8 @@ def _eval_file(job: EvalJob, progress: bool) -> dict[str, Any]:
             return out
 
         runtime = "torch.jit.load"
-    splits = TokenSplits.from_text(tokenizer, read_texts(job.text) if job.text else None)
     with torch.no_grad():
-        res = perplexity(logits_fn, splits.eval_windows(job.eval_len), batch_size=job.batch_size, progress=progress)
+        res = evaluate_texts(logits_fn, tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress)
     return {"model": path.name, "runtime": runtime, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
 
 
@@ -236,7 +264,7 @@ def run_prune(
     if job.evaluate:
         check_length(loaded, job.eval_len, "--eval-len")
     splits = _splits(loaded, job.text)
-    calib = splits.calibration(job.calib_samples, job.calib_len, job.seed)
+    calib = splits.calibration(job.calib_samples, job.calib_len, job.seed, list(job.text_weights) or None)
     checkpoint = open_checkpoint(job, calib) if dist.is_main else None
     t_load = time.perf_counter()
     parameters_before = parameter_count(loaded.model)
@@ -274,8 +302,9 @@ def run_prune(
         if gm.state.structured is not None:
             report["structured"] = gm.state.structured
         if job.evaluate:
-            res = sharded_perplexity(gm, splits.eval_windows(job.eval_len), dist, progress=progress)
-            report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2)})
+            res = evaluate_texts(gm, loaded.tokenizer, eval_text_specs(job.text, job.eval_text), job.eval_len, 4, progress)
+            report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2),
+                           "eval": {name: {"ppl": r["ppl"], "tokens": r["tokens"]} for name, r in res["texts"].items()}})
         if dist.active:
             report["processes"] = dist.world
         report["total_seconds"] = round(time.perf_counter() - t0, 2)

@@ -56,7 +56,9 @@ class Recipe(RecipeModel):
     version: Annotated[int, checked(_check_version)] = Field(VERSION, description="recipe format version")
     model: str = Field(description="smollm2-135m, tiny-llama, tiny-opt, a Hugging Face folder or a .gguf file")
     trust_remote_code: bool = Field(False, description="allow a model folder's own Python code")
-    text: Annotated[list[str], OneOrMore] = Field(default_factory=list, description="UTF-8 text files (default: the built-in text)")
+    text: Annotated[list[str], OneOrMore] = Field(
+        default_factory=list, description="calibration texts: UTF-8 files or built-in names pydoc, news (default: pydoc)"
+    )
     calibration: Calibration = Field(default_factory=Calibration, description="calibration segments of the text")
     rotate: Rotate | None = Field(None, description="fold the norms and rotate the residual stream before pruning")
     slice: Annotated[float, checked(_check_slice)] = Field(0.0, description="fraction of the rotated stream to drop (SliceGPT; implies rotate pca)")
@@ -125,6 +127,7 @@ class Recipe(RecipeModel):
             "calib_len": c.length,
             "seed": c.seed,
             "batch_size": c.batch_size,
+            "text_weights": tuple(c.text_weights),
             "method": p.method,
             "sparsity": p.sparsity,
             "pattern": p.pattern,
@@ -140,6 +143,7 @@ class Recipe(RecipeModel):
         }
         if self.eval is not None:
             fields["eval_len"] = self.eval.length
+            fields["eval_text"] = tuple(self.eval.texts)
         if self.rotate is not None:
             fields.update(rotation=self.rotate.method, rotation_options=dict(self.rotate.options), rotation_samples=self.rotate.samples)
         if self.slice:
@@ -160,7 +164,10 @@ class Recipe(RecipeModel):
             "model": job.model,
             "trust_remote_code": job.trust_remote_code,
             "text": list(job.text),
-            "calibration": {"samples": job.calib_samples, "length": job.calib_len, "seed": job.seed, "batch_size": job.batch_size},
+            "calibration": {
+                "samples": job.calib_samples, "length": job.calib_len, "seed": job.seed, "batch_size": job.batch_size,
+                "text_weights": list(job.text_weights),
+            },
             "rotate": rotate,
             "slice": job.slicing,
             "structured": (
@@ -172,7 +179,7 @@ class Recipe(RecipeModel):
                 "method": job.method, "sparsity": job.sparsity, "pattern": job.pattern, "overrides": dict(job.overrides),
                 "options": dict(job.options), "refine": refine,
             },
-            "eval": {"length": job.eval_len} if job.evaluate else None,
+            "eval": {"length": job.eval_len, "texts": list(job.eval_text)} if job.evaluate else None,
             "output": {"dir": job.out, "overwrite": job.overwrite, "checkpoint": job.checkpoint, "checkpoint_dir": job.checkpoint_dir, "lazy": job.lazy},
         }
 
@@ -210,7 +217,7 @@ class Recipe(RecipeModel):
         """The recipe of a Python pipeline job, plus other sections (``export=..., bench=...``: models or plain data)."""
         recipe = cls.from_dict({**cls.job_sections(job), **sections}, "<PruneJob>")
         back, wanted = asdict(recipe.to_job()), asdict(job)
-        ignored = {"resume"} | (set() if job.evaluate else {"eval_len"})  # a run-time flag; an unused setting
+        ignored = {"resume"} | (set() if job.evaluate else {"eval_len", "eval_text"})  # a run-time flag; an unused setting
         lost = sorted(k for k in wanted if k not in ignored and back[k] != wanted[k])
         if lost:
             raise RecipeError(f"the recipe schema cannot express PruneJob field(s) {lost}; add a section for them (docs/RECIPES.md).")

@@ -41,6 +41,9 @@ class Calibration(RecipeModel):
     length: int = Field(512, ge=2, description="tokens per sequence")
     seed: int = Field(0, description="seed of the sampling offsets (and of the tiny test models)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    text_weights: Annotated[list[float], OneOrMore] = Field(
+        default_factory=list, description="share of the segments drawn from each text (default: equal shares)"
+    )
 
 
 class Refine(RecipeModel):
@@ -108,6 +111,9 @@ class Eval(RecipeModel):
     """Perplexity per the protocol after pruning."""
 
     length: int = Field(512, ge=2, description="window length in tokens")
+    texts: Annotated[list[str], OneOrMore] = Field(
+        default_factory=list, description="texts to score: files or built-in names (default: the recipe's text, else pydoc and news)"
+    )
 
 
 class Output(RecipeModel):

@@ -160,6 +160,18 @@ _Dumper.yaml_implicit_resolvers = {
     for ch in set(_Loader.yaml_implicit_resolvers) | set(yaml.SafeLoader.yaml_implicit_resolvers)
 }
 
+# Unicode line breaks (NEL, LS, PS) are folded to spaces inside plain and single-quoted
+# scalars; a double-quoted scalar escapes them, so such strings read back unchanged.
+_LINE_BREAKS = ("\x85", "\u2028", "\u2029")
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    style = '"' if any(ch in value for ch in _LINE_BREAKS) else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_Dumper.add_representer(str, _represent_str)
+
 
 def dump_yaml(data: Any) -> str:
     """YAML text that :func:`load_yaml` reads back to ``data`` (keys kept in the given order)."""
