@@ -93,6 +93,7 @@ def run_config(name: str, run: Run, save_sliced: Path | None = None) -> dict[str
         "slicing": slicing,
         "method": method or "none",
         "ppl": rep["ppl"],
+        "ppl_news": rep["eval"]["news"]["ppl"],
         "achieved_sparsity": rep["achieved_sparsity"],
         "prune_seconds": rep["prune_seconds"],
         "rotation_seconds": rep.get("rotation_seconds", 0.0),
@@ -101,9 +102,12 @@ def run_config(name: str, run: Run, save_sliced: Path | None = None) -> dict[str
         "parameters_before": rep["parameters_before"],
         "parameters_after": rep["parameters_after"],
     }
-    learned = {k: v for k, v in (rep.get("rotation") or {}).items() if k in ("objective", "steps", "lr", "blocks_per_step", "init", "score")}
-    if learned:
-        row["learned"] = learned
+    info = rep.get("rotation") or {}
+    if info.get("source") == "learned":
+        row["learned"] = {
+            "objective": [info["objective_initial"], info["objective_final"]], "steps": info["steps"], "init": info["init"],
+            "score": info["mask_score"], **{k: info[k] for k in ("holdout", "heldout_objective", "best_step", "stopped_at") if k in info},
+        }
     if out is not None:  # end to end: the folder written by the pipeline reproduces the graph
         reloaded = load_model(str(out))
         probe = torch.randint(0, outcome.gm.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
@@ -112,6 +116,10 @@ def run_config(name: str, run: Run, save_sliced: Path | None = None) -> dict[str
         row["reload_rel_diff"] = relative_diff(again, outcome.gm(probe))
         row["reload_parameters"] = parameter_count(reloaded.model)
     return run.stamp(row, cli=cli_for(job))
+
+
+def _news(row: dict[str, Any]) -> str:
+    return f"{row['ppl_news']:.3f}" if "ppl_news" in row else "-"
 
 
 def _commit(row: dict[str, Any]) -> str:
@@ -131,31 +139,42 @@ def write_markdown(rows: dict[str, Any], meta: dict[str, Any]) -> None:
         "(statistics pass + PCA; learned adds Cayley SGD); `prune s` is the configuration's pass pipeline "
         "(fold, rotate, slice, calibrate, prune).",
         "",
-        "| configuration | width | perplexity | vs. same method unrotated | sparsity | prune s | rotation s | parameters | commit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "Perplexity on the protocol text (`pydoc`, the calibration text's held-out split) and on the second text "
+        "(`news`, English news prose nothing is fitted on); `-`: measured before the second text joined the protocol.",
+        "",
+        "| configuration | width | perplexity pydoc | vs. same method unrotated | perplexity news | vs. same method unrotated | sparsity | prune s | rotation s "
+        "| parameters | commit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     if dense:
-        lines.append(f"| dense | 576 | {dense['ppl']:.3f} | - | 0 | - | - | {meta.get('dense_parameters', 0):,} | {_commit(dense)} |")
+        lines.append(f"| dense | 576 | {dense['ppl']:.3f} | - | {_news(dense)} | - | 0 | - | - | {meta.get('dense_parameters', 0):,} | {_commit(dense)} |")
     for name in CONFIGS:
         r = rows.get(name)
         if r is None and name in baseline:
             b = baseline[name]
-            lines.append(f"| {name} † | 576 | {b['ppl']:.3f} | - | {b['achieved_sparsity']:.3f} | {b['prune_seconds']:.0f} | 0 | "
+            lines.append(f"| {name} † | 576 | {b['ppl']:.3f} | - | {_news(b)} | - | {b['achieved_sparsity']:.3f} | {b['prune_seconds']:.0f} | 0 | "
                          f"{meta.get('dense_parameters', 0):,} | {_commit(b)} |")
             continue
         if r is None:
             continue
         base = (rows.get(f"{r['method']} 50%") or baseline.get(f"{r['method']} 50%")) if r["rotation"] != "none" and r["method"] != "none" else None
         delta = f"{(r['ppl'] / base['ppl'] - 1) * 100:+.1f}%" if base else "-"
+        delta_news = f"{(r['ppl_news'] / base['ppl_news'] - 1) * 100:+.1f}%" if base and "ppl_news" in r and "ppl_news" in base else "-"
         lines.append(
-            f"| {name} | {r['width']} | {r['ppl']:.3f} | {delta} | {r['achieved_sparsity']:.3f} | {r['prune_seconds']:.0f} | "
+            f"| {name} | {r['width']} | {r['ppl']:.3f} | {delta} | {_news(r)} | {delta_news} | {r['achieved_sparsity']:.3f} | {r['prune_seconds']:.0f} | "
             f"{r['rotation_seconds']:.0f} | {r['parameters_after']:,} | {_commit(r)} |"
         )
     for row_name, key, what in (("learned + wanda 50%", "learned", "for Wanda (masked-weight error of Wanda masks)"),
                                 ("learned + sparsegpt 50%", "learned-obs",
                                  "for SparseGPT (Optimal Brain Surgeon saliency w²/[H⁻¹]_jj of the dropped weights)")):
         lm = (rows.get(row_name) or {}).get("learned") or meta.get(key)  # older rows kept it in meta
-        if lm and "objective" in lm:
+        if lm and "heldout_objective" in lm:
+            trace = ", ".join(f"{step}: {value:.5f}" for step, value in lm["heldout_objective"])
+            lines += ["", f"Learned rotation {what}: {lm['init']} start, up to {lm['steps']} Cayley SGD steps on "
+                      f"{1 - lm['holdout']:.0%} of the calibration sequences; held-out objective (step: value) {trace}; "
+                      f"stopped at step {lm['stopped_at']}, kept the rotation of step {lm['best_step']}; fit objective "
+                      f"{lm['objective'][0]:.5f} -> {lm['objective'][1]:.5f}."]
+        elif lm and "objective" in lm:
             lines += ["", f"Learned rotation {what}: {lm['steps']} Cayley SGD steps (lr {lm['lr']}, {lm.get('blocks_per_step', 4)} "
                       f"blocks per step), layer-wise objective {lm['objective'][0]:.5f} ({lm.get('init', 'pca')} start) -> "
                       f"{lm['objective'][1]:.5f}."]

@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
         "--rotate", choices=["pca", "hadamard", "learned"], default=None,
         help="rotate the residual stream first (norms folded), then prune in the rotated space",
     )
-    p.add_argument("--rotate-option", action="append", default=[], metavar="KEY=VALUE", help="learned rotation: init, steps, lr, momentum, blocks_per_step")
+    p.add_argument(
+        "--rotate-option", action="append", default=[], metavar="KEY=VALUE",
+        help="learned rotation: init, steps, lr, momentum, blocks_per_step, holdout, check_every, patience",
+    )
     p.add_argument("--slice", type=float, default=0.0, metavar="FRACTION", help="drop this fraction of the rotated stream (SliceGPT; implies --rotate pca)")
     p.add_argument(
         "--structured", type=float, default=0.0, metavar="FRACTION",

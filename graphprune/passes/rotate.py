@@ -91,6 +91,11 @@ class LearnConfig:
             the correlations their weight updates compensate with).
         steps, lr, momentum: Cayley SGD (``lr`` is the rotation angle of a step).
         blocks_per_step: blocks whose Linears enter each stochastic step.
+        holdout: fraction of the calibration sequences held out of the steps (the last
+            ones); their statistics give the held-out objective that stops learning and picks
+            the rotation returned. 0 turns held-out stopping off (fit objective only).
+        check_every, patience: the held-out objective is measured every ``check_every``
+            steps; learning stops after ``patience`` checks in a row without improvement.
     """
 
     spec: SparsitySpec
@@ -100,6 +105,9 @@ class LearnConfig:
     lr: float = 0.05
     momentum: float = 0.9
     blocks_per_step: int = 6
+    holdout: float = 0.25
+    check_every: int = 5
+    patience: int = 2
 
     @property
     def score(self) -> str:
@@ -111,11 +119,30 @@ class LearnConfig:
 
     @classmethod
     def from_options(cls, spec: SparsitySpec, method: str, options: dict[str, Any]) -> "LearnConfig":
-        known = {"init", "steps", "lr", "momentum", "blocks_per_step"}
+        known = {"init", "steps", "lr", "momentum", "blocks_per_step", "holdout", "check_every", "patience"}
         unknown = set(options) - known
         if unknown:
             raise ConfigError(f"unknown learned-rotation options {sorted(unknown)}; known: {sorted(known)}.")
-        return cls(spec=spec, method=method, **options)
+        cfg = cls(spec=spec, method=method, **options)
+        if not (0.0 <= cfg.holdout < 1.0):
+            raise ConfigError(f"learned-rotation option holdout is a fraction in [0, 1), got {cfg.holdout}; e.g. holdout=0.25 (0: no held-out stopping).")
+        if cfg.check_every < 1 or cfg.patience < 1:
+            raise ConfigError(f"learned-rotation options check_every and patience are >= 1, got {cfg.check_every} and {cfg.patience}.")
+        return cfg
+
+    def split(self, tokens: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The calibration sequences the steps fit on, and the held-out ones (the last
+        ``round(holdout * n)``; None when held-out stopping is off)."""
+        if self.holdout <= 0:
+            return tokens, None
+        n = int(tokens.shape[0])
+        held = int(round(self.holdout * n))
+        if held < 1 or held >= n:
+            raise ConfigError(
+                f"holding out {self.holdout:.0%} of {n} calibration sequences leaves {n - held} to fit and {held} held out; "
+                "use more --calib-samples (at least 2), or --rotate-option holdout=0 to learn without held-out stopping."
+            )
+        return tokens[: n - held], tokens[n - held :]
 
 
 @dataclass
@@ -128,6 +155,16 @@ class StreamStats:
 
     def pca_cov(self) -> Tensor:
         return torch.stack(list(self.norm_cov.values())).sum(0)
+
+    def merged(self, other: "StreamStats") -> "StreamStats":
+        """The statistics of both token sets together (token-weighted means)."""
+        n = self.tokens + other.tokens
+        a, b = self.tokens / max(n, 1), other.tokens / max(n, 1)
+        return StreamStats(
+            {k: a * v + b * other.norm_cov[k] for k, v in self.norm_cov.items()},
+            {k: a * v + b * other.writer_cov[k] for k, v in self.writer_cov.items()},
+            n,
+        )
 
 
 def collect_stream_stats(gm: GraphModel, stream: ResidualStream, tokens: Tensor, batch_size: int = 8, writers: bool = False) -> StreamStats:
@@ -306,14 +343,22 @@ class RotatePass(Pass):
         elif self.source == "hadamard":
             rot = random_hadamard(d, torch.Generator().manual_seed(ctx.seed))
         else:
-            stats = collect_stream_stats(gm, stream, self._tokens(ctx), self.batch_size, writers=self.source == "learned")
-            info["calibration_tokens"] = stats.tokens
+            learned = self.source == "learned"
+            tokens = self._tokens(ctx)
+            fit_tokens, held_tokens = self.learn.split(tokens) if learned and self.learn is not None else (tokens, None)
+            stats = collect_stream_stats(gm, stream, fit_tokens, self.batch_size, writers=learned)
+            held: StreamStats | None = None
+            if held_tokens is not None:
+                held = collect_stream_stats(gm, stream, held_tokens, self.batch_size, writers=True)
+                info["heldout_tokens"] = held.tokens
+            everything = stats.merged(held) if held is not None else stats
+            info["calibration_tokens"] = everything.tokens
             info["stats_seconds"] = round(time.perf_counter() - t0, 2)
-            cov = stats.pca_cov()
+            cov = everything.pca_cov()
             rot, importance = pca_rotation(cov)
-            if self.source == "learned":
+            if learned:
                 assert self.learn is not None
-                rot = self._learn(gm, stream, stats, rot, ctx, info)
+                rot = self._learn(gm, stream, stats, held, rot, ctx, info)
                 # order the learned basis by energy so it can be sliced like a PCA basis
                 importance = (rot * (cov @ rot)).sum(0)
                 order = torch.argsort(importance, descending=True)
@@ -327,7 +372,9 @@ class RotatePass(Pass):
         gm.invalidate()
         return PassResult(gm, modified=changed > 0, stats={k: v for k, v in info.items()})
 
-    def _learn(self, gm: GraphModel, stream: ResidualStream, stats: StreamStats, pca: Tensor, ctx: PassContext, info: dict[str, Any]) -> Tensor:
+    def _learn(
+        self, gm: GraphModel, stream: ResidualStream, stats: StreamStats, held: StreamStats | None, pca: Tensor, ctx: PassContext, info: dict[str, Any]
+    ) -> Tensor:
         cfg = self.learn
         assert cfg is not None
         d = stream.width
@@ -338,6 +385,7 @@ class RotatePass(Pass):
         else:
             q0 = torch.eye(d, dtype=torch.float64)
         problem = build_problem(gm, stream, stats)
+        heldout = build_problem(gm, stream, held) if held is not None else None
         score = cfg.score
         with tqdm(total=cfg.steps, desc=f"learn rotation ({score})", unit="step", disable=not ctx.progress, leave=False) as bar:
 
@@ -348,6 +396,7 @@ class RotatePass(Pass):
             res = learn_rotation(
                 q0, problem, cfg.spec, steps=cfg.steps, lr=cfg.lr, momentum=cfg.momentum,
                 blocks_per_step=cfg.blocks_per_step, score=score, seed=ctx.seed, callback=tick,
+                heldout=heldout, check_every=cfg.check_every, patience=cfg.patience,
             )
         info.update(
             {
@@ -360,6 +409,15 @@ class RotatePass(Pass):
                 "kept_initial": res.kept_initial,
             }
         )
+        if heldout is not None:
+            info.update(
+                {
+                    "holdout": cfg.holdout,
+                    "heldout_objective": [[step, round(value, 6)] for step, value in res.heldout],
+                    "best_step": res.best_step,
+                    "stopped_at": res.stopped_at,
+                }
+            )
         if not math.isfinite(res.final_loss):
             raise ConfigError("learned rotation diverged (non-finite objective); lower lr.")
         return res.q

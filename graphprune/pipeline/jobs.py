@@ -78,7 +78,7 @@ class PruneJob:
     resume: bool = False  # continue from the checkpoint of an interrupted run of the same job
     rotation: str | None = None  # rotate the residual stream first: None, "pca", "hadamard" or "learned"
     slicing: float = 0.0  # fraction of the rotated stream to drop (SliceGPT); implies rotation "pca"
-    rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step
+    rotation_options: dict[str, Any] = field(default_factory=dict)  # learned: init, steps, lr, momentum, blocks_per_step, holdout, check_every, patience
     rotation_samples: int | None = None  # calibration sequences for the rotation statistics (None: all)
     lazy: bool = False  # stream: materialise one block at a time from the folder's safetensors, write each when done
     structured: float = 0.0  # fraction of the decoder blocks' Linear parameters to remove as whole structures

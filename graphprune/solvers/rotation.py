@@ -365,11 +365,22 @@ def rotation_objective(q: Tensor, problem: RotationProblem, spec: SparsitySpec, 
 
 @dataclass
 class LearnedRotation:
+    """The result of :func:`learn_rotation`.
+
+    ``initial_loss`` / ``final_loss`` are the full objective on the fitting statistics at the
+    start and for the returned ``q``; ``heldout`` lists ``(step, held-out objective)`` at every
+    check (step 0 is the start) when held-out statistics were given; ``best_step`` is the
+    step whose ``q`` was returned and ``stopped_at`` the step learning stopped at.
+    """
+
     q: Tensor
     initial_loss: float
     final_loss: float
     history: list[float]
     kept_initial: bool
+    heldout: list[tuple[int, float]] = field(default_factory=list)
+    best_step: int = 0
+    stopped_at: int = 0
 
 
 def learn_rotation(
@@ -384,32 +395,52 @@ def learn_rotation(
     score: str = "wanda",
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
+    heldout: RotationProblem | None = None,
+    check_every: int = 5,
+    patience: int = 2,
 ) -> LearnedRotation:
     """Optimise ``Q`` (from ``q0``) on the orthogonal group to minimise :func:`rotation_objective`.
 
     Each step evaluates the objective on ``blocks_per_step`` randomly chosen blocks (an
     unbiased estimate of the mean over blocks) in the statistics' dtype, and takes one
-    normalised Cayley SGD step in float64 with a cosine-decaying step size. The full
-    objective is measured at ``q0`` and at the end; if learning did not lower it, ``q0`` is
-    returned (``kept_initial``), so the result is never worse than its start on this objective.
+    normalised Cayley SGD step in float64 with a cosine-decaying step size.
+
+    Without ``heldout``, the full objective is measured at ``q0`` and at the end; if learning
+    did not lower it, ``q0`` is returned (``kept_initial``), so the result is never worse than
+    its start on this objective.
+
+    With ``heldout`` (the same problem with statistics of calibration tokens the steps never
+    see), the full held-out objective is measured at ``q0`` and every ``check_every`` steps;
+    learning stops once ``patience`` checks in a row did not improve on the best, and the
+    ``Q`` with the lowest held-out objective is returned (``q0`` itself if no check beat it),
+    so the result is never worse than its start on the held-out tokens.
     """
     blocks = problem.blocks
     if blocks == 0:
         raise SolverError("learned rotation needs at least one block of statistics.")
     if steps < 0 or lr <= 0:
         raise SolverError(f"learned rotation needs steps >= 0 and lr > 0, got steps={steps}, lr={lr}.")
+    if heldout is not None and (check_every < 1 or patience < 1):
+        raise SolverError(f"held-out stopping needs check_every >= 1 and patience >= 1, got {check_every} and {patience}.")
+    if heldout is not None and heldout.blocks != blocks:
+        raise SolverError(f"the held-out statistics cover {heldout.blocks} blocks, the fitting ones {blocks}; build both from the same graph.")
     gen = torch.Generator().manual_seed(seed)
     dtype = (problem.readers[0].cov if problem.readers else problem.writers[0].cov).dtype
 
-    def full(qx: Tensor) -> float:
+    def full(qx: Tensor, prob: RotationProblem) -> float:
         with torch.no_grad():
-            return float(rotation_objective(qx.to(dtype), problem, spec, score))
+            return float(rotation_objective(qx.to(dtype), prob, spec, score))
 
     q = q0.double().clone()
-    initial = full(q)
+    initial = full(q, problem)
     history: list[float] = []
     buf: Tensor | None = None
     k = min(blocks_per_step, blocks) if blocks_per_step > 0 else blocks
+    checks: list[tuple[int, float]] = []
+    best_q, best_step, stale = q.clone(), 0, 0
+    if heldout is not None:
+        checks.append((0, full(q, heldout)))
+    stopped = steps
     for step in range(steps):
         pick = torch.randperm(blocks, generator=gen)[:k]
         qv = q.to(dtype).requires_grad_(True)
@@ -420,8 +451,24 @@ def learn_rotation(
         history.append(float(loss.detach()))
         if callback is not None:
             callback(step, history[-1])
-    final = full(q)
+        done = step + 1
+        if heldout is not None and (done % check_every == 0 or done == steps):
+            value = full(q, heldout)
+            if value < min(v for _, v in checks):
+                best_q, best_step, stale = q.clone(), done, 0
+            else:
+                stale += 1
+            checks.append((done, value))
+            if stale >= patience:
+                stopped = done
+                log.info("learned rotation: held-out objective did not improve for %d checks; stopped at step %d, kept step %d", patience, done, best_step)
+                break
+    if heldout is not None:
+        final = full(best_q, problem)
+        log.info("learned rotation: held-out objective %.5f -> %.5f (step %d of %d)", checks[0][1], min(v for _, v in checks), best_step, stopped)
+        return LearnedRotation(best_q, initial, final, history, best_step == 0, checks, best_step, stopped)
+    final = full(q, problem)
     log.info("learned rotation: objective %.5f -> %.5f in %d steps", initial, final, steps)
     if not final < initial:
-        return LearnedRotation(q0.double().clone(), initial, initial, history, True)
-    return LearnedRotation(q, initial, final, history, False)
+        return LearnedRotation(q0.double().clone(), initial, initial, history, True, [], 0, steps)
+    return LearnedRotation(q, initial, final, history, False, [], steps, steps)

@@ -133,3 +133,29 @@ def test_job_settings_are_validated_before_loading() -> None:
     assert (cfg.steps, cfg.lr, cfg.init) == (3, 0.2, "identity")
     with pytest.raises(ConfigError, match="unknown learned-rotation options"):
         LearnConfig.from_options(SparsitySpec(0.5), "wanda", {"step": 3})
+
+
+def test_learned_rotation_holds_out_calibration_sequences(tiny_gm: GraphModel, tokens: torch.Tensor, one_thread) -> None:
+    """The last quarter of the calibration sequences never enters a step: their statistics
+    measure the held-out objective, which picks the rotation; holdout=0 turns that off."""
+    cfg = LearnConfig(SparsitySpec(0.5), "wanda", steps=6, lr=0.1, blocks_per_step=2, check_every=2)
+    calib = _ctx().calibration
+    assert calib is not None
+    fit, held = cfg.split(calib)
+    n_held = round(0.25 * calib.shape[0])
+    assert held is not None and torch.equal(held, calib[-n_held:]) and torch.equal(fit, calib[:-n_held])
+    before = tiny_gm(tokens)
+    gm, _ = _rotate(tiny_gm, "learned", learn=cfg)
+    info = gm.state.rotation
+    checks = dict(info["heldout_objective"])
+    assert sorted(checks)[0] == 0 and set(checks) <= {0, 2, 4, 6}
+    assert checks[info["best_step"]] == min(checks.values())
+    assert info["heldout_tokens"] == n_held * calib.shape[1]
+    assert info["calibration_tokens"] == calib.numel()
+    assert relative_diff(gm(tokens), before) <= 1e-4
+    off = LearnConfig.from_options(SparsitySpec(0.5), "wanda", {"holdout": 0})
+    assert off.split(calib) == (calib, None)
+    with pytest.raises(ConfigError, match="holdout=0"):
+        cfg.split(calib[:1])
+    with pytest.raises(ConfigError, match="fraction in"):
+        LearnConfig.from_options(SparsitySpec(0.5), "wanda", {"holdout": 1.0})

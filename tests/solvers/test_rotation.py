@@ -205,3 +205,59 @@ def test_learned_obs_rotation_lowers_the_obs_objective_and_stays_orthonormal() -
     res = learn_rotation(torch.eye(16, dtype=torch.float64), prob, spec, steps=20, lr=0.1, blocks_per_step=2, score="obs")
     assert not res.kept_initial and res.final_loss < res.initial_loss
     assert orthonormality_error(res.q) < 1e-5
+
+
+def _half_zero_problem(blocks: int, d: int, gen: torch.Generator) -> RotationProblem:
+    """Every weight row has exactly half its entries zero in the identity basis, so 50 %
+    pruning there costs nothing, and any rotation that mixes channels costs more."""
+
+    def half_zero(*shape: int) -> torch.Tensor:
+        w = torch.randn(*shape, generator=gen)
+        keep = torch.rand(*shape, generator=gen).argsort(-1) < shape[-1] // 2
+        return w * keep
+
+    base = _problem(blocks, d, gen)
+    return RotationProblem(
+        [ReaderSet(base.readers[0].cov, half_zero(blocks, 3 * d, d), [d, d, d])],
+        [WriterSet(half_zero(blocks, d, 2 * d), base.writers[0].cov)],
+    )
+
+
+def test_heldout_stopping_stops_when_the_heldout_objective_rises() -> None:
+    """The fit objective falls under Cayley SGD while the held-out one (zero at the start,
+    positive anywhere else) rises: learning stops after `patience` checks and returns q0."""
+    prob = _problem()
+    spec = SparsitySpec(0.5)
+    q0 = torch.eye(16, dtype=torch.float64)
+    held = _half_zero_problem(3, 16, torch.Generator().manual_seed(9))
+    assert float(rotation_objective(q0.float(), held, spec)) == 0.0
+    free = learn_rotation(q0, prob, spec, steps=40, lr=0.1, blocks_per_step=2)
+    assert free.final_loss < free.initial_loss and float(rotation_objective(free.q.float(), held, spec)) > 0.0
+    seen: list[int] = []
+    res = learn_rotation(q0, prob, spec, steps=40, lr=0.1, blocks_per_step=2, heldout=held, check_every=5, patience=2,
+                         callback=lambda s, _loss: seen.append(s))
+    assert [step for step, _ in res.heldout] == [0, 5, 10]
+    assert res.heldout[0][1] == 0.0 and all(v > 0.0 for _, v in res.heldout[1:])
+    assert res.stopped_at == 10 and seen == list(range(10))  # stopped: no step after the second failed check
+    assert res.kept_initial and res.best_step == 0 and torch.equal(res.q, q0)
+    assert res.final_loss == pytest.approx(res.initial_loss)
+
+
+def test_heldout_stopping_keeps_the_best_checked_rotation() -> None:
+    """Held-out statistics that agree with the fit ones: learning runs on and returns the
+    checked Q with the lowest held-out objective."""
+    prob = _problem()
+    held = _problem(gen=torch.Generator().manual_seed(1))  # fresh samples of the same distribution and weights' law
+    held = RotationProblem([ReaderSet(held.readers[0].cov, prob.readers[0].weight, [16, 16, 16])],
+                           [WriterSet(prob.writers[0].weight, held.writers[0].cov)])
+    spec = SparsitySpec(0.5)
+    q0 = torch.eye(16, dtype=torch.float64)
+    res = learn_rotation(q0, prob, spec, steps=20, lr=0.1, blocks_per_step=2, heldout=held, check_every=5, patience=2)
+    values = dict(res.heldout)
+    assert [s for s, _ in res.heldout] == list(range(0, res.stopped_at + 1, 5))
+    assert res.best_step == min(values, key=lambda s: values[s]) and res.best_step > 0
+    assert float(rotation_objective(res.q.float(), held, spec)) == pytest.approx(values[res.best_step], rel=1e-5)
+    assert values[res.best_step] < values[0] and not res.kept_initial
+    assert orthonormality_error(res.q) < 1e-5
+    with pytest.raises(Exception, match="held-out statistics cover 2 blocks"):
+        learn_rotation(q0, prob, spec, steps=2, heldout=_problem(blocks=2))
