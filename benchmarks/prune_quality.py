@@ -12,6 +12,7 @@ README's table is generated from the JSON by ``python scripts/readme_tables.py``
     python benchmarks/prune_quality.py                                  # every configuration
     python benchmarks/prune_quality.py --only dense "sparsegpt 50%" "wanda 50%"
     python benchmarks/prune_quality.py --only "gblm 2:4 samples=64"     # with a solver option
+    python benchmarks/prune_quality.py --only "sparsegpt 50% calib=pydoc+news"  # calibrated on both texts, equal shares
     python benchmarks/prune_quality.py --render                         # rewrite the .md from the JSON
 """
 from __future__ import annotations
@@ -39,20 +40,27 @@ NOTES = RESULTS / "prune_quality.notes.md"  # hand-written notes on how rows wer
 
 
 def job_for(name: str) -> PruneJob:
-    """``"gblm 2:4 samples=64"`` -> the PruneJob of ``graphprune prune`` with those settings."""
+    """``"gblm 2:4 samples=64"`` -> the PruneJob of ``graphprune prune`` with those settings
+    (``calib=pydoc+news``: calibrate on those texts, equal shares, and evaluate on both)."""
     method, pat, *extra = name.split(" ")
     sparsity, pattern = PATTERNS[pat]
     options: dict[str, Any] = {}
+    texts: tuple[str, ...] = ()
     for item in extra:  # solver options
         key, _, value = item.partition("=")
+        if key == "calib":
+            texts = tuple(value.split("+"))
+            continue
         options[key] = json.loads(value)
-    return PruneJob(model=MODEL, method=method, sparsity=sparsity, pattern=pattern, options=options, evaluate=True, checkpoint=False)
+    return PruneJob(model=MODEL, method=method, sparsity=sparsity, pattern=pattern, options=options, evaluate=True, checkpoint=False,
+                    text=texts, eval_text=("pydoc", "news") if texts else ())
 
 
 def cli_for(job: PruneJob) -> str:
     target = f"--pattern {job.pattern}" if ":" in job.pattern else f"--sparsity {job.sparsity}"
     options = "".join(f" --option {k}={json.dumps(v)}" for k, v in job.options.items())
-    return f"graphprune prune --model {job.model} --method {job.method} {target}{options} --eval"
+    texts = f" --text {' '.join(job.text)} --eval-text {' '.join(job.eval_text)}" if job.text else ""
+    return f"graphprune prune --model {job.model} --method {job.method} {target}{options}{texts} --eval"
 
 
 def run_dense(run: Run) -> dict[str, Any]:

@@ -49,6 +49,11 @@ def _short_commit(row: dict[str, Any]) -> str:
     return commit.split(" ")[0]
 
 
+def _news(row: dict[str, Any] | None) -> str:
+    """The second text's perplexity of a results row; '-' for rows measured before it joined the protocol."""
+    return f"{row['ppl_news']:.3f}" if row and "ppl_news" in row else "-"
+
+
 def prune_quality() -> str:
     rows = _load("prune_quality.json")
     dense = _load("dense.json")
@@ -63,14 +68,16 @@ def prune_quality() -> str:
                 cells.append("n/a" if key == "proximal" else "-")
             else:
                 text = f"{r['ppl']:.3f}"
-                cells.append(f"**{text}**" if r["ppl"] == best[p] else text)
+                cells.append((f"**{text}**" if r["ppl"] == best[p] else text) + f" / {_news(r)}")
         r24 = rows.get(f"{key} 2:4")
         cells.append(f"{r24['prune_seconds']:.0f}" if r24 else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     commits = sorted({_short_commit(r) for r in rows.values()})
     lines += [
         "",
-        f"Perplexity (dense {dense['ppl']:.3f} over {dense['tokens']:,} tokens), best per column in bold. "
+        f"Perplexity on the protocol text / on the second text, news prose nothing is fitted on (dense {dense['ppl']:.3f} / "
+        f"{_news(dense)}; {dense['tokens']:,} scored tokens of the protocol text), best protocol figure per column in bold; "
+        "`-` after the slash: measured before the second text joined the protocol, not rerun yet. "
         f"Rows measured at commits {', '.join(f'`{c}`' for c in commits)}; each row's commit, date, load average "
         "and command are in [benchmarks/results/prune_quality.md](benchmarks/results/prune_quality.md).",
     ]
@@ -100,8 +107,9 @@ def llmcompressor() -> str:
 def rotations() -> str:
     rows = _load("rotations.json")["rows"]
     configs = (("no rotation", ""), ("PCA", "pca + "), ("random Hadamard", "hadamard + "), ("learned (Cayley SGD)", "learned + "))
-    lines = ["| configuration | Wanda 50 % | SparseGPT 50 % |", "|---|---:|---:|"]
+    lines = ["| configuration | Wanda 50 % pydoc | Wanda 50 % news | SparseGPT 50 % pydoc | SparseGPT 50 % news |", "|---|---:|---:|---:|---:|"]
     cells: dict[str, list[float | None]] = {}
+    news: dict[str, list[str]] = {}
     for label, prefix in configs:
         w = rows.get(f"{prefix}wanda 50%")
         s = rows.get(f"{prefix}sparsegpt 50%")
@@ -109,14 +117,17 @@ def rotations() -> str:
             quality = _load("prune_quality.json")
             w, s = quality.get("wanda 50%"), quality.get("sparsegpt 50%")
         cells[label] = [w["ppl"] if w else None, s["ppl"] if s else None]
+        news[label] = [_news(w), _news(s)]
     best = [min(v[i] for v in cells.values() if v[i] is not None) for i in range(2)]
     for label, vals in cells.items():
         out = ["-" if v is None else (f"**{v:.3f}**" if v == best[i] else f"{v:.3f}") for i, v in enumerate(vals)]
-        lines.append(f"| {label} | {out[0]} | {out[1]} |")
+        lines.append(f"| {label} | {out[0]} | {news[label][0]} | {out[1]} | {news[label][1]} |")
     sliced = sorted((r for r in rows.values() if r.get("slicing")), key=lambda r: r["slicing"])
     if sliced:
-        parts = [f"{r['slicing']:.0%} (width {r['width']}) {r['ppl']:.3f}" for r in sliced]
-        lines += ["", "PCA slicing without pruning: " + ", ".join(parts) + "."]
+        parts = [f"{r['slicing']:.0%} (width {r['width']}) {r['ppl']:.3f} / {_news(r)}" for r in sliced]
+        lines += ["", "PCA slicing without pruning (pydoc / news): " + ", ".join(parts) + "."]
+    lines += ["", "Best protocol-text figure per column in bold; `-` in a news column: measured before the second text joined "
+              "the protocol, not rerun yet."]
     return "\n".join(lines)
 
 
