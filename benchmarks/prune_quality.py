@@ -13,6 +13,7 @@ README's table is generated from the JSON by ``python scripts/readme_tables.py``
     python benchmarks/prune_quality.py --only dense "sparsegpt 50%" "wanda 50%"
     python benchmarks/prune_quality.py --only "gblm 2:4 samples=64"     # with a solver option
     python benchmarks/prune_quality.py --only "sparsegpt 50% calib=pydoc+news"  # calibrated on both texts, equal shares
+    python benchmarks/prune_quality.py --only "sparsegpt 50% calib_samples=16"  # 16 calibration segments (the suite's check)
     python benchmarks/prune_quality.py --render                         # rewrite the .md from the JSON
 """
 from __future__ import annotations
@@ -41,26 +42,31 @@ NOTES = RESULTS / "prune_quality.notes.md"  # hand-written notes on how rows wer
 
 def job_for(name: str) -> PruneJob:
     """``"gblm 2:4 samples=64"`` -> the PruneJob of ``graphprune prune`` with those settings
-    (``calib=pydoc+news``: calibrate on those texts, equal shares, and evaluate on both)."""
+    (``calib=pydoc+news``: calibrate on those texts, equal shares, and evaluate on both;
+    ``calib_samples=16``: that many calibration segments)."""
     method, pat, *extra = name.split(" ")
     sparsity, pattern = PATTERNS[pat]
     options: dict[str, Any] = {}
     texts: tuple[str, ...] = ()
-    for item in extra:  # solver options
+    samples = 64
+    for item in extra:  # solver options, and the job's calibration settings
         key, _, value = item.partition("=")
         if key == "calib":
             texts = tuple(value.split("+"))
-            continue
-        options[key] = json.loads(value)
+        elif key == "calib_samples":
+            samples = int(value)
+        else:
+            options[key] = json.loads(value)
     return PruneJob(model=MODEL, method=method, sparsity=sparsity, pattern=pattern, options=options, evaluate=True, checkpoint=False,
-                    text=texts, eval_text=("pydoc", "news") if texts else ())
+                    text=texts, eval_text=("pydoc", "news") if texts else (), calib_samples=samples)
 
 
 def cli_for(job: PruneJob) -> str:
     target = f"--pattern {job.pattern}" if ":" in job.pattern else f"--sparsity {job.sparsity}"
     options = "".join(f" --option {k}={json.dumps(v)}" for k, v in job.options.items())
     texts = f" --text {' '.join(job.text)} --eval-text {' '.join(job.eval_text)}" if job.text else ""
-    return f"graphprune prune --model {job.model} --method {job.method} {target}{options}{texts} --eval"
+    samples = f" --calib-samples {job.calib_samples}" if job.calib_samples != 64 else ""
+    return f"graphprune prune --model {job.model} --method {job.method} {target}{options}{texts}{samples} --eval"
 
 
 def run_dense(run: Run) -> dict[str, Any]:
