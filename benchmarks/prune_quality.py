@@ -81,7 +81,8 @@ def run_config(name: str, run: Run) -> dict[str, Any]:
     job = job_for(name)
     rep = run_prune(job, progress=True).report
     row = {"ppl": rep["ppl"], "ppl_news": rep["eval"]["news"]["ppl"], "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["prune_seconds"],
-           "mean_rel_error": sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"])}
+           # the rankers (magnitude, wanda, gblm) report no layer errors unless asked (--layer-errors)
+           "mean_rel_error": (sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"])) if all("rel_error" in e for e in rep["layers"]) else None}
     # no peak RSS here: it is the whole process's, which ran earlier configurations too
     return run.stamp(row, cli=cli_for(job))
 
@@ -95,7 +96,7 @@ def write_table(rows: dict, dense: dict | None) -> str:
     for name in order:
         r = rows[name]
         lines.append(f"| {name} | {r['ppl']:.3f} | {news_cell(r)} | {r['achieved_sparsity']:.4f} | {r['prune_seconds']:.1f} | "
-                     f"{r['mean_rel_error']:.4f} | {provenance_cells(r)} |")
+                     f"{'-' if r.get('mean_rel_error') is None else format(r['mean_rel_error'], '.4f')} | {provenance_cells(r)} |")
     return "\n".join(lines)
 
 

@@ -69,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="solver option, e.g. blocksize=64")
     p.add_argument("--refine", choices=["none", "masked-gd"], default="none", help="post-step after the solver")
     p.add_argument("--refine-steps", type=int, default=0)
+    p.add_argument("--layer-errors", action="store_true",
+                   help="report each Linear's reconstruction error also for magnitude/wanda/gblm (accumulates XᵀX, which they do not need)")
     p.add_argument("--calib-samples", type=int, default=64)
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -270,6 +272,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         overrides=_kv(args.override, "--override"),
         options=_kv(args.option, "--option"),
         refine_steps=args.refine_steps if args.refine != "none" else 0,
+        layer_errors=args.layer_errors,
         calib_samples=args.calib_samples,
         calib_len=args.calib_len,
         seed=args.seed,

@@ -333,8 +333,9 @@ def prune_pass(
     """Calibrate-and-prune as one pass: the LM-loss gradients first for solvers that need them,
     an observer on every block Linear's input, stage-wise pruning, the observers removed.
 
-    ``hessian`` accumulates ``XᵀX`` in the observers (solvers that only rank by column norms
-    still use it for the report's layer-wise error).
+    ``hessian`` accumulates ``XᵀX`` in the observers: the Hessian solvers and masked-gradient
+    refinement need it; for the solvers that rank by column norms it only buys the report's
+    layer-wise reconstruction error (``graphprune prune --layer-errors``).
     """
     prune = SequentialPrunePass(config, on_stage=on_stage, checkpoint=checkpoint, dist=dist, stage_io=stage_io)
     gradients: list[Pass] = [GradientStatsPass(dist=dist)] if prune.solver.needs_grad else []

@@ -61,6 +61,7 @@ class PruneJob:
     overrides: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     refine_steps: int = 0
+    layer_errors: bool = False  # report every Linear's reconstruction error even for solvers that need no XᵀX (costs its accumulation)
     calib_samples: int = 64
     calib_len: int = 512
     seed: int = 0

@@ -364,7 +364,9 @@ def build_passes(
         )
     if plan.prunes:
         config = PruneConfig(job.method, plan.spec, plan.rules, dict(job.options), job.refine_steps, job.batch_size)
-        passes.append(prune_pass(config, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))
+        # XᵀX only where something reads it: the solver, masked-gradient refinement, or the report's layer errors
+        hessian = plan.solver.needs_hessian or job.refine_steps > 0 or job.layer_errors
+        passes.append(prune_pass(config, hessian=hessian, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))
     return passes
 
 

@@ -134,6 +134,7 @@ class Recipe(RecipeModel):
             "overrides": dict(p.overrides),
             "options": dict(p.options),
             "refine_steps": p.refine.steps if p.refine is not None else 0,
+            "layer_errors": p.layer_errors,
             "evaluate": self.eval is not None,
             "out": o.dir,
             "overwrite": o.overwrite,
@@ -177,7 +178,7 @@ class Recipe(RecipeModel):
             ),
             "prune": {
                 "method": job.method, "sparsity": job.sparsity, "pattern": job.pattern, "overrides": dict(job.overrides),
-                "options": dict(job.options), "refine": refine,
+                "options": dict(job.options), "refine": refine, "layer_errors": job.layer_errors,
             },
             "eval": {"length": job.eval_len, "texts": list(job.eval_text)} if job.evaluate else None,
             "output": {"dir": job.out, "overwrite": job.overwrite, "checkpoint": job.checkpoint, "checkpoint_dir": job.checkpoint_dir, "lazy": job.lazy},

@@ -68,6 +68,7 @@ class Prune(RecipeModel):
     )
     options: Annotated[dict[str, Option], NullIsEmpty] = Field(default_factory=dict, description="solver options, e.g. blocksize: 64")
     refine: Annotated[Refine | None, OnOff] = Field(None, description="masked gradient steps after the solver (null: none)")
+    layer_errors: bool = Field(False, description="report each Linear's reconstruction error also for solvers that need no XᵀX")
 
     @field_validator("overrides")
     @classmethod
