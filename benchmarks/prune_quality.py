@@ -83,6 +83,10 @@ def run_config(name: str, run: Run) -> dict[str, Any]:
     row = {"ppl": rep["ppl"], "ppl_news": rep["eval"]["news"]["ppl"], "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["prune_seconds"],
            # the rankers (magnitude, wanda, gblm) report no layer errors unless asked (--layer-errors)
            "mean_rel_error": (sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"])) if all("rel_error" in e for e in rep["layers"]) else None}
+    if "calibration_profile" in rep:  # seconds and multiply-adds of the stage-wise calibration, and the machine's matmul peak
+        from graphprune.bench.latency import peak_matmul_gflops
+
+        row["calibration_profile"] = {**rep["calibration_profile"], "peak_matmul_gflops": round(peak_matmul_gflops(), 1)}
     # no peak RSS here: it is the whole process's, which ran earlier configurations too
     return run.stamp(row, cli=cli_for(job))
 

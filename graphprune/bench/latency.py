@@ -232,6 +232,22 @@ def machine_info(threads: int | None = None) -> dict[str, Any]:
 Runner = Callable[[Tensor], Any]
 
 
+def peak_matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """The machine's float32 matmul rate on all torch threads: the best of ``repeats`` products
+    of two ``size x size`` matrices (2·size³ FLOPs each), in GFLOP/s. The reference a
+    calibration's ``forward_gflops`` (report.json, ``calibration_profile``) is measured against."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
+    torch.mm(a, b)  # warm-up: thread pool, caches
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * size**3 / best / 1e9
+
+
 def release_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc ``malloc_trim``), so an RSS difference measured
     after it counts new allocations rather than reuse of memory earlier work freed; no-op elsewhere."""

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 from typing import Any, Callable, Iterable
 
 import torch
@@ -38,18 +39,21 @@ class InputObserver(nn.Module):
 
     def reset(self) -> None:
         self.count = 0
+        self.seconds = 0.0  # time spent accumulating (the statistics share of a calibration forward)
         self.col_sq = torch.zeros(self.in_features, dtype=torch.float64)
         self.col_sum = torch.zeros(self.in_features, dtype=torch.float64)
         self.xtx: Tensor | None = torch.zeros(self.in_features, self.in_features, dtype=torch.float64) if self.hessian else None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.enabled:
+            t0 = time.perf_counter()
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             self.col_sq += flat.pow(2).sum(0).double()
             self.col_sum += flat.sum(0).double()
             if self.xtx is not None:
                 self.xtx += (flat.T @ flat).double()
             self.count += flat.shape[0]
+            self.seconds += time.perf_counter() - t0
         return x
 
     def all_reduce(self, dist: Any) -> None:

@@ -124,6 +124,53 @@ def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
     return out
 
 
+def _attention_width(gm: GraphModel) -> int | None:
+    """Query heads x head_dim from the model config (the attention scores' contraction width); None if unknown."""
+    cfg = getattr(gm.model, "config", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not heads:
+        return None
+    head_dim = getattr(cfg, "head_dim", None) or (int(getattr(cfg, "hidden_size", 0) or 0) // int(heads))
+    return int(heads) * int(head_dim) if head_dim else None
+
+
+def stage_flops(gm: GraphModel, linears: list[Any], observers: dict[str, Any], tokens: int, seq_len: int) -> dict[str, float]:
+    """Analytical multiply-adds of one calibration forward of a block on ``tokens``
+    tokens, and of the statistics its observers accumulate.
+
+    ``forward_macs``: every block Linear (``tokens·in·out``) plus causal attention (scores and
+    weighted values over the ``L(L+1)/2`` query-key pairs of each segment, ``2·pairs·heads·head_dim``
+    per segment). ``statistics_macs``: per observed input, ``tokens·in`` for the column norms and
+    ``tokens·in²`` for ``XᵀX`` where it is accumulated.
+    """
+    macs = float(sum(tokens * li.in_features * li.out_features for li in linears))
+    width = _attention_width(gm)
+    if width is not None and seq_len > 0:
+        macs += (tokens / seq_len) * 2.0 * (seq_len * (seq_len + 1) / 2) * width
+    stats = 0.0
+    for o in observers.values():
+        stats += tokens * o.in_features + (tokens * o.in_features**2 if o.xtx is not None else 0)
+    return {"tokens": tokens, "forward_macs": int(round(macs)), "statistics_macs": int(round(stats))}
+
+
+def profile_totals(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """Seconds and multiply-adds of the stage-wise calibration summed over stages, with the
+    achieved rates: the forward's (Linears and attention, both forwards of every stage) and the
+    statistics'. Compare ``forward_gflops`` with the machine's peak float32 matmul rate."""
+    prof = [st["profile"] for st in stages if "profile" in st]
+    if not prof:
+        return {}
+    tot: dict[str, Any] = {k: round(sum(p[k] for p in prof), 3) for k in ("forward_seconds", "statistics_seconds", "solve_seconds", "propagation_seconds")}
+    tot["forward_gmac"] = round(sum(p["forward_macs"] for p in prof) / 1e9, 3)
+    tot["statistics_gmac"] = round(sum(p["statistics_macs"] for p in prof) / 1e9, 3)
+    fwd_time = tot["forward_seconds"] + tot["propagation_seconds"]
+    fwd_macs = sum(p["forward_macs"] for p in prof)
+    stat_macs = sum(p["statistics_macs"] for p in prof)
+    tot["forward_gflops"] = round(2 * 2 * fwd_macs / fwd_time / 1e9, 2) if fwd_time > 0 else None  # two forwards per stage
+    tot["statistics_gflops"] = round(2 * stat_macs / tot["statistics_seconds"] / 1e9, 2) if tot["statistics_seconds"] > 0 else None
+    return tot
+
+
 class SequentialPrunePass(Pass):
     """Stage-wise calibration and pruning of every observed block Linear."""
 
@@ -208,11 +255,16 @@ class SequentialPrunePass(Pass):
             for o in obs.values():
                 o.reset()
                 o.enabled = True
+            t_fwd = time.perf_counter()
             try:
                 forward()
             finally:
                 for o in obs.values():
                     o.enabled = False
+            t_fwd = time.perf_counter() - t_fwd
+            stats_seconds = sum(o.seconds for o in obs.values())
+            local_tokens = next(iter(obs.values())).count if obs else 0
+            profile = stage_flops(gm, block.linears, obs, local_tokens, int(tokens.shape[1]))
             for o in obs.values():  # same order on every rank
                 o.all_reduce(dist)
             stats_cache = {attr: o.stats() for attr, o in obs.items()}
@@ -223,6 +275,7 @@ class SequentialPrunePass(Pass):
             todo = [li for li in targets if self.config.spec_for(li.name) is not None]
             mine: list[dict[str, Any]] = []
             results: dict[str, tuple[Tensor, Tensor]] = {}
+            t_solve = time.perf_counter()
             for index, li in enumerate(todo):
                 if dist.owner(index) != dist.rank:
                     continue  # another rank solves it; its result arrives by broadcast below
@@ -244,8 +297,20 @@ class SequentialPrunePass(Pass):
             entries = {e["name"]: e for part in dist.gather_objects(mine) for e in part}
             layers.extend(entries[li.name] for li in todo)
             del stats_cache
+            t_solve = time.perf_counter() - t_solve
+            t_prop = time.perf_counter()
             forward()  # pruned outputs feed the next stage
-            info = {"stage": stage.index, "block": block_index, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            t_prop = time.perf_counter() - t_prop
+            info: dict[str, Any] = {
+                "stage": stage.index, "block": block_index, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
+            }
+            info["profile"] = {
+                "forward_seconds": round(t_fwd - stats_seconds, 4),
+                "statistics_seconds": round(stats_seconds, 4),
+                "solve_seconds": round(t_solve, 4),
+                "propagation_seconds": round(t_prop, 4),
+                **profile,
+            }
             stages.append(info)
             log.info("block %d: %d Linears pruned in %.2fs", block_index, len(pruned), info["seconds"])
             if self.checkpoint is not None and dist.is_main:
@@ -277,6 +342,7 @@ class SequentialPrunePass(Pass):
             "calibration": list(tokens.shape),
             "layers": layers,
             "stages": stages,
+            "calibration_profile": profile_totals(stages),
             "peak_rss_mb": round(peak_rss_mb(), 1),
         }
         gm.state.prune_report = report

@@ -111,3 +111,42 @@ def test_an_override_that_matches_nothing_is_refused(tiny_gm) -> None:
     rules = parse_rules({f"*.{leaf}x": "skip"}, SparsitySpec(0.5))
     with pytest.raises(ConfigError, match=rf"override '\*\.{leaf}x' matches none of the \d+ prunable Linears; nearest: .*{leaf}"):
         _prune(tiny_gm, "magnitude", SparsitySpec(0.5), rules=rules)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_stage_profile_counts_the_block_arithmetic(tiny_gm, method) -> None:
+    """Each stage reports its forward / statistics / solve / propagation seconds and the
+    multiply-adds of its forward and statistics: the Linear part equals what torch's FLOP
+    counter measures for the blocks' matmuls, the statistics part the observers' arithmetic."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calib = random_tokens(4, 24, seed=1)
+    gm = PassManager([prune_pass(PruneConfig(method, SparsitySpec(0.5), batch_size=2), hessian=method == "sparsegpt")],
+                     PassContext(progress=False, calibration=calib)).run(tiny_gm)
+    rep = gm.state.prune_report
+    tokens = calib.numel()
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            gm(calib)
+    counts = counter.get_flop_counts()["Global"]
+    matmul_macs = sum(v for op, v in counts.items() if str(op).split(".")[1] in ("mm", "addmm")) / 2
+    head = tokens * gm.model.config.hidden_size * gm.model.config.vocab_size
+    cfg = gm.model.config
+    width = cfg.num_attention_heads * (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+    attention = calib.shape[0] * 2 * (24 * 25 / 2) * width * len(gm.blocks)
+    total_forward = sum(st["profile"]["forward_macs"] for st in rep["stages"])
+    assert total_forward == pytest.approx(matmul_macs - head + attention, rel=1e-3)
+    expected_stats = 0.0
+    for block in gm.blocks:
+        inputs = {id(li.node.args[0]): li.in_features for li in block.linears}  # q/k/v and gate/up share one observer
+        expected_stats += sum(tokens * d + (tokens * d * d if method == "sparsegpt" else 0) for d in inputs.values())
+    assert sum(st["profile"]["statistics_macs"] for st in rep["stages"]) == pytest.approx(expected_stats, rel=1e-9)
+    for st in rep["stages"]:
+        p = st["profile"]
+        assert p["tokens"] == tokens
+        parts = p["forward_seconds"] + p["statistics_seconds"] + p["solve_seconds"] + p["propagation_seconds"]
+        assert all(p[k] >= 0 for k in ("forward_seconds", "statistics_seconds", "solve_seconds", "propagation_seconds"))
+        assert parts <= st["seconds"] + 1e-3
+    prof = rep["calibration_profile"]
+    assert prof["forward_gmac"] == pytest.approx(total_forward / 1e9, abs=1e-3)
+    assert prof["forward_gflops"] > 0
