@@ -58,7 +58,10 @@ CONFIGS: dict[str, tuple[str | None, float, str | None]] = {
     "pca slice 20%": ("pca", 0.20, None),
     "pca + sparsegpt 50%": ("pca", 0.0, "sparsegpt"),
     "hadamard + sparsegpt 50%": ("hadamard", 0.0, "sparsegpt"),
+    "learned (identity start) + wanda 50%": ("learned", 0.0, "wanda"),
 }
+# learned-rotation options of a configuration (--rotate-option KEY=VALUE)
+ROTATE_OPTIONS: dict[str, dict[str, Any]] = {"learned (identity start) + wanda 50%": {"init": "identity"}}
 
 
 def log(msg: str) -> None:
@@ -68,13 +71,15 @@ def log(msg: str) -> None:
 def job_for(name: str, out: Path | None = None) -> PruneJob:
     rotation, slicing, method = CONFIGS[name]
     return PruneJob(model=MODEL, method=method or "sparsegpt", sparsity=0.5 if method else None, rotation=rotation, slicing=slicing,
-                    evaluate=True, checkpoint=False, out=str(out) if out else None, overwrite=out is not None)
+                    rotation_options=dict(ROTATE_OPTIONS.get(name, {})), evaluate=True, checkpoint=False,
+                    out=str(out) if out else None, overwrite=out is not None)
 
 
 def cli_for(job: PruneJob) -> str:
     parts = ["graphprune prune", f"--model {job.model}"]
     if job.rotation:
         parts.append(f"--rotate {job.rotation}")
+        parts += [f"--rotate-option {k}={v}" for k, v in job.rotation_options.items()]
     if job.slicing:
         parts.append(f"--slice {job.slicing}")
     if job.prunes():
