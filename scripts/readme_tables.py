@@ -7,6 +7,8 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
   with the commits the rows were measured at;
 * ``llmcompressor``: the side-by-side with llm-compressor (``llmcompressor.json``);
 * ``rotations``: rotations x solvers (``rotations.json``);
+* ``generalization``: every configuration measured on both texts, its perplexity on each
+  relative to the dense model's (``prune_quality.json``, ``rotations.json``, ``dense.json``);
 * ``latency``: paired speed-ups per case and runtime (``latency.json``);
 * ``decode``: time to first token and cached decode, speed-ups and tokens per second (``decode.json``);
 * ``decode_kernels``: cached decode on graphprune's kernels in ``torch.compile`` against dense
@@ -308,8 +310,38 @@ def zoo() -> str:
     return "\n".join(lines)
 
 
+def generalization() -> str:
+    """In-domain (protocol text) against out-of-domain (news) degradation of every configuration
+    measured on both texts; the mixed-calibration rows say that news was in their calibration."""
+    dense = _load("dense.json")
+    if "ppl_news" not in dense:
+        return "No configuration measured on both texts yet: run `python benchmarks/prune_quality.py --only dense \"sparsegpt 50%\"`."
+    quality = _load("prune_quality.json")
+    rotated = _load("rotations.json")["rows"]
+    order = [f"{m} {p}" for p in PATTERNS for m in METHODS]
+    entries: list[tuple[str, dict[str, Any]]] = [(n, quality[n]) for n in order if n in quality and "ppl_news" in quality[n]]
+    entries += [(n, r) for n, r in quality.items() if n not in order and "ppl_news" in r and "calib_samples=" not in n]
+    entries += [(n, r) for n, r in rotated.items() if "ppl_news" in r and n not in quality]
+    lines = [
+        "| configuration | calibrated on | pydoc ppl | news ppl | pydoc / dense | news / dense | news penalty |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        f"| dense | - | {dense['ppl']:.3f} | {dense['ppl_news']:.3f} | 1.00x | 1.00x | 1.00x |",
+    ]
+    for name, r in entries:
+        calib = "pydoc + news (equal shares)" if "calib=pydoc+news" in name else "pydoc"
+        label = name.replace(" calib=pydoc+news", "")
+        a, b = r["ppl"] / dense["ppl"], r["ppl_news"] / dense["ppl_news"]
+        lines.append(f"| {label} | {calib} | {r['ppl']:.3f} | {r['ppl_news']:.3f} | {a:.2f}x | {b:.2f}x | {b / a:.2f}x |")
+    lines += ["", "`pydoc / dense` and `news / dense`: perplexity relative to the dense model's on the same text; `news penalty`: "
+              "their ratio, above 1 where pruning costs more on the text it was not calibrated on. Rows from "
+              "[prune_quality.md](benchmarks/results/prune_quality.md) and [rotations.md](benchmarks/results/rotations.md), "
+              "each with its commit, date and load."]
+    return "\n".join(lines)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "prune_quality": prune_quality,
+    "generalization": generalization,
     "llmcompressor": llmcompressor,
     "rotations": rotations,
     "latency": latency,
