@@ -45,6 +45,9 @@ def job_for(name: str) -> PruneJob:
     (``calib=pydoc+news``: calibrate on those texts, equal shares, and evaluate on both;
     ``calib_samples=16``: that many calibration segments)."""
     method, pat, *extra = name.split(" ")
+    if method.startswith("structured-"):  # "structured-obs 30%": remove 30 % of the block parameters as whole structures
+        return PruneJob(model=MODEL, structured=float(pat.rstrip("%")) / 100, structured_method=method.split("-", 1)[1], evaluate=True,
+                        checkpoint=False)
     sparsity, pattern = PATTERNS[pat]
     options: dict[str, Any] = {}
     texts: tuple[str, ...] = ()
@@ -62,6 +65,8 @@ def job_for(name: str) -> PruneJob:
 
 
 def cli_for(job: PruneJob) -> str:
+    if job.structured:
+        return f"graphprune prune --model {job.model} --structured {job.structured} --structured-method {job.structured_method} --eval"
     target = f"--pattern {job.pattern}" if ":" in job.pattern else f"--sparsity {job.sparsity}"
     options = "".join(f" --option {k}={json.dumps(v)}" for k, v in job.options.items())
     texts = f" --text {' '.join(job.text)} --eval-text {' '.join(job.eval_text)}" if job.text else ""
@@ -80,9 +85,12 @@ def run_dense(run: Run) -> dict[str, Any]:
 def run_config(name: str, run: Run) -> dict[str, Any]:
     job = job_for(name)
     rep = run_prune(job, progress=True).report
+    layers = rep.get("layers", [])
     row = {"ppl": rep["ppl"], "ppl_news": rep["eval"]["news"]["ppl"], "achieved_sparsity": rep["achieved_sparsity"], "prune_seconds": rep["prune_seconds"],
            # the rankers (magnitude, wanda, gblm) report no layer errors unless asked (--layer-errors)
-           "mean_rel_error": (sum(e["rel_error"] for e in rep["layers"]) / len(rep["layers"])) if all("rel_error" in e for e in rep["layers"]) else None}
+           "mean_rel_error": (sum(e["rel_error"] for e in layers) / len(layers)) if layers and all("rel_error" in e for e in layers) else None}
+    if job.structured:  # parameters removed, not zeros
+        row["parameters_before"], row["parameters_after"] = rep["parameters_before"], rep["parameters_after"]
     if "calibration_profile" in rep:  # seconds and multiply-adds of the stage-wise calibration, and the machine's matmul peak
         from graphprune.bench.latency import peak_matmul_gflops
 

@@ -108,7 +108,8 @@ def llmcompressor() -> str:
 
 def rotations() -> str:
     rows = _load("rotations.json")["rows"]
-    configs = (("no rotation", ""), ("PCA", "pca + "), ("random Hadamard", "hadamard + "), ("learned (Cayley SGD)", "learned + "))
+    configs = (("no rotation", ""), ("PCA", "pca + "), ("random Hadamard", "hadamard + "), ("learned (Cayley SGD)", "learned + "),
+               ("learned from the identity", "learned (identity start) + "))
     lines = ["| configuration | Wanda 50 % pydoc | Wanda 50 % news | SparseGPT 50 % pydoc | SparseGPT 50 % news |", "|---|---:|---:|---:|---:|"]
     cells: dict[str, list[float | None]] = {}
     news: dict[str, list[str]] = {}
@@ -118,6 +119,8 @@ def rotations() -> str:
         if not prefix:  # the unrotated rows are the pruning benchmark's
             quality = _load("prune_quality.json")
             w, s = quality.get("wanda 50%"), quality.get("sparsegpt 50%")
+        if prefix.startswith("learned (") and w is None and s is None:
+            continue  # an optional variant not measured
         cells[label] = [w["ppl"] if w else None, s["ppl"] if s else None]
         news[label] = [_news(w), _news(s)]
     best = [min(v[i] for v in cells.values() if v[i] is not None) for i in range(2)]
