@@ -58,10 +58,10 @@ CONFIGS: dict[str, tuple[str | None, float, str | None]] = {
     "pca slice 20%": ("pca", 0.20, None),
     "pca + sparsegpt 50%": ("pca", 0.0, "sparsegpt"),
     "hadamard + sparsegpt 50%": ("hadamard", 0.0, "sparsegpt"),
-    "learned (identity start) + wanda 50%": ("learned", 0.0, "wanda"),
+    "learned (PCA start) + wanda 50%": ("learned", 0.0, "wanda"),
 }
 # learned-rotation options of a configuration (--rotate-option KEY=VALUE)
-ROTATE_OPTIONS: dict[str, dict[str, Any]] = {"learned (identity start) + wanda 50%": {"init": "identity"}}
+ROTATE_OPTIONS: dict[str, dict[str, Any]] = {"learned (PCA start) + wanda 50%": {"init": "pca"}}
 
 
 def log(msg: str) -> None:

@@ -109,7 +109,7 @@ def llmcompressor() -> str:
 def rotations() -> str:
     rows = _load("rotations.json")["rows"]
     configs = (("no rotation", ""), ("PCA", "pca + "), ("random Hadamard", "hadamard + "), ("learned (Cayley SGD)", "learned + "),
-               ("learned from the identity", "learned (identity start) + "))
+               ("learned from PCA", "learned (PCA start) + "))
     lines = ["| configuration | Wanda 50 % pydoc | Wanda 50 % news | SparseGPT 50 % pydoc | SparseGPT 50 % news |", "|---|---:|---:|---:|---:|"]
     cells: dict[str, list[float | None]] = {}
     news: dict[str, list[str]] = {}

@@ -106,8 +106,9 @@ def test_any_solver_runs_in_the_rotated_space(tiny_gm: GraphModel, tiny_name: st
 
 
 def test_learned_rotation_objective_follows_the_method(tiny_gm: GraphModel, tokens: torch.Tensor, one_thread) -> None:
-    """Hessian solvers get the OBS-saliency objective from the identity; mask-only methods the masked error from PCA."""
-    assert (LearnConfig(SparsitySpec(0.5), "wanda").score, LearnConfig(SparsitySpec(0.5), "wanda").start) == ("wanda", "pca")
+    """Hessian solvers get the OBS-saliency objective, mask-only methods the masked error; every method starts from the identity."""
+    assert (LearnConfig(SparsitySpec(0.5), "wanda").score, LearnConfig(SparsitySpec(0.5), "wanda").start) == ("wanda", "identity")
+    assert LearnConfig(SparsitySpec(0.5), "wanda", init="pca").start == "pca"
     assert (LearnConfig(SparsitySpec(0.5), "magnitude").score, LearnConfig(SparsitySpec(0.5), "gblm").score) == ("magnitude", "wanda")
     for method in ("sparsegpt", "alps", "proximal"):
         assert (LearnConfig(SparsitySpec(0.5), method).score, LearnConfig(SparsitySpec(0.5), method).start) == ("obs", "identity")
