@@ -36,6 +36,8 @@ def test_load_texts_resolves_files_then_builtin_names(tmp_path) -> None:
     assert load_texts([str(news_file)]) == [NamedText(str(news_file), "my own text")]
     with pytest.raises(DataError, match="neither an existing file nor a built-in text"):
         load_texts(["no-such-text"])
+    with pytest.raises(DataError, match="text file .*missing.txt does not exist"):
+        load_texts([str(tmp_path / "missing.txt")])
     with pytest.raises(DataError, match="same text twice"):
         load_texts(["pydoc", "pydoc"])
 
@@ -122,5 +124,7 @@ def test_text_settings_are_checked_before_loading(tmp_path) -> None:
         PrunePlan.of(PruneJob(model="tiny-llama", method="wanda", sparsity=0.5, text=("pydoc", "news"), text_weights=(1.0,)))
     with pytest.raises(DataError, match="non-negative"):
         PrunePlan.of(PruneJob(model="tiny-llama", method="wanda", sparsity=0.5, text=("pydoc", "news"), text_weights=(1.0, -2.0)))
-    with pytest.raises(ConfigError, match="neither an existing file"):
+    with pytest.raises(ConfigError, match="text file missing.txt does not exist"):
         PrunePlan.of(PruneJob(model="tiny-llama", method="wanda", sparsity=0.5, evaluate=True, eval_text=("missing.txt",)))
+    with pytest.raises(ConfigError, match="neither an existing file nor a built-in text"):
+        PrunePlan.of(PruneJob(model="tiny-llama", method="wanda", sparsity=0.5, text=("newz",)))

@@ -73,6 +73,15 @@ class NamedText:
     text: str
 
 
+def unknown_text_message(spec: str | Path) -> str:
+    """The error for a ``--text`` / ``--eval-text`` entry that is neither a file nor a built-in name."""
+    choices = ", ".join(BUILTIN_TEXTS)
+    text = str(spec)
+    if Path(text).suffix or "/" in text or "\\" in text:
+        return f"text file {text} does not exist; pass an existing UTF-8 text file or a built-in text ({choices}) with --text / --eval-text."
+    return f"text {text!r} is neither an existing file nor a built-in text ({choices}); pass UTF-8 text files or built-in names with --text / --eval-text."
+
+
 def load_texts(specs: Sequence[str | Path]) -> list[NamedText]:
     """Resolve ``--text`` entries: an existing file is read (UTF-8), otherwise a built-in name
     (``pydoc``, ``news``); no entries means the protocol text."""
@@ -86,10 +95,7 @@ def load_texts(specs: Sequence[str | Path]) -> list[NamedText]:
         elif str(spec) in BUILTIN_TEXTS:
             out.append(NamedText(str(spec), BUILTIN_TEXTS[str(spec)]()))
         else:
-            raise DataError(
-                f"text {str(spec)!r} is neither an existing file nor a built-in text ({', '.join(BUILTIN_TEXTS)}); "
-                "pass UTF-8 text files or built-in names with --text."
-            )
+            raise DataError(unknown_text_message(spec))
     names = [t.name for t in out]
     if len(set(names)) != len(names):
         raise DataError(f"--text names the same text twice ({names}); give each text once (use --text-weights for proportions).")

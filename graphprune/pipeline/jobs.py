@@ -98,15 +98,12 @@ class PruneJob:
 
     def check_texts(self) -> None:
         """Validate the text settings (files or built-in names, one weight per text) before anything is loaded."""
-        from graphprune.data import BUILTIN_TEXTS, calibration_shares
+        from graphprune.data import BUILTIN_TEXTS, calibration_shares, unknown_text_message
 
         specs = list(self.text) + (list(self.eval_text) if self.evaluate else [])
         for spec in specs:
             if not Path(spec).is_file() and str(spec) not in BUILTIN_TEXTS:
-                raise ConfigError(
-                    f"text {str(spec)!r} is neither an existing file nor a built-in text ({', '.join(BUILTIN_TEXTS)}); "
-                    "pass UTF-8 text files or built-in names with --text / --eval-text."
-                )
+                raise ConfigError(unknown_text_message(spec))
         if self.text_weights:
             count = len(self.text) or 1
             if len(self.text_weights) != count:
