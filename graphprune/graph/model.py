@@ -108,9 +108,17 @@ class GraphModel:
         other.state = snap.state
         return other
 
-    def snapshot(self) -> Snapshot:
-        """A deep copy of everything a pass may change, for :meth:`restore` (weights included)."""
-        model, gm, state = copy.deepcopy((self.model, self.gm, self.state))
+    def snapshot(self, weights: bool = True) -> Snapshot:
+        """A deep copy of everything a pass may change, for :meth:`restore`.
+
+        ``weights=False`` copies the module tree, graph and state but shares every parameter and
+        buffer tensor with this model: enough to undo a pass that only edits the graph, for the
+        memory of the structure instead of a second copy of the weights."""
+        memo: dict[int, Any] = {}
+        if not weights:
+            for tensor in [*self.model.parameters(), *self.model.buffers(), *self.gm.parameters(), *self.gm.buffers()]:
+                memo[id(tensor)] = tensor
+        model, gm, state = copy.deepcopy((self.model, self.gm, self.state), memo)
         return Snapshot(model, gm, set(self.props), state)
 
     def restore(self, snap: Snapshot) -> None:

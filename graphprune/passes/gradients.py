@@ -32,6 +32,7 @@ class GradientStatsPass(Pass):
     name = "gradient_stats"
     establishes = frozenset({Prop.GRADIENTS})
     preserves_function = True  # weights are read, never written
+    edits_weights = False
 
     def __init__(self, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), dist: Dist | None = None) -> None:
         self.include = tuple(include)

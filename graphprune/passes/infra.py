@@ -73,6 +73,9 @@ class Pass:
         in_place: the pass edits the GraphModel it is given (True for every built-in pass);
             a pass that returns a new GraphModel and leaves its input untouched sets False,
             and the manager then needs no snapshot to keep the caller's graph whole.
+        edits_weights: the pass may change parameter or buffer values. A pass that only edits
+            the graph and its modules (inserting or removing observers) sets False, and its
+            rollback snapshot shares the weights instead of copying the whole model.
     """
 
     name: str = ""
@@ -81,6 +84,7 @@ class Pass:
     invalidates: frozenset[str] = frozenset()
     preserves_function: bool = False
     in_place: bool = True
+    edits_weights: bool = True
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -119,6 +123,7 @@ class Sequential(Pass):
         self.invalidates = frozenset(removed)
         self.preserves_function = all(p.preserves_function for p in self.passes)
         self.in_place = any(p.in_place for p in self.passes)
+        self.edits_weights = any(p.edits_weights for p in self.passes)
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         # the members run between the enclosing manager's instruments (one timer, one progress
@@ -349,7 +354,7 @@ class PassManager:
             missing = p.requires - gm.props
             if missing:  # a pass removed a property at run time
                 raise PassOrderError(f"pass {p.name} requires {sorted(missing)}, which is not established on {gm.name}.")
-            snapshot = gm.snapshot() if self._needs_snapshot(p) else None
+            snapshot = gm.snapshot(weights=p.edits_weights) if self._needs_snapshot(p) else None
             started: list[Instrument] = []
             try:
                 for ins in instruments:

@@ -5,6 +5,10 @@
    q/k/v share one observer (and one Hessian), gate/up share one.
 2. Observers are off until a stage enables them; when on, they accumulate ``Σ xxᵀ``
    (float32 per micro-batch, summed in float64) and ``Σ x²`` per column, with a token count.
+   ``XᵀX`` is symmetric, so only its upper triangle is accumulated, one band of
+   ``XTX_BAND`` rows at a time (half the multiply-adds of the full product for wide inputs,
+   and a transient of one band instead of a whole float32 + float64 copy of the matrix);
+   the lower triangle is mirrored in when the statistics are read.
 3. RemoveObserversPass rewires the Linears to the original values and deletes the nodes.
 """
 from __future__ import annotations
@@ -24,6 +28,18 @@ from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 from graphprune.solvers.base import LayerStats
 
 OBSERVER_PREFIX = "gp_observer_"
+XTX_BAND = 512  # rows of XᵀX accumulated per matrix product
+
+
+def xtx_bands(n: int) -> list[tuple[int, int]]:
+    """Row bands ``[i, j)`` of the upper-triangular ``XᵀX`` accumulation of an ``n``-wide input."""
+    return [(i, min(i + XTX_BAND, n)) for i in range(0, n, XTX_BAND)]
+
+
+def xtx_macs(n: int, tokens: int) -> int:
+    """Multiply-adds of accumulating ``XᵀX`` of ``tokens`` rows of an ``n``-wide input band by band
+    (each band ``[i, j)`` is multiplied with columns ``i..n``)."""
+    return tokens * sum((j - i) * (n - i) for i, j in xtx_bands(n))
 
 
 class InputObserver(nn.Module):
@@ -35,7 +51,7 @@ class InputObserver(nn.Module):
         self.in_features = in_features
         self.hessian = hessian
         self.enabled = False
-        self.reset()
+        self.release()  # accumulators are allocated by reset() or the first enabled forward
 
     def reset(self) -> None:
         self.count = 0
@@ -47,11 +63,14 @@ class InputObserver(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.enabled:
             t0 = time.perf_counter()
+            if self.col_sq.numel() != self.in_features:
+                self.reset()
             flat = x.detach().reshape(-1, x.shape[-1]).float()
             self.col_sq += flat.pow(2).sum(0).double()
             self.col_sum += flat.sum(0).double()
             if self.xtx is not None:
-                self.xtx += (flat.T @ flat).double()
+                for i, j in xtx_bands(flat.shape[1]):
+                    self.xtx[i:j, i:] += (flat[:, i:j].T @ flat[:, i:]).double()
             self.count += flat.shape[0]
             self.seconds += time.perf_counter() - t0
         return x
@@ -60,13 +79,31 @@ class InputObserver(nn.Module):
         """Sum the accumulators over the ranks of ``dist`` (a :class:`graphprune.distributed.Dist`)."""
         if not dist.active:
             return
+        if self.col_sq.numel() != self.in_features:
+            self.reset()  # this rank fed nothing: it contributes zeros of the right shape
         dist.all_reduce_(self.col_sq)
         dist.all_reduce_(self.col_sum)
         if self.xtx is not None:
             dist.all_reduce_(self.xtx)
         self.count = int(dist.all_reduce_float(float(self.count)))
 
-    def stats(self) -> LayerStats:
+    def release(self) -> None:
+        """Drop the accumulators (their memory goes back) until the next :meth:`reset`."""
+        self.count = 0
+        self.col_sq = self.col_sum = torch.zeros(0, dtype=torch.float64)
+        self.xtx = None
+
+    def _mirror(self) -> None:
+        """Copy the accumulated upper triangle of ``XᵀX`` into the lower one, band by band, in place."""
+        assert self.xtx is not None
+        for i, j in xtx_bands(self.in_features):
+            self.xtx[j:, i:j] = self.xtx[i:j, j:].T
+            diag = self.xtx[i:j, i:j]  # a float32 product's square is not exactly symmetric
+            diag.copy_(diag.triu() + diag.triu(1).T)
+
+    def stats(self, copy: bool = True) -> LayerStats:
+        """The accumulated statistics. ``copy=False`` hands the observer's own tensors over (no
+        second copy of ``XᵀX``); call :meth:`release` or :meth:`reset` before accumulating again."""
         if self.count == 0:
             raise SolverError(f"observer {self.name} saw no calibration tokens; the stage was not calibrated.")
         if not torch.isfinite(self.col_sq).all():
@@ -74,6 +111,10 @@ class InputObserver(nn.Module):
                 f"calibration statistics of {self.name} contain NaN/Inf: the activations overflowed; "
                 "check the model weights and use float32."
             )
+        if self.xtx is not None:
+            self._mirror()
+        if not copy:
+            return LayerStats(col_sq=self.col_sq, count=self.count, xtx=self.xtx, col_sum=self.col_sum)
         return LayerStats(
             col_sq=self.col_sq.clone(), count=self.count, xtx=None if self.xtx is None else self.xtx.clone(), col_sum=self.col_sum.clone()
         )
@@ -108,6 +149,7 @@ class InsertObserversPass(Pass):
     name = "insert_observers"
     establishes = frozenset({Prop.OBSERVERS})
     preserves_function = True
+    edits_weights = False  # the graph gains or loses identity modules; the weights stay
 
     def __init__(self, hessian: bool = True, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> None:
         self.hessian = hessian
@@ -149,6 +191,7 @@ class RemoveObserversPass(Pass):
     name = "remove_observers"
     invalidates = frozenset({Prop.OBSERVERS})
     preserves_function = True
+    edits_weights = False  # the graph gains or loses identity modules; the weights stay
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         graph = gm.gm.graph

@@ -34,7 +34,7 @@ from graphprune.graph.stages import Stage, StagedGraph, StageRunner
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
 from graphprune.passes.gradients import GradientStatsPass
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for
+from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for, xtx_macs
 from graphprune.solvers import SparsitySpec, get_solver, reconstruction_error
 from graphprune.solvers.refine import masked_gd_refine
 
@@ -141,7 +141,7 @@ def stage_flops(gm: GraphModel, linears: list[Any], observers: dict[str, Any], t
     ``forward_macs``: every block Linear (``tokens·in·out``) plus causal attention (scores and
     weighted values over the ``L(L+1)/2`` query-key pairs of each segment, ``2·pairs·heads·head_dim``
     per segment). ``statistics_macs``: per observed input, ``tokens·in`` for the column norms and
-    ``tokens·in²`` for ``XᵀX`` where it is accumulated.
+    the band-by-band upper triangle of ``XᵀX`` where it is accumulated (:func:`xtx_macs`).
     """
     macs = float(sum(tokens * li.in_features * li.out_features for li in linears))
     width = _attention_width(gm)
@@ -149,7 +149,7 @@ def stage_flops(gm: GraphModel, linears: list[Any], observers: dict[str, Any], t
         macs += (tokens / seq_len) * 2.0 * (seq_len * (seq_len + 1) / 2) * width
     stats = 0.0
     for o in observers.values():
-        stats += tokens * o.in_features + (tokens * o.in_features**2 if o.xtx is not None else 0)
+        stats += tokens * o.in_features + (xtx_macs(o.in_features, tokens) if o.hessian else 0)
     return {"tokens": tokens, "forward_macs": int(round(macs)), "statistics_macs": int(round(stats))}
 
 
@@ -267,11 +267,11 @@ class SequentialPrunePass(Pass):
             profile = stage_flops(gm, block.linears, obs, local_tokens, int(tokens.shape[1]))
             for o in obs.values():  # same order on every rank
                 o.all_reduce(dist)
-            stats_cache = {attr: o.stats() for attr, o in obs.items()}
+            stats_cache = {attr: o.stats(copy=False) for attr, o in obs.items()}
             if self.config.keep_stats:
                 gm.state.stats.update({li.name: stats_cache[observed[li.name]] for li in targets})
             for o in obs.values():
-                o.reset()
+                o.release()
             todo = [li for li in targets if self.config.spec_for(li.name) is not None]
             mine: list[dict[str, Any]] = []
             results: dict[str, tuple[Tensor, Tensor]] = {}

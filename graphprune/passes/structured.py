@@ -217,8 +217,8 @@ class StructuredPrunePass(Pass):
                 for o in obs:
                     o.enabled = False
             for g, o in zip(todo, obs, strict=True):
-                stats = o.stats()
-                o.reset()
+                stats = o.stats(copy=False)
+                o.release()
                 bar.set_postfix_str(g.name, refresh=False)
                 if isinstance(g, HeadGroup):
                     layers.append(self._apply_heads(gm, staged, stage, g, stats, plans[g.name]))
@@ -286,8 +286,8 @@ class StructuredPrunePass(Pass):
                 o.enabled = False
         scored: list[tuple[float, int]] = []
         for i, (g, o) in enumerate(zip(groups, observers, strict=True)):
-            scores = channel_scores(self.method, gm.get_attr(g.consumer.weight).detach(), o.stats())
-            o.reset()
+            scores = channel_scores(self.method, gm.get_attr(g.consumer.weight).detach(), o.stats(copy=False))
+            o.release()
             scored.extend((float(v), i) for v in scores.tolist())
         scored.sort()
         budget = self.fraction * sum(block_params.values()) - heads_gone

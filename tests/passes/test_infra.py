@@ -169,9 +169,9 @@ def test_nested_members_share_the_outer_instruments_and_snapshot(tiny_gm, tokens
     snapshots: list[int] = []
     take = type(gm).snapshot
 
-    def counting(self):
+    def counting(self, weights=True):
         snapshots.append(1)
-        return take(self)
+        return take(self, weights)
 
     monkeypatch.setattr(type(gm), "snapshot", counting)
     inner = Sequential([Writes(), FailsMidway()], name="inner")
@@ -247,3 +247,40 @@ def test_observers_share_inputs(tiny_gm) -> None:
 def test_non_result_is_an_error(tiny_gm) -> None:
     with pytest.raises(VerificationError, match="returned NoneType"):
         PassManager([ReturnsNone()]).run(tiny_gm)
+
+
+class GraphOnlyFails(Pass):
+    """Declares it edits only the graph: inserts the observers, then fails."""
+
+    preserves_function = True
+    edits_weights = False
+
+    def run(self, gm, ctx):
+        InsertObserversPass().run(gm, ctx)
+        raise SolverError("boom")
+
+
+def test_a_graph_only_pass_is_rolled_back_without_a_copy_of_the_weights(tiny_gm, tokens, monkeypatch) -> None:
+    gm = tiny_gm
+    logits = gm(tokens)
+    nodes = [n.name for n in gm.gm.graph.nodes]
+    storage = {n: p.data_ptr() for n, p in gm.model.named_parameters()}
+    taken: list[tuple[bool, object]] = []
+    take = type(gm).snapshot
+
+    def recording(self, weights=True):
+        snap = take(self, weights)
+        taken.append((weights, snap))
+        return snap
+
+    monkeypatch.setattr(type(gm), "snapshot", recording)
+    PassManager([InsertObserversPass(), RemoveObserversPass()], PassContext(progress=False)).run(gm)
+    assert [w for w, _ in taken] == [False, False]  # verified, so snapshotted, but the weights are shared
+    taken.clear()
+    with pytest.raises(SolverError, match="boom"):
+        PassManager([GraphOnlyFails()], PassContext(progress=False)).run(gm)
+    ((weights, snap),) = taken
+    assert not weights and all(p.data_ptr() == storage[n] for n, p in snap.model.named_parameters())
+    assert [n.name for n in gm.gm.graph.nodes] == nodes  # the observers the failed pass inserted are gone
+    assert {n: p.data_ptr() for n, p in gm.model.named_parameters()} == storage
+    assert torch.equal(gm(tokens), logits)
