@@ -168,6 +168,12 @@ def drive(args: argparse.Namespace) -> None:
                 ppl = res["ppl"] if tool == "llmcompressor" else res["eval"]["pydoc"]["ppl"] if "eval" in res else res["ppl"]
                 row = {"method": method, "target": target, "tool": tool, "rep": rep, "wall_seconds": round(wall, 1),
                        "peak_rss_mb": round(rss), "ppl": ppl, "achieved_sparsity": res["achieved_sparsity"], "load_before": load}
+                if tool == "graphprune":  # where the time and the memory went, from its report
+                    stages = res.get("stages") or []
+                    row["pruning_peak_rss_mb"] = max((st.get("peak_rss_mb", 0) for st in stages), default=None)
+                    row["capture_prune_seconds"] = round(float(res.get("capture_seconds", 0)) + float(res.get("prune_seconds", 0)), 1)
+                else:
+                    row["prune_seconds"] = round(res["prune_seconds"], 1)
                 print(f"    {wall:.1f} s, peak RSS {rss:.0f} MiB, perplexity {ppl:.3f}", flush=True)
                 rows.append(row)
     summary: dict[str, Any] = {}

@@ -60,6 +60,20 @@ def test_perplexity_matches_manual_nll(tiny_model) -> None:
     nll = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), windows[:, 1:].reshape(-1))
     assert res["tokens"] == 5 * 11
     assert res["ppl"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+    # a logits budget of one window's worth scores window by window: the same figure
+    one = perplexity(logits, windows, batch_size=4, max_logits_mib=12 * lg.shape[-1] * 4 / 2**20)
+    assert one["tokens"] == res["tokens"] and one["ppl"] == pytest.approx(res["ppl"], rel=1e-6)
+
+
+def test_long_windows_are_scored_in_position_chunks() -> None:
+    """Windows longer than one cross-entropy chunk give the closed-form NLL of a fixed distribution."""
+    vocab, length = 7, 600
+    probs = torch.softmax(torch.arange(vocab, dtype=torch.float32), 0)
+    ids = torch.randint(0, vocab, (3, length), generator=torch.Generator().manual_seed(1))
+    res = perplexity(lambda x: probs.log().expand(*x.shape, vocab), ids, batch_size=2)
+    expected = -probs.double().log()[ids[:, 1:]].mean()
+    assert res["tokens"] == 3 * (length - 1)
+    assert res["nll"] == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_uniform_model_has_vocab_perplexity() -> None:

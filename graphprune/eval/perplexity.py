@@ -12,6 +12,21 @@ from tqdm.auto import tqdm
 
 from graphprune.distributed import Dist
 
+MIB = 1024 * 1024
+_NLL_ROWS = 256  # positions per cross-entropy call: its log-softmax transient is rows x vocab
+
+
+def _nll_sum(logits: Tensor, ids: Tensor) -> float:
+    """Summed next-token NLL of ``ids [b, L]`` under ``logits [b, L, vocab]``, a window and
+    ``_NLL_ROWS`` positions at a time (no reshaped copy or log-softmax of the whole batch)."""
+    total = 0.0
+    last = ids.shape[1] - 1
+    for b in range(ids.shape[0]):
+        for start in range(0, last, _NLL_ROWS):
+            end = min(start + _NLL_ROWS, last)
+            total += float(F.cross_entropy(logits[b, start:end].float(), ids[b, start + 1:end + 1], reduction="sum"))
+    return total
+
 
 @torch.no_grad()
 def perplexity(
@@ -19,6 +34,7 @@ def perplexity(
     windows: Tensor,
     batch_size: int = 4,
     progress: bool = False,
+    max_logits_mib: float = 256.0,
 ) -> dict[str, float]:
     """Perplexity of a causal LM on ``windows [n, L]`` of token ids.
 
@@ -28,8 +44,11 @@ def perplexity(
     Args:
         logits_fn: ``ids [b, L] -> logits [b, L, vocab]`` (a GraphModel or a wrapped HF model).
         windows: evaluation windows from :meth:`graphprune.data.TokenSplits.eval_windows`.
-        batch_size: windows per forward pass.
+        batch_size: at most this many windows per forward pass.
         progress: show a progress bar.
+        max_logits_mib: fewer windows go into a forward when their float32 logits would exceed
+            this (a 49k vocabulary makes 100 MiB of logits per 512-token window); the first
+            forward takes one window to learn the vocabulary size.
 
     Returns:
         ``{"ppl", "nll", "tokens", "seconds"}``.
@@ -37,14 +56,18 @@ def perplexity(
     t0 = time.perf_counter()
     total = 0.0
     count = 0
-    batches = list(windows.split(batch_size))
-    for ids in tqdm(batches, desc="perplexity", unit="batch", disable=not progress, leave=False):
-        logits = logits_fn(ids).float()
-        nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += ids[:, 1:].numel()
+    n, length = int(windows.shape[0]), int(windows.shape[1])
+    per, done = 1, 0
+    with tqdm(total=n, desc="perplexity", unit="window", disable=not progress, leave=False) as bar:
+        while done < n:
+            ids = windows[done:done + per]
+            logits = logits_fn(ids)
+            total += _nll_sum(logits, ids)
+            count += ids[:, 1:].numel()
+            done += int(ids.shape[0])
+            bar.update(int(ids.shape[0]))
+            per = max(1, min(batch_size, int(max_logits_mib * MIB // max(length * logits.shape[-1] * 4, 1))))
+            del logits
     mean = total / max(count, 1)
     return {"ppl": math.exp(mean), "nll": mean, "tokens": count, "seconds": time.perf_counter() - t0}
 
