@@ -5,7 +5,7 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 
 * ``prune_quality``: perplexity per method and pattern (``prune_quality.json``, ``dense.json``),
   with the commits the rows were measured at;
-* ``llmcompressor``: the side-by-side with llm-compressor (``llmcompressor.json``);
+* ``llmcompressor``: the interleaved whole-process side-by-side with llm-compressor (``llmcompressor.json``);
 * ``rotations``: rotations x solvers (``rotations.json``);
 * ``generalization``: every configuration measured on both texts, its perplexity on each
   relative to the dense model's (``prune_quality.json``, ``rotations.json``, ``dense.json``);
@@ -87,22 +87,21 @@ def prune_quality() -> str:
 
 
 def llmcompressor() -> str:
-    data = _load("llmcompressor.json")["rows"]
+    data = _load("llmcompressor.json")
     lines = [
-        "| method | llm-compressor ppl | graphprune ppl | llm-compressor prune s | graphprune prune s | time ratio |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| configuration | llm-compressor ppl | graphprune ppl | llm-compressor s | graphprune s | time ratio "
+        "| llm-compressor RSS MiB | graphprune RSS MiB | RSS ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for key, label in (("sparsegpt", "SparseGPT 50 %"), ("wanda", "Wanda 50 %")):
-        r = data[key]
+    for key, r in data["summary"].items():
         lc, gp = r["llmcompressor"], r["graphprune"]
-        ppl = [f"{lc['ppl']:.3f}", f"{gp['ppl']:.3f}"]
-        ppl[0 if lc["ppl"] < gp["ppl"] else 1] = f"**{ppl[0 if lc['ppl'] < gp['ppl'] else 1]}**"
-        sec = [f"{lc['prune_seconds']:.1f}", f"{gp['prune_seconds']:.1f}"]
-        sec[0 if lc["prune_seconds"] < gp["prune_seconds"] else 1] = f"**{sec[0 if lc['prune_seconds'] < gp['prune_seconds'] else 1]}**"
-        lines.append(f"| {label} | {ppl[0]} | {ppl[1]} | {sec[0]} | {sec[1]} | {r['time_ratio']:.2f}x |")
-    prov = _load("llmcompressor.json")["provenance"]
-    lines += ["", f"Measured {prov['date']} at commit `{_short_commit({'provenance': prov})}` (one run after the other, not interleaved; "
-              "load conditions in the linked file)."]
+        lines.append(f"| {key} | {lc['ppl']:.3f} | {gp['ppl']:.3f} | {lc['wall_seconds']:.1f} | {gp['wall_seconds']:.1f} | {r['time_ratio']:.2f}x | "
+                     f"{lc['peak_rss_mb']:.0f} | {gp['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f}x |")
+    prov = data["provenance"]
+    load = prov["load_average"]
+    lines += ["", f"Whole processes, one interleaved run ({data['reps']} repetition(s), medians), measured {prov['date']} at commit "
+              f"`{_short_commit(data)}`, load average {load['start'][0]:.2f} at the start and {load['end'][0]:.2f} at the end. "
+              "Ratios are graphprune / llm-compressor."]
     return "\n".join(lines)
 
 
