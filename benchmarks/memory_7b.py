@@ -11,7 +11,8 @@ and its peak RSS (``wait4``) is compared with the formula of docs/SCALE_OUT.md:
 
 Every term is computed from the shapes, except the fixed overhead, which is measured: the
 peak RSS of the same command on a one-block model whose width is 64 (torch, transformers,
-the tokenizer, the graph, no weights to speak of). The vocabulary is the default
+the tokenizer, the graph, no weights to speak of). Models are built in a child process, since
+a child's peak RSS starts from its parent's resident size at the fork. The vocabulary is the default
 tokenizer's (49,152 rather than LLaMA-2's 32,000), so the calibration text tokenizes
 unchanged.
 
@@ -116,7 +117,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward (graphprune's default)")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown from the results file")
     ap.add_argument("--keep", action="store_true", help="keep the model folders")
+    ap.add_argument("--build", nargs=3, metavar=("FOLDER", "SHAPE", "BLOCKS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.build:
+        folder, key, blocks = args.build
+        print(build(Path(folder), SHAPE_7B if key == "7b" else SHAPE_SMALL, int(blocks)))
+        return
     if args.render:
         render()
         return
@@ -127,7 +133,11 @@ def main() -> None:
         for key, shape, blocks in (("overhead", SHAPE_SMALL, 1), ("7b", SHAPE_7B, args.blocks)):
             folder = work / f"model-{key}"
             t0 = time.perf_counter()
-            params = build(folder, shape, blocks)
+            # built in a child process: a child's peak RSS (wait4) starts from its parent's resident
+            # size at the fork, so this driver must stay small (it never holds a model itself)
+            built = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--build", str(folder), key, str(blocks)],
+                                   check=True, capture_output=True, text=True, cwd=ROOT)
+            params = int(built.stdout.split()[-1])
             size = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / MIB
             print(f"{key}: {params:,} parameters, {size:.0f} MiB of safetensors, built in {time.perf_counter() - t0:.0f} s", flush=True)
             res = prune(folder, work / f"out-{key}", args.calib_samples, args.calib_len, args.batch_size)
