@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -34,7 +33,6 @@ class SafetensorsSource:
 
         self.folder = Path(folder)
         self._open = safe_open
-        self._handles: dict[Path, Any] = {}
         index, single = self.folder / INDEX, self.folder / SINGLE
         if index.is_file():
             try:
@@ -46,29 +44,32 @@ class SafetensorsSource:
             if missing:
                 raise ModelLoadError(f"{index} names shard(s) that are not in {self.folder}: {', '.join(missing)}.")
         elif single.is_file():
-            self.files = {name: single for name in self._handle(single).keys()}
+            with self._open(str(single), framework="pt", device="cpu") as handle:
+                self.files = {name: single for name in handle.keys()}
         else:
             raise ModelLoadError(
                 f"{self.folder} has no {SINGLE} or {INDEX}; lazy loading streams weights from safetensors."
             )
 
-    def _handle(self, path: Path) -> Any:
-        if path not in self._handles:
-            self._handles[path] = self._open(str(path), framework="pt", device="cpu")
-        return self._handles[path]
-
     def names(self) -> set[str]:
         return set(self.files)
 
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The tensor ``name`` as ``dtype`` (a fresh CPU tensor)."""
+        """The tensor ``name`` as ``dtype``: a fresh CPU tensor in the process's own memory.
+
+        safetensors hands out tensors backed by a memory map of the file; the pages a read
+        touches stay resident (and counted in the process's RSS) for as long as the file is
+        mapped. So the file is opened for this one read and the tensor copied out, and the
+        mapping goes when the read is done: the blocks already pruned do not stay resident.
+        """
         path = self.files.get(name)
         if path is None:
             raise ModelLoadError(f"{self.folder} holds no tensor {name!r}.")
-        return self._handle(path).get_tensor(name).to(dtype)
+        with self._open(str(path), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(name).to(dtype=dtype, copy=True)
 
     def close(self) -> None:
-        self._handles.clear()
+        """Nothing stays open between reads; kept for callers that close their sources."""
 
 
 def load_lazy(spec: str, *, trust_remote_code: bool = False) -> tuple[LoadedModel, SafetensorsSource]:

@@ -145,3 +145,23 @@ def test_cli_lazy_and_recipe_key(folder: Path, tmp_path: Path) -> None:
 
     recipe = Recipe.from_dict({"model": str(folder), "prune": {"method": "wanda", "sparsity": 0.5}, "output": {"dir": str(out), "lazy": True}}, "<test>")
     assert recipe.to_job().lazy is True
+
+
+def test_lazy_reads_are_copies_not_views_of_the_mapped_file(tmp_path: Path) -> None:
+    """A tensor read for a stage is the process's own memory: rewriting the file afterwards does
+    not change it (a view of the memory-mapped file would keep its pages resident, and counted
+    in RSS, for the rest of the run)."""
+    from safetensors.torch import save_file
+
+    from graphprune.models.lazy import SafetensorsSource
+
+    (tmp_path / "config.json").write_text("{}")
+    path = tmp_path / "model.safetensors"
+    original = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    save_file({"w": original}, str(path))
+    source = SafetensorsSource(tmp_path)
+    got = source.get("w")
+    save_file({"w": torch.zeros(64, 64)}, str(path))  # same layout, other values, written over the file
+    assert torch.equal(got, original)
+    got.add_(1)  # and it is writable
+    assert torch.equal(source.get("w"), torch.zeros(64, 64))
