@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -120,23 +119,8 @@ def last_json(text: str) -> dict[str, Any]:
     return json.loads(text[start + 1 if start >= 0 else text.find("{"):])
 
 
-def run_process(cmd: list[str], log: Path) -> tuple[float, float, str]:
-    """Run ``cmd``; its wall seconds, its peak RSS (MiB, from ``wait4``) and its stdout."""
-    with open(log, "w") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed with exit code {proc.returncode}; its log: {log}")
-    return wall, usage.ru_maxrss / 1024.0, out
-
-
 def drive(args: argparse.Namespace) -> None:
-    from provenance import Run, load_average  # benchmarks/provenance.py (this script's folder is on sys.path)
+    from provenance import Run, load_average, measured_process  # benchmarks/provenance.py (this script's folder is on sys.path)
 
     configs = [parse_config(c) for c in args.configs]
     lc_python = Path(args.lc_python)
@@ -163,7 +147,7 @@ def drive(args: argparse.Namespace) -> None:
                            "--target", target, "--out", str(out)]
                 load = load_average()
                 print(f"rep {rep} {label(method, target)}: {tool} ...", flush=True)
-                wall, rss, stdout = run_process(cmd, log)
+                wall, rss, stdout = measured_process(cmd, log)
                 res = last_json(stdout)
                 ppl = res["ppl"] if tool == "llmcompressor" else res["eval"]["pydoc"]["ppl"] if "eval" in res else res["ppl"]
                 row = {"method": method, "target": target, "tool": tool, "rep": rep, "wall_seconds": round(wall, 1),

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from provenance import Run
+from provenance import Run, measured_process
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,19 +73,9 @@ def prune(folder: Path, out: Path, samples: int, length: int, batch: int) -> dic
     cmd = [sys.executable, "-m", "graphprune", "prune", "--model", str(folder), "--method", "sparsegpt", "--sparsity", "0.5", "--lazy",
            "--calib-samples", str(samples), "--calib-len", str(length), "--batch-size", str(batch), "--out", str(out), "--json", "-q"]
     print("$ " + " ".join(["python", *cmd[1:]]), flush=True)
-    log = out.with_suffix(".log")
-    with open(log, "w") as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT)
-        assert proc.stdout is not None
-        stdout = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"graphprune prune failed ({code}):\n{log.read_text()[-4000:]}")
+    wall, peak, stdout = measured_process(cmd, out.with_suffix(".log"))
     report = json.loads(stdout[stdout.find("{"):])
-    return {"wall_seconds": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024.0, 1), "report": report}
+    return {"wall_seconds": round(wall, 1), "peak_rss_mb": round(peak, 1), "report": report}
 
 
 def formula(shape: dict[str, int], vocab: int, samples: int, length: int, batch: int) -> dict[str, float]:

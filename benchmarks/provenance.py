@@ -84,3 +84,22 @@ class Run:
         if cli:
             info["cli"] = cli
         return {**row, "provenance": info}
+
+
+def measured_process(cmd: list[str], log: Path, cwd: Path = REPO) -> tuple[float, float, str]:
+    """Run ``cmd`` (stderr to ``log``): its wall seconds, its peak RSS in MiB (``wait4``, the
+    process's own high-water mark) and its stdout. A failure stops the benchmark, naming the
+    command, its exit code and the end of its log."""
+    import time
+
+    with open(log, "w") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}; its log {log} ends:\n{log.read_text()[-4000:]}")
+    return wall, usage.ru_maxrss / 1024.0, out
