@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import operator
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -93,6 +93,13 @@ class StagedGraph:
         return [s for s in self.stages if s.kind == "block"]
 
 
+class StageForward(Protocol):
+    """What a stage callback is given: runs the stage on every micro-batch (see
+    :meth:`StageRunner.run`)."""
+
+    def __call__(self, observe_only: bool = False) -> list[Any]: ...
+
+
 class StageRunner:
     """Runs a :class:`StagedGraph` stage by stage over micro-batches.
 
@@ -104,16 +111,44 @@ class StageRunner:
     def __init__(self, staged: StagedGraph, batches: Sequence[Tensor]) -> None:
         self.staged = staged
         self.batches = list(batches)
+        self._observing: dict[int, torch.fx.Interpreter] = {}
+
+    def observer_interpreter(self, stage: Stage) -> torch.fx.Interpreter:
+        """An interpreter of ``stage``'s module restricted to the nodes its observers depend
+        on (the observers themselves are kept; the stage's outputs are not computed). It reads
+        the module's weights when it runs, so weights swapped in by a stage hook are seen."""
+        interp = self._observing.get(stage.index)
+        if interp is None:
+            graph = torch.fx.Graph()
+            graph.graph_copy(stage.module.graph, {})
+            graph.output(None)
+
+            def kept(node: Node) -> bool:
+                if node.op == "call_module":  # observers mark themselves impure (fx's ``_is_impure``)
+                    return bool(getattr(stage.module.get_submodule(str(node.target)), "_is_impure", False))
+                # mutations and other side effects stay; random ops (dropout, attention's dropout
+                # argument) are inert in a no-grad evaluation forward and may go
+                return node.op in ("placeholder", "output") or node.is_impure(impure_random=False)
+
+            graph.eliminate_dead_code(is_impure_node=kept)
+            interp = torch.fx.Interpreter(stage.module, graph=graph)
+            self._observing[stage.index] = interp
+        return interp
 
     @torch.no_grad()
     def run(
         self,
-        on_stage: Callable[[Stage, Callable[[], list[Any]]], None] | None = None,
+        on_stage: Callable[[Stage, StageForward], None] | None = None,
         stop_before_epilogue: bool = True,
     ) -> list[Any] | None:
         """Execute; ``on_stage(stage, forward)`` is called for each block stage *instead of*
         running it, and must call ``forward()`` (any number of times) -- the last call's
         per-batch outputs are what later stages read.
+
+        ``forward(observe_only=True)`` runs only what the stage's observers read (a calibration
+        forward: in a decoder block everything after the input of its last observed Linear, the
+        down projection and the residual add, is skipped) and returns no outputs; a stage
+        callback must end with a plain ``forward()``.
 
         Returns the per-batch graph outputs, or None when stopping before the epilogue.
         """
@@ -144,6 +179,28 @@ class StageRunner:
         def fetch(arg: Any, i: int) -> Any:
             return torch.fx.node.map_arg(arg, lambda a: value(a, i))
 
+        def make_forward(node: Node, stage: Stage) -> StageForward:
+            def forward(observe_only: bool = False) -> list[Any]:
+                env.pop(node, None)  # a repeated call: the previous outputs are superseded
+                observing = observe_only and not node.kwargs
+                outs = []
+                for i in range(n):
+                    args = fetch(node.args, i)
+                    if observing:
+                        interp = self.observer_interpreter(stage)
+                        try:
+                            interp.run(*args)
+                        finally:
+                            interp.env.clear()  # the observers' unused outputs would otherwise stay
+                        continue
+                    outs.append(stage.module(*args, **fetch(node.kwargs, i)))
+                if observing:
+                    return []
+                env[node] = _PerBatch(outs)
+                return outs
+
+            return forward
+
         for node in graph.nodes:
             if node.op == "placeholder":
                 env[node] = _PerBatch(self.batches)
@@ -156,17 +213,7 @@ class StageRunner:
                 stage = stage_by_node[node]
                 if stage.kind == "epilogue" and stop_before_epilogue:
                     return None
-                mod = stage.module
-
-                def forward(node: Node = node, mod: Any = mod) -> list[Any]:
-                    outs = []
-                    for i in range(n):
-                        args = fetch(node.args, i)
-                        kwargs = fetch(node.kwargs, i)
-                        outs.append(mod(*args, **kwargs))
-                    env[node] = _PerBatch(outs)
-                    return outs
-
+                forward = make_forward(node, stage)
                 if stage.kind == "block" and on_stage is not None:
                     on_stage(stage, forward)
                     if node not in env:
@@ -180,6 +227,8 @@ class StageRunner:
             for src in node.all_input_nodes:
                 if last_use.get(src) is node and src in env:
                     del env[src]
+            if node.op == "call_module":
+                self._observing.pop(stage_by_node[node].index, None)
         return None
 
 

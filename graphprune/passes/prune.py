@@ -30,10 +30,11 @@ from tqdm.auto import tqdm
 from graphprune.distributed import Dist, current
 from graphprune.errors import ConfigError, SolverError
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stages import Stage, StagedGraph, StageRunner
+from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
+from graphprune.graph.structures import ATTENTION_OPS
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
 from graphprune.passes.gradients import GradientStatsPass
-from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for, xtx_macs
 from graphprune.solvers import SparsitySpec, get_solver, reconstruction_error
 from graphprune.solvers.refine import masked_gd_refine
@@ -134,39 +135,71 @@ def _attention_width(gm: GraphModel) -> int | None:
     return int(heads) * int(head_dim) if head_dim else None
 
 
-def stage_flops(gm: GraphModel, linears: list[Any], observers: dict[str, Any], tokens: int, seq_len: int) -> dict[str, float]:
-    """Analytical multiply-adds of one calibration forward of a block on ``tokens``
-    tokens, and of the statistics its observers accumulate.
+def _calibration_ancestors(gm: GraphModel, observers: dict[str, Any]) -> set[Any]:
+    """The graph nodes a calibration forward computes: everything the observers' inputs depend on."""
+    todo = [n for n in gm.gm.graph.nodes if n.op == "call_module" and n.target in observers]
+    seen: set[Any] = set()
+    while todo:
+        node = todo.pop()
+        for src in node.all_input_nodes:
+            if src not in seen:
+                seen.add(src)
+                todo.append(src)
+    return seen
 
-    ``forward_macs``: every block Linear (``tokens·in·out``) plus causal attention (scores and
-    weighted values over the ``L(L+1)/2`` query-key pairs of each segment, ``2·pairs·heads·head_dim``
-    per segment). ``statistics_macs``: per observed input, ``tokens·in`` for the column norms and
-    the band-by-band upper triangle of ``XᵀX`` where it is accumulated (:func:`xtx_macs`).
+
+def stage_flops(gm: GraphModel, linears: list[Any], observers: dict[str, Any], tokens: int, seq_len: int) -> dict[str, float]:
+    """Analytical multiply-adds of a block's two forwards on ``tokens`` tokens, and of the
+    statistics its observers accumulate.
+
+    ``propagation_macs``: the full forward, every block Linear (``tokens·in·out``) plus causal
+    attention (scores and weighted values over the ``L(L+1)/2`` query-key pairs of each segment,
+    ``2·pairs·heads·head_dim`` per segment). ``forward_macs``: the calibration forward, which
+    computes only what the observers read (the Linears and the attention upstream of an
+    observer; in a LLaMA block all but the down projection; an attention that is not a fused
+    operator is counted as computed). ``statistics_macs``: per observed input, ``tokens·in`` for
+    the column norms and the band-by-band upper triangle of ``XᵀX`` where it is accumulated
+    (:func:`xtx_macs`).
     """
-    macs = float(sum(tokens * li.in_features * li.out_features for li in linears))
+    needed = _calibration_ancestors(gm, observers)
     width = _attention_width(gm)
-    if width is not None and seq_len > 0:
-        macs += (tokens / seq_len) * 2.0 * (seq_len * (seq_len + 1) / 2) * width
+    attention = (tokens / seq_len) * 2.0 * (seq_len * (seq_len + 1) / 2) * width if width is not None and seq_len > 0 else 0.0
+    full = float(sum(tokens * li.in_features * li.out_features for li in linears)) + attention
+    calib = float(sum(tokens * li.in_features * li.out_features for li in linears if li.node in needed))
+    nodes = {li.node for li in linears}
+    block_attention = [n for n in _block_nodes(gm, nodes) if n.op == "call_function" and n.target in ATTENTION_OPS]
+    if not block_attention or any(n in needed for n in block_attention):
+        calib += attention
     stats = 0.0
     for o in observers.values():
         stats += tokens * o.in_features + (xtx_macs(o.in_features, tokens) if o.hessian else 0)
-    return {"tokens": tokens, "forward_macs": int(round(macs)), "statistics_macs": int(round(stats))}
+    return {"tokens": tokens, "forward_macs": int(round(calib)), "propagation_macs": int(round(full)), "statistics_macs": int(round(stats))}
+
+
+def _block_nodes(gm: GraphModel, linears: set[Any]) -> list[Any]:
+    """The nodes between a block's first and last Linear, in graph order."""
+    order = list(gm.gm.graph.nodes)
+    index = {n: i for i, n in enumerate(order)}
+    places = [index[n] for n in linears if n in index]
+    return order[min(places):max(places) + 1] if places else []
 
 
 def profile_totals(stages: list[dict[str, Any]]) -> dict[str, Any]:
     """Seconds and multiply-adds of the stage-wise calibration summed over stages, with the
-    achieved rates: the forward's (Linears and attention, both forwards of every stage) and the
-    statistics'. Compare ``forward_gflops`` with the machine's peak float32 matmul rate."""
+    achieved rates: the forwards' (Linears and attention, the calibration and the propagation
+    forward of every stage) and the statistics'. Compare ``forward_gflops`` with the machine's
+    peak float32 matmul rate."""
     prof = [st["profile"] for st in stages if "profile" in st]
     if not prof:
         return {}
     tot: dict[str, Any] = {k: round(sum(p[k] for p in prof), 3) for k in ("forward_seconds", "statistics_seconds", "solve_seconds", "propagation_seconds")}
     tot["forward_gmac"] = round(sum(p["forward_macs"] for p in prof) / 1e9, 3)
     tot["statistics_gmac"] = round(sum(p["statistics_macs"] for p in prof) / 1e9, 3)
+    tot["propagation_gmac"] = round(sum(p.get("propagation_macs", p["forward_macs"]) for p in prof) / 1e9, 3)
     fwd_time = tot["forward_seconds"] + tot["propagation_seconds"]
-    fwd_macs = sum(p["forward_macs"] for p in prof)
+    fwd_macs = sum(p["forward_macs"] + p.get("propagation_macs", p["forward_macs"]) for p in prof)
     stat_macs = sum(p["statistics_macs"] for p in prof)
-    tot["forward_gflops"] = round(2 * 2 * fwd_macs / fwd_time / 1e9, 2) if fwd_time > 0 else None  # two forwards per stage
+    tot["forward_gflops"] = round(2 * fwd_macs / fwd_time / 1e9, 2) if fwd_time > 0 else None  # both forwards of every stage
     tot["statistics_gflops"] = round(2 * stat_macs / tot["statistics_seconds"] / 1e9, 2) if tot["statistics_seconds"] > 0 else None
     return tot
 
@@ -227,7 +260,7 @@ class SequentialPrunePass(Pass):
         roots: list[torch.nn.Module] = [staged.split]
         io = self.stage_io
 
-        def prune_stage(stage: Stage, forward: Callable[[], list[Any]]) -> None:
+        def prune_stage(stage: Stage, forward: StageForward) -> None:
             t0 = time.perf_counter()
             block_index = stage.block
             assert block_index is not None  # StageRunner calls back for block stages only
@@ -257,7 +290,7 @@ class SequentialPrunePass(Pass):
                 o.enabled = True
             t_fwd = time.perf_counter()
             try:
-                forward()
+                forward(observe_only=True)  # statistics only: the outputs come from the pruned block below
             finally:
                 for o in obs.values():
                     o.enabled = False
@@ -317,6 +350,7 @@ class SequentialPrunePass(Pass):
                 self.checkpoint.save(StageRecord(block_index, pruned, {n: masks[n] for n in pruned}, layers[first_layer:], info))
             if io is not None:
                 io.leave(block_index, roots)
+            release_free_memory()  # this stage's statistics and old activations are garbage now
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(block_index, len(staged.block_stages), info)

@@ -49,10 +49,10 @@ from tqdm.auto import tqdm
 from graphprune.errors import ConfigError, VerificationError
 from graphprune.graph.edit import add_linear_bias, parameter_count, replace_tensor, set_config, text_config
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stages import Stage, StagedGraph, StageRunner
+from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
 from graphprune.graph.structures import ChannelGroup, HeadGroup, find_channel_groups, find_head_groups
 from graphprune.models.shapes import SHAPES_FILE
-from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for, through_observers
 from graphprune.solvers.structured import channel_scores, get_structured
 
@@ -200,7 +200,7 @@ class StructuredPrunePass(Pass):
         layers: list[dict[str, Any]] = []
         bar = tqdm(total=len(staged.block_stages), desc=f"structured {self.method}", unit="block", disable=not ctx.progress)
 
-        def prune_stage(stage: Stage, forward: Callable[[], list[Any]]) -> None:
+        def prune_stage(stage: Stage, forward: StageForward) -> None:
             t0 = time.perf_counter()
             todo = by_block.get(int(stage.block or 0), []) if stage.block is not None else []
             if not todo:
@@ -212,7 +212,7 @@ class StructuredPrunePass(Pass):
                 o.reset()
                 o.enabled = True
             try:
-                forward()
+                forward(observe_only=True)
             finally:
                 for o in obs:
                     o.enabled = False
@@ -226,6 +226,7 @@ class StructuredPrunePass(Pass):
                     layers.append(self._apply(gm, staged, g, stats, widths[g.name]))
             forward()
             info = {"block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
+            release_free_memory()  # the removed rows, statistics and old activations are garbage now
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(int(stage.block or 0), len(staged.block_stages), info)
@@ -277,7 +278,7 @@ class StructuredPrunePass(Pass):
             o.enabled = True
         try:
 
-            def observe(stage: Stage, forward: Callable[[], list[Any]]) -> None:
+            def observe(stage: Stage, forward: StageForward) -> None:
                 forward()
 
             StageRunner(staged, batches).run(observe)

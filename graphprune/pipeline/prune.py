@@ -32,7 +32,7 @@ from graphprune.models.lazy import SafetensorsSource, load_lazy
 from graphprune.models.loader import check_finite, load_tokenizer
 from graphprune.passes.checkpoint import StageCheckpoint
 from graphprune.passes.fold_norms import FoldNormsPass
-from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb
+from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb, release_free_memory
 from graphprune.passes.prune import LayerRule, PruneConfig, StageIO, parse_rules, prune_pass
 from graphprune.passes.rotate import LearnConfig, RotatePass
 from graphprune.passes.slice import SlicePass
@@ -269,6 +269,7 @@ def run_prune(
     t_load = time.perf_counter()
     parameters_before = parameter_count(loaded.model)
     gm = GraphModel.capture(loaded.model, name=loaded.name)
+    release_free_memory()  # the tracer's temporaries
     t_capture = time.perf_counter()
     # lazy: the weights exist one block at a time, so no whole-model probe forward can verify passes
     ctx = PassContext(seed=job.seed, verify=not job.lazy, progress=progress, calibration=calib)
@@ -302,6 +303,7 @@ def run_prune(
         if gm.state.structured is not None:
             report["structured"] = gm.state.structured
         if job.evaluate:
+            release_free_memory()  # the calibration activations and statistics are gone
             res = evaluate_texts(gm, loaded.tokenizer, eval_text_specs(job.text, job.eval_text), job.eval_len, 4, progress)
             report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2),
                            "eval": {name: {"ppl": r["ppl"], "tokens": r["tokens"]} for name, r in res["texts"].items()}})
@@ -316,6 +318,7 @@ def run_prune(
                 stage_io.finish(loaded.model, loaded.tokenizer, report)
         elif job.out is not None and dist.is_main:
             _check_exportable(gm)
+            release_free_memory()  # evaluation's logits
             extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
             save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
     except BaseException:
