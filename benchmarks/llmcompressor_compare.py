@@ -178,6 +178,20 @@ def drive(args: argparse.Namespace) -> None:
     render()
 
 
+def summary_table(data: dict[str, Any]) -> list[str]:
+    """The medians per configuration as a markdown table (also the README's, via scripts/readme_tables.py)."""
+    lines = [
+        "| configuration | llm-compressor ppl | graphprune ppl | llm-compressor s | graphprune s | time ratio "
+        "| llm-compressor RSS MiB | graphprune RSS MiB | RSS ratio |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for key, s in data["summary"].items():
+        lc, gp = s["llmcompressor"], s["graphprune"]
+        lines.append(f"| {key} | {lc['ppl']:.3f} | {gp['ppl']:.3f} | {lc['wall_seconds']:.1f} | {gp['wall_seconds']:.1f} | "
+                     f"{s['time_ratio']:.2f}x | {lc['peak_rss_mb']:.0f} | {gp['peak_rss_mb']:.0f} | {s['rss_ratio']:.2f}x |")
+    return lines
+
+
 def render() -> None:
     data = json.loads((RESULTS / "llmcompressor.json").read_text())
     prov = data["provenance"]
@@ -196,13 +210,8 @@ def render() -> None:
         f"graphprune with transformers {prov['versions'].get('transformers')}. {data['reps']} repetition(s); medians.",
         f"Command: `{prov['command']}`",
         "",
-        "| configuration | llm-compressor ppl | graphprune ppl | llm-compressor s | graphprune s | time ratio | llm-compressor RSS MiB | graphprune RSS MiB | RSS ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *summary_table(data),
     ]
-    for key, s in data["summary"].items():
-        lc, gp = s["llmcompressor"], s["graphprune"]
-        lines.append(f"| {key} | {lc['ppl']:.3f} | {gp['ppl']:.3f} | {lc['wall_seconds']:.1f} | {gp['wall_seconds']:.1f} | "
-                     f"{s['time_ratio']:.2f}x | {lc['peak_rss_mb']:.0f} | {gp['peak_rss_mb']:.0f} | {s['rss_ratio']:.2f}x |")
     lines += ["", "Ratios are graphprune / llm-compressor (below 1: graphprune faster or smaller).", "", "Every run, in order:", "",
               "| # | configuration | tool | wall s | peak RSS MiB | perplexity | achieved sparsity | load before |", "|---:|---|---|---:|---:|---:|---:|---|"]
     for i, r in enumerate(data["runs"]):

@@ -87,16 +87,11 @@ def prune_quality() -> str:
 
 
 def llmcompressor() -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from llmcompressor_compare import summary_table  # the benchmark's own rendering of its medians
+
     data = _load("llmcompressor.json")
-    lines = [
-        "| configuration | llm-compressor ppl | graphprune ppl | llm-compressor s | graphprune s | time ratio "
-        "| llm-compressor RSS MiB | graphprune RSS MiB | RSS ratio |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for key, r in data["summary"].items():
-        lc, gp = r["llmcompressor"], r["graphprune"]
-        lines.append(f"| {key} | {lc['ppl']:.3f} | {gp['ppl']:.3f} | {lc['wall_seconds']:.1f} | {gp['wall_seconds']:.1f} | {r['time_ratio']:.2f}x | "
-                     f"{lc['peak_rss_mb']:.0f} | {gp['peak_rss_mb']:.0f} | {r['rss_ratio']:.2f}x |")
+    lines = summary_table(data)
     prov = data["provenance"]
     load = prov["load_average"]
     lines += ["", f"Whole processes, one interleaved run ({data['reps']} repetition(s), medians), measured {prov['date']} at commit "
