@@ -21,7 +21,7 @@ import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, MutableMapping, Protocol
 
 import torch
 from torch import Tensor
@@ -325,7 +325,7 @@ class SequentialPrunePass(Pass):
                 else:
                     new, mask = results[li.name]
                 gm.set_weight(li.weight, new)
-                masks[li.name] = mask.clone()
+                masks[li.name] = mask  # packed a bit per weight
                 pruned[li.name] = new
             entries = {e["name"]: e for part in dist.gather_objects(mine) for e in part}
             layers.extend(entries[li.name] for li in todo)
@@ -442,7 +442,7 @@ def prune_pass(
     return Sequential([*gradients, InsertObserversPass(hessian=hessian), prune, RemoveObserversPass()], name="prune")
 
 
-def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: dict[str, Tensor]) -> None:
+def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: MutableMapping[str, Tensor]) -> None:
     """Write a checkpointed stage's weights and masks back (names and shapes must match)."""
     by_name = {li.name: li for li in targets}
     for name, weight in rec.weights.items():
