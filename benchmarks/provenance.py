@@ -11,6 +11,7 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -90,8 +91,6 @@ def measured_process(cmd: list[str], log: Path, cwd: Path = REPO) -> tuple[float
     """Run ``cmd`` (stderr to ``log``): its wall seconds, its peak RSS in MiB (``wait4``, the
     process's own high-water mark) and its stdout. A failure stops the benchmark, naming the
     command, its exit code and the end of its log."""
-    import time
-
     with open(log, "w") as err:
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, cwd=cwd)

@@ -111,29 +111,25 @@ class StageRunner:
     def __init__(self, staged: StagedGraph, batches: Sequence[Tensor]) -> None:
         self.staged = staged
         self.batches = list(batches)
-        self._observing: dict[int, torch.fx.Interpreter] = {}
 
-    def observer_interpreter(self, stage: Stage) -> torch.fx.Interpreter:
+    @staticmethod
+    def observer_interpreter(stage: Stage) -> torch.fx.Interpreter:
         """An interpreter of ``stage``'s module restricted to the nodes its observers depend
         on (the observers themselves are kept; the stage's outputs are not computed). It reads
         the module's weights when it runs, so weights swapped in by a stage hook are seen."""
-        interp = self._observing.get(stage.index)
-        if interp is None:
-            graph = torch.fx.Graph()
-            graph.graph_copy(stage.module.graph, {})
-            graph.output(None)
+        graph = torch.fx.Graph()
+        graph.graph_copy(stage.module.graph, {})
+        graph.output(None)
 
-            def kept(node: Node) -> bool:
-                if node.op == "call_module":  # observers mark themselves impure (fx's ``_is_impure``)
-                    return bool(getattr(stage.module.get_submodule(str(node.target)), "_is_impure", False))
-                # mutations and other side effects stay; random ops (dropout, attention's dropout
-                # argument) are inert in a no-grad evaluation forward and may go
-                return node.op in ("placeholder", "output") or node.is_impure(impure_random=False)
+        def kept(node: Node) -> bool:
+            if node.op == "call_module":  # observers mark themselves impure (fx's ``_is_impure``)
+                return bool(getattr(stage.module.get_submodule(str(node.target)), "_is_impure", False))
+            # mutations and other side effects stay; random ops (dropout, attention's dropout
+            # argument) are inert in a no-grad evaluation forward and may go
+            return node.op in ("placeholder", "output") or node.is_impure(impure_random=False)
 
-            graph.eliminate_dead_code(is_impure_node=kept)
-            interp = torch.fx.Interpreter(stage.module, graph=graph)
-            self._observing[stage.index] = interp
-        return interp
+        graph.eliminate_dead_code(is_impure_node=kept)
+        return torch.fx.Interpreter(stage.module, graph=graph)
 
     @torch.no_grad()
     def run(
@@ -180,18 +176,21 @@ class StageRunner:
             return torch.fx.node.map_arg(arg, lambda a: value(a, i))
 
         def make_forward(node: Node, stage: Stage) -> StageForward:
+            observer: list[torch.fx.Interpreter] = []  # built at the first observe-only call, gone with the stage
+
             def forward(observe_only: bool = False) -> list[Any]:
                 env.pop(node, None)  # a repeated call: the previous outputs are superseded
                 observing = observe_only and not node.kwargs
+                if observing and not observer:
+                    observer.append(self.observer_interpreter(stage))
                 outs = []
                 for i in range(n):
                     args = fetch(node.args, i)
                     if observing:
-                        interp = self.observer_interpreter(stage)
                         try:
-                            interp.run(*args)
+                            observer[0].run(*args)
                         finally:
-                            interp.env.clear()  # the observers' unused outputs would otherwise stay
+                            observer[0].env.clear()  # the observers' unused outputs would otherwise stay
                         continue
                     outs.append(stage.module(*args, **fetch(node.kwargs, i)))
                 if observing:
@@ -227,8 +226,6 @@ class StageRunner:
             for src in node.all_input_nodes:
                 if last_use.get(src) is node and src in env:
                     del env[src]
-            if node.op == "call_module":
-                self._observing.pop(stage_by_node[node].index, None)
         return None
 
 

@@ -21,7 +21,7 @@ import fnmatch
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, MutableMapping, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 from torch import Tensor
@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from graphprune.distributed import Dist, current
 from graphprune.errors import ConfigError, SolverError
-from graphprune.graph.model import GraphModel
+from graphprune.graph.model import GraphModel, PackedMasks
 from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
 from graphprune.graph.structures import ATTENTION_OPS
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
@@ -442,7 +442,7 @@ def prune_pass(
     return Sequential([*gradients, InsertObserversPass(hessian=hessian), prune, RemoveObserversPass()], name="prune")
 
 
-def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: MutableMapping[str, Tensor]) -> None:
+def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: PackedMasks) -> None:
     """Write a checkpointed stage's weights and masks back (names and shapes must match)."""
     by_name = {li.name: li for li in targets}
     for name, weight in rec.weights.items():
@@ -453,7 +453,7 @@ def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: M
                 "with that shape; delete the checkpoint folder or run without --resume."
             )
         gm.set_weight(li.weight, weight)
-        masks[name] = rec.masks[name].clone()
+        masks[name] = rec.masks[name]  # packed: a copy
 
 
 def parse_rules(overrides: Mapping[str, Any] | None, default: SparsitySpec) -> list[LayerRule]:
