@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 NO_NATIVE_ENV = "GRAPHPRUNE_NO_NATIVE"
 EXTENSION_NAME = "graphprune_packed"
 SOURCE = Path(__file__).resolve().parent / "csrc" / "packed_linear.cpp"
+#: the other sources built into the same operator library (``graphprune::prox24``, the
+#: common cases of the exact 2:4 proximal operator, see ``graphprune.solvers.proximal``).
+EXTRA_SOURCES = (Path(__file__).resolve().parent / "csrc" / "prox24.cpp",)
 #: the only dtype the kernel implements.
 PACKED_DTYPE = torch.float32
 WORD_BITS = 32
@@ -87,7 +90,7 @@ def _build() -> None:
     # backend of torch's CPU builds (the extension then shares torch's libgomp)
     cpp_extension.load(
         name=EXTENSION_NAME,
-        sources=[str(SOURCE)],
+        sources=[str(SOURCE), *(str(extra) for extra in EXTRA_SOURCES)],
         extra_cflags=["-O3", "-march=native", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -122,8 +125,9 @@ def load_native() -> bool:
             reason = f"{NO_NATIVE_ENV} is set"
         elif _op_loaded():  # the library was loaded by other means (torch.ops.load_library)
             _register_fake()
-        elif not SOURCE.is_file():
-            reason = f"the kernel source {SOURCE} is missing"
+        elif not all(src.is_file() for src in (SOURCE, *EXTRA_SOURCES)):
+            missing = [str(src) for src in (SOURCE, *EXTRA_SOURCES) if not src.is_file()]
+            reason = f"the kernel source {', '.join(missing)} is missing"
         else:
             try:
                 _build()
@@ -134,7 +138,10 @@ def load_native() -> bool:
         _state["loaded"] = reason is None
         _state["reason"] = reason
         if reason is not None:
-            log.warning("graphprune: native packed sparse kernel unavailable: %s; graphprune runs these layers dense.", reason)
+            log.warning(
+                "graphprune: native kernels unavailable: %s; graphprune runs packed sparse layers dense and the "
+                "2:4 proximal operator in Python (same results, slower).", reason,
+            )
         return reason is None
 
 

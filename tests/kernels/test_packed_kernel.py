@@ -202,7 +202,7 @@ def test_no_native_env_reports_unavailable() -> None:
     done = _run(code, {"GRAPHPRUNE_NO_NATIVE": "1"})
     assert done.returncode == 0, done.stderr
     assert "REASON GRAPHPRUNE_NO_NATIVE is set" in done.stdout
-    assert done.stderr.count("runs these layers dense") == 1, done.stderr
+    assert done.stderr.count("runs packed sparse layers dense") == 1, done.stderr
 
 
 def test_failed_build_reports_unavailable(tmp_path: Path) -> None:
@@ -215,7 +215,7 @@ def test_failed_build_reports_unavailable(tmp_path: Path) -> None:
     done = _run(code, {"CXX": str(tmp_path / "no-such-compiler"), "XDG_CACHE_HOME": str(tmp_path / "cache")})
     assert done.returncode == 0, done.stderr
     assert "REASON building the native kernel failed" in done.stdout and "no-such-compiler" in done.stdout, done.stdout
-    assert done.stderr.count("runs these layers dense") == 1, done.stderr
+    assert done.stderr.count("runs packed sparse layers dense") == 1, done.stderr
 
 
 def _cpu_has(flag: str) -> bool:

@@ -63,7 +63,22 @@ def test_regularizer_is_the_sum_of_triple_products_and_zero_exactly_on_2_4_group
     assert torch.equal(nm_regularizer(z) == 0, (z != 0).sum(-1) <= 2)
 
 
-def test_prox_equals_brute_force():
+@pytest.fixture(params=["native", "python"])
+def prox_path(request, monkeypatch):
+    """Run a test on the native operator (screen and convex case in C++, the rest in
+    Python) and on the Python operator alone."""
+    import graphprune.solvers.proximal as prox
+
+    if request.param == "python":
+        monkeypatch.setattr(prox, "_native_prox", lambda: None)
+    elif prox._native_prox() is None:
+        from graphprune.kernels.packed import packed_unavailable_reason
+
+        pytest.skip(f"the native operator library is not available here: {packed_unavailable_reason()}")
+    return request.param
+
+
+def test_prox_equals_brute_force(prox_path):
     """Random groups at four strengths (convex and non-convex regimes), plus near-ties."""
     g = torch.Generator().manual_seed(7)
     lams = torch.tensor([0.05, 0.4, 1.0, 3.0], dtype=F64).repeat_interleave(6)
@@ -77,7 +92,33 @@ def test_prox_equals_brute_force():
     assert ((out != 0).sum(-1) == 2).any() and ((out != 0).sum(-1) == 3).any() and ((out != 0).sum(-1) == 4).any()
 
 
-def test_prox_structure():
+def test_native_and_python_operators_agree():
+    """The native operator settles the screened and the convex groups itself and hands the
+    rest to Python; on many groups across the regimes (zeros, ties, λ = 0, strengths from
+    convex to far past it) both give the same answer to rounding."""
+    import graphprune.solvers.proximal as prox
+
+    native = prox._native_prox()
+    if native is None:
+        from graphprune.kernels.packed import packed_unavailable_reason
+
+        pytest.skip(f"the native operator library is not available here: {packed_unavailable_reason()}")
+    g = torch.Generator().manual_seed(11)
+    z = torch.randn(20000, 4, generator=g, dtype=F64) * torch.rand(20000, 1, generator=g, dtype=F64) * 3
+    z[:500, 2:] = 0  # already 2:4
+    z[500:1000] = z[500:1000, :1]  # four equal magnitudes (signs kept)
+    z[1000:1100] = 0
+    lam = torch.logspace(-4, 1, 20000, dtype=F64)[torch.randperm(20000, generator=g)]
+    lam[:200] = 0
+    out, pending = native(z.contiguous(), lam.contiguous())
+    python = prox._prox_groups(z, lam)
+    settled = ~pending
+    assert settled.float().mean() > 0.5 and pending.any()  # both paths are exercised
+    assert torch.allclose(out[settled], python[settled], rtol=0, atol=1e-11 * (1 + float(z.abs().max())))
+    assert torch.allclose(prox._prox(z, lam), python, rtol=0, atol=1e-11 * (1 + float(z.abs().max())))
+
+
+def test_prox_structure(prox_path):
     g = torch.Generator().manual_seed(1)
     z = torch.randn(5, 3, 4, generator=g)
     assert torch.equal(prox_nm_group(z, 0.0), z)  # λ = 0: identity
@@ -97,7 +138,7 @@ def test_prox_structure():
         prox_nm_group(z, -1.0)
 
 
-def test_solver_gives_exact_2_4_and_beats_magnitude_on_correlated_inputs():
+def test_solver_gives_exact_2_4_and_beats_magnitude_on_correlated_inputs(prox_path):
     w, x = _correlated(32, 64, 256, seed=2)
     stats = LayerStats.from_inputs(x)
     before = w.clone()
