@@ -17,6 +17,16 @@ Method, in three parts:
 
        B ← (B₀Ĥ − V + ρD)(Ĥ + ρI)⁻¹     one eigendecomposition Ĥ = QΛQᵀ serves every ρ:
                                           B = [(B₀Q)Λ + (ρD − V)Q] / (Λ + ρ) · Qᵀ
+                                          (two products with Q), or two triangular
+                                          solves with the Cholesky factor of Ĥ + ρI:
+                                          half the multiply-adds, plus a new factor
+                                          (in³/3) whenever ρ changes. The factor wins
+                                          unless the weight is very wide, and is used
+                                          when out >= in/4 (measured per iteration
+                                          on the default model: 0.6x the eigen route's
+                                          time at 1536x576, 0.9x at 576x1536, a tie at
+                                          576x576 and 192x576); the eigendecomposition
+                                          is then never computed
        D ← Π(B + V/ρ)                     projection: keep the largest |·| (pattern)
        V ← V + ρ(B − D)
 
@@ -156,7 +166,7 @@ def alps_prune(
     with torch.no_grad():
         b0 = (weight.detach().to(torch.float64) * prep.scale).to(compute)  # B = W·diag(d)
         b_admm, admm_info = _admm(
-            b0, prep.evals, prep.evecs, spec, per_row,
+            b0, prep, spec, per_row,
             rho0, max_iter, update_every, switch_iter, stop_change,
         )
         mask = _project_mask(b_admm.abs(), spec, per_row)
@@ -227,17 +237,23 @@ def pcg_refit(
 # ---------------------------------------------------------------------------- internals
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Prepared:
     """What ALPS derives from one Linear's statistics before solving: the damped
-    unit-diagonal Hessian ``Ĥ`` and its eigendecomposition (in the compute dtype), the
-    column scale ``d`` (float64) and the absolute damping."""
+    unit-diagonal Hessian ``Ĥ`` (in the compute dtype), the column scale ``d`` (float64),
+    the absolute damping, and, on first use, the eigendecomposition of ``Ĥ``."""
 
     hn: Tensor
     scale: Tensor
     damp: float
-    evals: Tensor
-    evecs: Tensor
+    _eig: tuple[Tensor, Tensor] | None = None
+
+    def eig(self) -> tuple[Tensor, Tensor]:
+        """``(Λ clamped at 0, Q)`` of ``Ĥ``, computed once."""
+        if self._eig is None:
+            evals, evecs = torch.linalg.eigh(self.hn)
+            self._eig = (evals.clamp_min(0), evecs)
+        return self._eig
 
     @staticmethod
     def of(stats: LayerStats, cols: int, damp: float, compute: torch.dtype, name: str, device: torch.device) -> "_Prepared":
@@ -258,10 +274,8 @@ class _Prepared:
         if damp == 0 and bool((h.diagonal() == 0).any()):
             raise SolverError(f"{name}: some inputs are always zero and damp=0 leaves H singular; use damp > 0.")
         hn, scale, damp_abs = unit_diagonal(h, damp)
-        hn = hn.to(compute)
-        evals, evecs = torch.linalg.eigh(hn)
-        prep = _Prepared(hn, scale, damp_abs, evals.clamp_min(0), evecs)
-        del h
+        prep = _Prepared(hn.to(compute), scale, damp_abs)
+        del h, hn
         _LAST = (weakref.ref(stats, _forget), key, prep)
         return prep
 
@@ -279,8 +293,7 @@ def _forget(ref: weakref.ref[LayerStats]) -> None:
 
 def _admm(
     b0: Tensor,
-    evals: Tensor,
-    q: Tensor,
+    prep: _Prepared,
     spec: SparsitySpec,
     per_row: bool,
     rho: float,
@@ -289,12 +302,9 @@ def _admm(
     switch_iter: int,
     stop_change: float,
 ) -> tuple[Tensor, dict[str, Any]]:
-    """ADMM with the support-driven ρ schedule; returns the last ``B`` and diagnostics.
-
-    Two products with ``Q`` per iteration; the rest is done in place on the iterates.
-    """
+    """ADMM with the support-driven ρ schedule; returns the last ``B`` and diagnostics."""
     project = _Projector(spec, per_row, b0)
-    b0q_l = (b0 @ q) * evals  # (B₀Ĥ)Q = (B₀Q)Λ, fixed
+    update = _CholeskyUpdate(b0, prep.hn) if 4 * b0.shape[0] >= b0.shape[1] else _EigenUpdate(b0, *prep.eig())
     mask_init = project(b0.abs())
     d_init = b0 * mask_init
     d, v, b = d_init.clone(), torch.zeros_like(b0), b0.clone()
@@ -302,8 +312,7 @@ def _admm(
     kept = max(int(prev.sum()), 1)
     started, backoffs, change, it = False, 0, float("nan"), 0
     for it in range(1, max_iter + 1):
-        u = torch.addmm(b0q_l, d.mul_(rho).sub_(v), q)  # B₀ĤQ + (ρD − V)Q; d is rebuilt below
-        b = u.div_(evals + rho) @ q.T
+        b = update(d.mul_(rho).sub_(v), rho)  # (B₀Ĥ + ρD − V)(Ĥ + ρI)⁻¹; d is rebuilt below
         d = torch.add(b, v, alpha=1.0 / rho)  # the point to project: B + V/ρ
         support = project(d.abs())
         d.mul_(support)
@@ -337,6 +346,37 @@ def _admm(
         if stop or (it >= switch_iter and started and change < stop_change):
             break
     return b, {"iterations": it, "rho": rho, "support_change": change, "backoffs": backoffs}
+
+
+class _EigenUpdate:
+    """``B = (B₀Ĥ + U)(Ĥ + ρI)⁻¹`` through ``Ĥ = QΛQᵀ``: ``[(B₀Q)Λ + UQ] / (Λ + ρ) · Qᵀ``."""
+
+    def __init__(self, b0: Tensor, evals: Tensor, q: Tensor) -> None:
+        self.evals, self.q = evals, q
+        self.b0q_l = (b0 @ q) * evals  # (B₀Ĥ)Q = (B₀Q)Λ, fixed
+
+    def __call__(self, u: Tensor, rho: float) -> Tensor:
+        return torch.addmm(self.b0q_l, u, self.q).div_(self.evals + rho) @ self.q.T
+
+
+class _CholeskyUpdate:
+    """``B = (B₀Ĥ + U)(Ĥ + ρI)⁻¹`` by two triangular solves with ``L Lᵀ = Ĥ + ρI``,
+    factored again whenever ρ changes."""
+
+    def __init__(self, b0: Tensor, hn: Tensor) -> None:
+        self.hn, self.b0h = hn, b0 @ hn
+        self.rho: float | None = None
+        self.lower = self.upper = hn
+
+    def __call__(self, u: Tensor, rho: float) -> Tensor:
+        if rho != self.rho:
+            a = self.hn.clone()
+            a.diagonal().add_(rho)
+            self.lower = torch.linalg.cholesky(a)
+            self.upper = self.lower.T.contiguous()
+            self.rho = rho
+        y = torch.linalg.solve_triangular(self.upper, u.add_(self.b0h), upper=True, left=False)  # Y Lᵀ = R
+        return torch.linalg.solve_triangular(self.lower, y, upper=False, left=False)  # B L = Y
 
 
 class _Projector:

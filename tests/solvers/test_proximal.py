@@ -235,3 +235,20 @@ def test_preconditioning_follows_the_input_scales():
         proximal_nm_prune(w, stats, SPEC24, damp=-1.0)
     with pytest.raises(ConfigError, match="precondition"):
         proximal_nm_prune(w, stats, SPEC24, precondition="yes")
+
+
+def test_refit_choices_on_the_final_mask():
+    """The default PCG refit reaches the least-squares optimum on the mask, so it is at
+    least as good as masked gradient steps from the same point; both keep the mask."""
+    w, x = _correlated(24, 64, 256, seed=12)
+    stats = LayerStats.from_inputs(x)
+    pcg = proximal_nm_prune(w, stats, SPEC24)
+    gd = proximal_nm_prune(w, stats, SPEC24, refine="gd")
+    none = proximal_nm_prune(w, stats, SPEC24, refine_steps=0)
+    assert torch.equal(pcg.mask, gd.mask) and torch.equal(pcg.mask, none.mask)
+    for res in (pcg, gd, none):
+        assert (res.weight[~res.mask] == 0).all()
+    assert pcg.info["error"] <= gd.info["error"] * (1 + 1e-6) <= none.info["error"] * (1 + 1e-6)
+    assert 0 < pcg.info["refine_steps"] <= 50 and gd.info["refine_steps"] == 50 and none.info["refine_steps"] == 0
+    with pytest.raises(ConfigError, match="refine"):
+        proximal_nm_prune(w, stats, SPEC24, refine="lbfgs")
