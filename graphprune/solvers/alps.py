@@ -304,7 +304,7 @@ def _admm(
 ) -> tuple[Tensor, dict[str, Any]]:
     """ADMM with the support-driven ρ schedule; returns the last ``B`` and diagnostics."""
     project = _Projector(spec, per_row, b0)
-    update = _CholeskyUpdate(b0, prep.hn) if 4 * b0.shape[0] >= b0.shape[1] else _EigenUpdate(b0, *prep.eig())
+    update = _CholeskyUpdate(b0, prep) if 4 * b0.shape[0] >= b0.shape[1] else _EigenUpdate(b0, *prep.eig())
     mask_init = project(b0.abs())
     d_init = b0 * mask_init
     d, v, b = d_init.clone(), torch.zeros_like(b0), b0.clone()
@@ -361,19 +361,28 @@ class _EigenUpdate:
 
 class _CholeskyUpdate:
     """``B = (B₀Ĥ + U)(Ĥ + ρI)⁻¹`` by two triangular solves with ``L Lᵀ = Ĥ + ρI``,
-    factored again whenever ρ changes."""
+    factored again whenever ρ changes. Should a factorisation fail (``damp=0`` on nearly
+    collinear inputs, with ρ backed off to a few 1e-4), the rest of the run takes the
+    eigenbasis route, which clamps the spectrum at 0."""
 
-    def __init__(self, b0: Tensor, hn: Tensor) -> None:
-        self.hn, self.b0h = hn, b0 @ hn
+    def __init__(self, b0: Tensor, prep: _Prepared) -> None:
+        self.prep, self.b0 = prep, b0
+        self.hn, self.b0h = prep.hn, b0 @ prep.hn
         self.rho: float | None = None
-        self.lower = self.upper = hn
+        self.lower = self.upper = prep.hn
+        self.fallback: _EigenUpdate | None = None
 
     def __call__(self, u: Tensor, rho: float) -> Tensor:
+        if self.fallback is not None:
+            return self.fallback(u, rho)
         if rho != self.rho:
             a = self.hn.clone()
             a.diagonal().add_(rho)
-            self.lower = torch.linalg.cholesky(a)
-            self.upper = self.lower.T.contiguous()
+            lower, info = torch.linalg.cholesky_ex(a)
+            if int(info) != 0:
+                self.fallback = _EigenUpdate(self.b0, *self.prep.eig())
+                return self.fallback(u, rho)
+            self.lower, self.upper = lower, lower.T.contiguous()
             self.rho = rho
         y = torch.linalg.solve_triangular(self.upper, u.add_(self.b0h), upper=True, left=False)  # Y Lᵀ = R
         return torch.linalg.solve_triangular(self.lower, y, upper=False, left=False)  # B L = Y

@@ -248,7 +248,7 @@ def test_linears_sharing_statistics_share_one_eigendecomposition(monkeypatch):
 def test_both_admm_updates_solve_the_same_linear_system():
     """The eigenbasis and the Cholesky updates both give ``(B₀Ĥ + U)(Ĥ + ρI)⁻¹``, checked
     against a float64 direct solve at several ρ (the Cholesky factor is redone on change)."""
-    from graphprune.solvers.alps import _CholeskyUpdate, _EigenUpdate
+    from graphprune.solvers.alps import _CholeskyUpdate, _EigenUpdate, _Prepared
 
     g = torch.Generator().manual_seed(10)
     x = torch.randn(300, 40, generator=g, dtype=F64) @ torch.randn(40, 40, generator=g, dtype=F64)
@@ -257,12 +257,22 @@ def test_both_admm_updates_solve_the_same_linear_system():
     hn = h / d[:, None] / d[None, :] + 0.01 * torch.eye(40, dtype=F64)
     b0 = torch.randn(50, 40, generator=g, dtype=F64)
     evals, q = torch.linalg.eigh(hn)
-    eig, chol = _EigenUpdate(b0, evals, q), _CholeskyUpdate(b0, hn)
+    eig, chol = _EigenUpdate(b0, evals, q), _CholeskyUpdate(b0, _Prepared(hn, torch.ones(40, dtype=F64), 0.0))
     for rho in (0.1, 0.13, 0.13, 2.0):
         u = torch.randn(50, 40, generator=g, dtype=F64)
         exact = torch.linalg.solve(hn + rho * torch.eye(40, dtype=F64), (b0 @ hn + u).T).T
         assert torch.allclose(eig(u.clone(), rho), exact, atol=1e-9)
         assert torch.allclose(chol(u.clone(), rho), exact, atol=1e-9)
+    assert chol.fallback is None
+    # a matrix the factorisation refuses (an eigenvalue below -ρ) switches to the eigenbasis route
+    bad = torch.diag(torch.tensor([1.0, 0.5, -1e-3], dtype=F64))
+    odd = _CholeskyUpdate(b0[:, :3], _Prepared(bad, torch.ones(3, dtype=F64), 0.0))
+    u = torch.randn(50, 3, generator=g, dtype=F64)
+    out = odd(u.clone(), 1e-4)
+    assert odd.fallback is not None
+    ev, vecs = torch.linalg.eigh(bad)
+    assert torch.allclose(out, _EigenUpdate(b0[:, :3], ev.clamp_min(0), vecs)(u.clone(), 1e-4))  # spectrum clamped at 0
+    assert torch.isfinite(odd(u.clone(), 2e-4)).all()  # and it stays on that route
 
 
 def test_tall_and_wide_weights_prune_alike():
