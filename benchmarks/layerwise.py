@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from graphprune.data import TokenSplits  # noqa: E402
 from graphprune.graph.model import GraphModel  # noqa: E402
+from graphprune.kernels.packed import load_native  # noqa: E402
 from graphprune.models import load_model  # noqa: E402
 from graphprune.passes.gradients import GradientStatsPass  # noqa: E402
 from graphprune.passes.infra import PassContext  # noqa: E402
@@ -87,6 +88,8 @@ def main() -> None:
         if p not in PATTERNS:
             ap.error(f"unknown pattern {p!r}; choose from {', '.join(PATTERNS)}")
     torch.manual_seed(0)
+    if any(get_solver(m).native_ops for m in args.methods):
+        load_native()  # as the prune pass does: the native operators when they build
     loaded = load_model(args.model)
     splits = TokenSplits.from_text(loaded.tokenizer)
     calib = splits.calibration(args.calib[0], args.calib[1], seed=0)

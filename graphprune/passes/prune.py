@@ -32,6 +32,7 @@ from graphprune.errors import ConfigError, SolverError
 from graphprune.graph.model import GraphModel, PackedMasks
 from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
 from graphprune.graph.structures import ATTENTION_OPS
+from graphprune.kernels.packed import load_native
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
 from graphprune.passes.gradients import GradientStatsPass
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory
@@ -224,6 +225,8 @@ class SequentialPrunePass(Pass):
         self.stage_io = stage_io  # lazy loading: materialise a block before it runs, write and free it after
         self.dist = dist  # None: the current process group (single process when none)
         self.solver = get_solver(config.method)
+        if self.solver.native_ops:
+            load_native()  # builds once; without it the solver computes the same in Python
         self.checkpoint = checkpoint  # saves each finished stage; restores finished stages on resume
         if self.solver.needs_grad:
             self.requires = self.requires | {Prop.GRADIENTS}

@@ -18,8 +18,9 @@ _REGISTRY: dict[str, tuple[str, str, bool, bool, str]] = {
     "sparsegpt": ("sparsegpt", "sparsegpt_prune", True, False, "OBS with lazy blocked updates (Frantar & Alistarh 2023)"),
     "gblm": ("gblm", "gblm_prune", False, True, "|W|·‖X‖ + α|W|·‖G‖ (Das et al. 2023)"),
     "alps": ("alps", "alps_prune", True, False, "ADMM with ρ schedule + PCG refinement (Meng et al. 2024)"),
-    "proximal": ("proximal", "proximal_nm_prune", True, False, "proximal 2:4 regulariser + masked gradient steps"),
+    "proximal": ("proximal", "proximal_nm_prune", True, False, "proximal 2:4 regulariser + exact refit on the mask"),
 }
+_NATIVE_OPS: dict[str, tuple[str, ...]] = {"proximal": ("prox24",)}
 
 METHODS: tuple[str, ...] = tuple(_REGISTRY)
 
@@ -31,7 +32,8 @@ def get_solver(name: str) -> SolverInfo:
         raise ConfigError(f"unknown pruning method {name!r}; choose one of: {', '.join(METHODS)}.")
     module, fn, hess, grad, desc = _REGISTRY[key]
     mod = importlib.import_module(f"graphprune.solvers.{module}")
-    return SolverInfo(key, getattr(mod, fn), needs_hessian=hess, needs_grad=grad, description=desc)
+    return SolverInfo(key, getattr(mod, fn), needs_hessian=hess, needs_grad=grad, description=desc,
+                      native_ops=_NATIVE_OPS.get(key, ()))
 
 
 __all__ = [

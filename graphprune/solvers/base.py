@@ -85,6 +85,9 @@ class SolverInfo:
     needs_hessian: bool = False
     needs_grad: bool = False
     description: str = ""
+    #: operators of graphprune's native library the solver uses when the library is
+    #: loaded (it computes the same in Python otherwise); the prune pass loads it first.
+    native_ops: tuple[str, ...] = ()
 
 
 def check_inputs(weight: Tensor, stats: LayerStats, spec: SparsitySpec, name: str = "weight") -> None:

@@ -63,8 +63,9 @@ operator itself always in float64). Each step applies the operator to every grou
 native operator ``graphprune::prox24`` (``graphprune/kernels/csrc/prox24.cpp``, built with
 the packed sparse kernel, see :mod:`graphprune.kernels.packed`) settles the screened and
 the convex groups, most of them, in C++ and flags the few others for the Python code
-above. Without the native library every group takes the Python path, with the same
-answer to rounding (tests compare the two).
+above, when the library is loaded in the process (the prune pass loads it for this
+solver; solvers do not import the kernels package). Without it every group takes the
+Python path, with the same answer to rounding (tests compare the two).
 """
 from __future__ import annotations
 
@@ -148,17 +149,18 @@ def _prox_groups(flat: Tensor, lam: Tensor) -> Tensor:
 
 
 def _native_prox() -> Any:
-    """``graphprune::prox24`` when the native library is built and loaded, else None.
+    """``graphprune::prox24`` when the native library is loaded in this process, else None.
 
     It settles the groups the screen or the convex case decides (most of them at every
     step) and flags the rest, which :func:`_prox_groups` computes; without it every group
-    takes the Python path. Both give the operator to the same tolerances.
+    takes the Python path. Both give the operator to the same tolerances. The prune pass
+    loads the library before it runs this solver (``SolverInfo.native_ops``); a direct
+    call uses it once :func:`graphprune.kernels.packed.load_native` has run.
     """
-    from graphprune.kernels.packed import load_native
-
-    if not load_native():
+    try:
+        return torch.ops.graphprune.prox24
+    except (AttributeError, RuntimeError):  # the library is not loaded, or predates the operator
         return None
-    return getattr(torch.ops.graphprune, "prox24", None)
 
 
 def _objective(u: Tensor, y: Tensor, lam: Tensor) -> Tensor:

@@ -68,10 +68,11 @@ def prox_path(request, monkeypatch):
     """Run a test on the native operator (screen and convex case in C++, the rest in
     Python) and on the Python operator alone."""
     import graphprune.solvers.proximal as prox
+    from graphprune.kernels.packed import load_native
 
     if request.param == "python":
         monkeypatch.setattr(prox, "_native_prox", lambda: None)
-    elif prox._native_prox() is None:
+    elif not load_native() or prox._native_prox() is None:
         from graphprune.kernels.packed import packed_unavailable_reason
 
         pytest.skip(f"the native operator library is not available here: {packed_unavailable_reason()}")
@@ -97,7 +98,9 @@ def test_native_and_python_operators_agree():
     rest to Python; on many groups across the regimes (zeros, ties, λ = 0, strengths from
     convex to far past it) both give the same answer to rounding."""
     import graphprune.solvers.proximal as prox
+    from graphprune.kernels.packed import load_native
 
+    load_native()
     native = prox._native_prox()
     if native is None:
         from graphprune.kernels.packed import packed_unavailable_reason
