@@ -61,11 +61,14 @@ approached in 50); ``refine="gd"`` keeps masked steepest descent
 **Cost.** The gradient steps and the refit run in float32 for a float32 weight (the
 operator itself always in float64). Each step applies the operator to every group; the
 native operator ``graphprune::prox24`` (``graphprune/kernels/csrc/prox24.cpp``, built with
-the packed sparse kernel, see :mod:`graphprune.kernels.packed`) settles the screened and
-the convex groups, most of them, in C++ and flags the few others for the Python code
-above, when the library is loaded in the process (the prune pass loads it for this
-solver; solvers do not import the kernels package). Without it every group takes the
-Python path, with the same answer to rounding (tests compare the two).
+the packed sparse kernel, see :mod:`graphprune.kernels.packed`) computes every case above
+in C++ (the convex descent for eight groups at a time, vectorised across them; roots of
+the quintic isolated by bisection on the Budan-Fourier count instead of the companion
+matrix), reads and writes the float32 steps directly, and flags only convex groups whose
+descent has not converged (none in the default model's runs) for the Python code, when
+the library is loaded in the process (the prune pass loads it for this solver; solvers do
+not import the kernels package). Without it every group takes the Python path, with the
+same answer to rounding (tests compare the two).
 """
 from __future__ import annotations
 
@@ -129,15 +132,16 @@ def prox_nm_group(z: Tensor, lam: float | Tensor) -> Tensor:
 
 
 def _prox(flat: Tensor, lam: Tensor) -> Tensor:
-    """:func:`prox_nm_group` on checked ``[n, 4]`` float64 groups with ``lam [n]`` float64."""
+    """:func:`prox_nm_group` on checked ``[n, 4]`` groups (float32 or float64, computed in
+    float64, returned in their dtype) with ``lam [n]`` float64."""
     flat, lam = flat.contiguous(), lam.contiguous()
     native = _native_prox() if flat.device.type == "cpu" else None
     if native is None:
-        return _prox_groups(flat, lam)
+        return _prox_groups(flat.to(F64), lam).to(flat.dtype)
     out, pending = native(flat, lam)
     rest = torch.nonzero(pending).flatten()
     if rest.numel():
-        out[rest] = _prox_groups(flat[rest], lam[rest])
+        out[rest] = _prox_groups(flat[rest].to(F64), lam[rest]).to(out.dtype)
     return out
 
 
@@ -151,9 +155,9 @@ def _prox_groups(flat: Tensor, lam: Tensor) -> Tensor:
 def _native_prox() -> Any:
     """``graphprune::prox24`` when the native library is loaded in this process, else None.
 
-    It settles the groups the screen or the convex case decides (most of them at every
-    step) and flags the rest, which :func:`_prox_groups` computes; without it every group
-    takes the Python path. Both give the operator to the same tolerances. The prune pass
+    It settles every group except the rare convex ones whose coordinate descent has not
+    converged, which it flags for :func:`_prox_groups`; without it every group takes the
+    Python path. Both give the operator to the same tolerances. The prune pass
     loads the library before it runs this solver (``SolverInfo.native_ops``); a direct
     call uses it once :func:`graphprune.kernels.packed.load_native` has run.
     """
@@ -556,7 +560,7 @@ def proximal_nm_prune(
         for t in range(steps):
             strength = lam0 * growth**t
             z = torch.add(w, (w - w0) @ h_c, alpha=-2.0 * eta)  # gradient step on f = tr(ΔHΔᵀ)
-            w = _prox(z.reshape(-1, 4).to(F64), per_group * strength).reshape(rows, cols).to(compute)
+            w = _prox(z.reshape(-1, 4), per_group * strength).reshape(rows, cols)
             taken = t + 1
             if bool(((w != 0).reshape(rows, -1, 4).sum(-1) <= 2).all()):
                 break

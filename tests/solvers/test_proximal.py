@@ -65,8 +65,8 @@ def test_regularizer_is_the_sum_of_triple_products_and_zero_exactly_on_2_4_group
 
 @pytest.fixture(params=["native", "python"])
 def prox_path(request, monkeypatch):
-    """Run a test on the native operator (screen and convex case in C++, the rest in
-    Python) and on the Python operator alone."""
+    """Run a test on the native operator (every case in C++) and on the Python operator
+    alone."""
     import graphprune.solvers.proximal as prox
     from graphprune.kernels.packed import load_native
 
@@ -93,10 +93,11 @@ def test_prox_equals_brute_force(prox_path):
     assert ((out != 0).sum(-1) == 2).any() and ((out != 0).sum(-1) == 3).any() and ((out != 0).sum(-1) == 4).any()
 
 
-def test_native_and_python_operators_agree():
-    """The native operator settles the screened and the convex groups itself and hands the
-    rest to Python; on many groups across the regimes (zeros, ties, λ = 0, strengths from
-    convex to far past it) both give the same answer to rounding."""
+def test_native_and_python_operators_agree(monkeypatch):
+    """The native operator computes every case the Python operator does (screen, convex
+    descent, three and four non-zeros); on many groups across the regimes (zeros, ties,
+    λ = 0, strengths from convex to far past it) both give the same answer to rounding,
+    float32 input included. Groups it flags as pending are completed by the Python code."""
     import graphprune.solvers.proximal as prox
     from graphprune.kernels.packed import load_native
 
@@ -111,14 +112,29 @@ def test_native_and_python_operators_agree():
     z[:500, 2:] = 0  # already 2:4
     z[500:1000] = z[500:1000, :1]  # four equal magnitudes (signs kept)
     z[1000:1100] = 0
+    z[1100:1600] = torch.tensor([1.0, -1.0 + 1e-3, 1.0 - 2e-3, -1.0 + 3e-3], dtype=F64)  # near-ties
     lam = torch.logspace(-4, 1, 20000, dtype=F64)[torch.randperm(20000, generator=g)]
     lam[:200] = 0
+    y = z.abs().sort(-1, descending=True).values
+    nonconvex = (2 * lam * y[:, :3].sum(-1) >= 1) & (y[:, 2] > 0)
     out, pending = native(z.contiguous(), lam.contiguous())
     python = prox._prox_groups(z, lam)
-    settled = ~pending
-    assert settled.float().mean() > 0.5 and pending.any()  # both paths are exercised
-    assert torch.allclose(out[settled], python[settled], rtol=0, atol=1e-11 * (1 + float(z.abs().max())))
-    assert torch.allclose(prox._prox(z, lam), python, rtol=0, atol=1e-11 * (1 + float(z.abs().max())))
+    tol = 1e-11 * (1 + float(z.abs().max()))
+    assert not pending.any() and nonconvex.float().mean() > 0.2
+    assert torch.allclose(out, python, rtol=0, atol=tol)
+    assert ((python != 0).sum(-1) == 3).any() and ((python != 0).sum(-1) == 4).any()  # every support size met
+    out32, _ = native(z.float().contiguous(), lam.contiguous())
+    assert out32.dtype == torch.float32
+    assert torch.allclose(out32.double(), prox._prox_groups(z.float().double(), lam), rtol=0, atol=1e-6)
+
+    def flagging(zz, ll):  # a native result with every third group left to Python
+        o, p = native(zz, ll)
+        p[::3] = True
+        o[::3] = 0
+        return o, p
+
+    monkeypatch.setattr(prox, "_native_prox", lambda: flagging)
+    assert torch.allclose(prox._prox(z, lam), python, rtol=0, atol=tol)
 
 
 def test_prox_structure(prox_path):
