@@ -35,6 +35,9 @@ from graphprune.graph.model import GraphModel
 
 aten = torch.ops.aten
 
+#: the attribute name of the adapter Linear that norm folding puts behind a post-norm
+ADAPTER_SUFFIX = ".adapter"
+
 #: Operators that carry the stream value unchanged along its last axis.
 STREAM_OPS = frozenset(
     {
@@ -99,7 +102,11 @@ class ResidualStream:
         lm_head: the Linear computing the logits (a reader of the final norm).
         scales: constant factors between writers and the stream (none once norms are folded).
         post_norms: norms between a block's output and the stream (Gemma2's post-attention
-            norm); folding gives each an adapter Linear, which then writes the stream.
+            norm), or between the embedding and the stream (BLOOM's embedding LayerNorm);
+            folding gives each an adapter Linear, which then writes the stream.
+        normed_embeddings: ``(embedding node, table target)`` pairs that reach the stream
+            only through such a norm (and its adapter): rotations leave their tables alone,
+            but an LM head sharing one must be untied before it is rotated.
     """
 
     width: int
@@ -110,6 +117,7 @@ class ResidualStream:
     lm_head: q.LinearInfo | None
     scales: list[StreamScale] = field(default_factory=list)
     post_norms: list[q.NormInfo] = field(default_factory=list)
+    normed_embeddings: list[tuple[Node, str]] = field(default_factory=list)
 
     @property
     def readers(self) -> list[q.LinearInfo]:
@@ -196,6 +204,20 @@ def _from_embedding(gm: GraphModel, node: Node) -> bool:
     return _is_lookup(_through(scaled[0]) if scaled else node)
 
 
+def _is_adapter(node: Node) -> bool:
+    """``node`` is the Linear norm folding put behind a post-norm (its weight is an adapter)."""
+    return node.target is aten.linear.default and str(getattr(node.args[1], "target", "")).endswith(ADAPTER_SUFFIX)
+
+
+def _embedding_norm(gm: GraphModel, node: Node) -> q.NormInfo | None:
+    """The norm of an embedding lookup that ``node`` is, directly or as the output of its
+    adapter Linear (BLOOM normalises the embedding before the first block), else None."""
+    node = _through(node)
+    if _is_adapter(node):
+        node = _through(node.args[0])  # type: ignore[arg-type]
+    return next((ni for ni in gm.norms if ni.output is node and _from_embedding(gm, ni.input)), None)
+
+
 def find_stream(gm: GraphModel) -> ResidualStream:
     """Discover the residual stream of ``gm``'s graph (see the module docstring).
 
@@ -212,13 +234,24 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     # stream values are [batch, seq, d] (or flattened [tokens, d]): a conversion of a scalar is not one
     candidates = {n.name for n in graph.nodes if n.op == "call_function" and n.target in STREAM_OPS and _rank(n) != 0}
     # a norm on a Linear's output (OLMo2's q/k norms) must not join the Linear's input to the stream
-    candidates |= {ni.input.name for ni in norms if ni.input.target is not aten.linear.default}
+    # (an adapter Linear is a stream writer, and BLOOM's first block norms its output)
+    candidates |= {ni.input.name for ni in norms if ni.input.target is not aten.linear.default or _is_adapter(ni.input)}
+    # a norm of the embedding that another norm reads, directly or through its adapter (BLOOM),
+    # starts the stream: its input is not on it
+    for ni in norms:
+        start = _embedding_norm(gm, ni.input)
+        if start is not None:
+            candidates.discard(start.input.name)
     view = dataflow.subgraph(candidates)
     starts = {ni.input.name for ni in norms}
     members: set[str] = set()
     for comp in nx.weakly_connected_components(view):
         # the stream is what the embedding starts: a norm inside attention (q/k norms) is not on it
-        touches = any(_from_embedding(gm, by_name[m]) or any(_from_embedding(gm, i) for i in by_name[m].all_input_nodes) for m in comp)
+        touches = any(
+            _from_embedding(gm, by_name[m]) or _embedding_norm(gm, by_name[m]) is not None
+            or any(_from_embedding(gm, i) or _embedding_norm(gm, i) is not None for i in by_name[m].all_input_nodes)
+            for m in comp
+        )
         if comp & starts and touches:
             members |= comp
     norms = [ni for ni in norms if ni.input.name in members]
@@ -235,8 +268,22 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     post_norms: list[q.NormInfo] = []
     norm_outputs = {ni.output: ni for ni in gm.norms if ni.input.name not in members}
 
+    normed: list[tuple[Node, str]] = []
+    start_widths: list[int] = []  # the stream's width where a normed embedding starts it
+
     def source(src: Node, into: Node) -> None:
         src = _through(src)  # a converted writer output (Gemma2 casts its post-norm output back)
+        start = _embedding_norm(gm, src)
+        if start is not None:
+            lookup = _through(start.input)
+            scaled = _scaled(gm, lookup)
+            lookup = _through(scaled[0]) if scaled else lookup
+            if all(e is not lookup for e, _ in normed):
+                normed.append((lookup, str(lookup.args[0].target)))  # type: ignore[union-attr]
+            if src in linears:  # the adapter (sliced with the stream), else the norm itself
+                start_widths.append(linears[src].out_features)
+            else:
+                start_widths.append(int(gm.get_attr(start.weight).shape[-1]) if start.weight else int(src.meta["val"].shape[-1]))
         post = norm_outputs.get(src)
         if post is not None:
             if all(p is not post for p in post_norms):
@@ -266,9 +313,9 @@ def find_stream(gm: GraphModel) -> ResidualStream:
         for src in node.all_input_nodes:
             if src.name not in members and _is_tensor(src):
                 source(src, node)
-    if not embeddings:
+    if not embeddings and not normed:
         raise ConfigError(f"{gm.name}: no embedding lookup writes the residual stream; cannot rotate it.")
-    width = int(gm.get_attr(embeddings[0][1]).shape[1])
+    width = int(gm.get_attr(embeddings[0][1]).shape[1]) if embeddings else start_widths[0]
     for li in writers:
         if li.out_features != width:
             raise ConfigError(f"{li.name} writes the stream with {li.out_features} outputs, but the stream is {width} wide.")
@@ -313,7 +360,7 @@ def find_stream(gm: GraphModel) -> ResidualStream:
                 f"{gm.name}: stream value {node.name} is read by {user.format_node()} "
                 f"({q.module_path(user) or 'no module'}) outside a norm; this architecture cannot be rotated."
             )
-    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms)
+    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms, normed)
 
 
 # ---------------------------------------------------------------------------- weight surgery

@@ -36,7 +36,7 @@ from graphprune.graph import queries as q
 from graphprune.graph.capture import ROOT
 from graphprune.graph.edit import add_export_blocker, add_linear_bias, get_attr_node, own_weight_target, set_config, set_module_parameter
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import ResidualStream, find_stream
+from graphprune.graph.stream import ADAPTER_SUFFIX, ResidualStream, find_stream
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 
 log = logging.getLogger(__name__)
@@ -56,9 +56,10 @@ def untie_lm_head(gm: GraphModel, stream: ResidualStream) -> bool:
     if head is None:
         return False
     table = gm.get_attr(head.weight)
-    if not any(gm.get_attr(t) is table for _, t in stream.embeddings):
+    lookups = [*stream.embeddings, *stream.normed_embeddings]
+    if not any(gm.get_attr(t) is table for _, t in lookups):
         return False
-    for node, _ in stream.embeddings:
+    for node, _ in lookups:
         own = own_weight_target(gm, node)
         node.replace_input_with(node.args[0], get_attr_node(gm, own))  # type: ignore[arg-type]
     set_module_parameter(gm, head.name, "weight", table.detach().clone())
@@ -87,10 +88,13 @@ class FoldNormsPass(Pass):
         adapted = self._adapt_post_norms(gm, stream) if stream.post_norms else 0
         if adapted:
             stream = find_stream(gm)
+        centred, untied = 0, False
+        # an embedding reaching the stream through a norm keeps its table; a head sharing it must not
+        if stream.normed_embeddings and untie_lm_head(gm, stream):
+            untied, stream = True, find_stream(gm)
         kinds = stream.kinds
         if len(kinds) > 1:
             raise ConfigError(f"{gm.name}: the stream mixes {sorted(kinds)}; folding needs one norm kind.")
-        centred, untied = 0, False
         if kinds == {"layernorm"}:
             # centring rewrites the embedding tables; a head sharing one must keep the original
             if untie_lm_head(gm, stream):
@@ -112,7 +116,7 @@ class FoldNormsPass(Pass):
     # -------------------------------------------------------------- 0b. post-block norms
     @staticmethod
     def _adapt_post_norms(gm: GraphModel, stream: ResidualStream) -> int:
-        """Give each post-block norm an adapter Linear holding its scale: ``norm(y)·g -> linear(norm(y), diag(g))``.
+        """Give each post-norm an adapter Linear holding its scale: ``norm(y)·g -> linear(norm(y), diag(g))``.
 
         A norm between a block's output projection and the residual add writes the stream
         through its per-channel scale, which no rotation of the stream passes through. As a
@@ -120,30 +124,49 @@ class FoldNormsPass(Pass):
         ordinary stream writer that rotation and slicing transform (SliceGPT's extra matrix);
         the norm itself keeps only the scale-free normalisation, computed in the block's own
         basis. Adapters stay dense (not pruned) and transformers' class has no place for them,
-        which is recorded as an export blocker.
+        which is recorded as an export blocker. A norm between the embedding and the stream
+        (BLOOM's embedding LayerNorm) gets the same treatment: the adapter, not the embedding
+        table, then starts the stream.
         """
         graph = gm.gm.graph
         count = 0
         for ni in stream.post_norms:
             out = ni.output
-            if ni.kind != "rmsnorm" or ni.internals or out.target is not aten.mul.Tensor or ni.weight is None:
-                raise ConfigError(
-                    f"{gm.name}: the post-block norm {ni.name} is a {ni.kind} without a separate scale multiplication; "
-                    "only scaled RMSNorms get adapters so far, so this architecture cannot be rotated."
-                )
-            normed = next(a for a in out.args if isinstance(a, Node) and q._norm_scale(gm.gm, a) is None)
-            g = _w64(gm, ni.weight) + ni.offset
-            set_module_parameter(gm, ni.name, "adapter", torch.diag(g).to(gm.get_attr(ni.weight).dtype))
-            target = f"{ROOT}.{ni.name}.adapter"
-            with graph.inserting_before(out):
-                weight = get_attr_node(gm, target)
-                lin = graph.call_function(aten.linear.default, (normed, weight))
+            target = f"{ROOT}.{ni.name}{ADAPTER_SUFFIX}"
+            dtype = gm.get_attr(ni.weight).dtype if ni.weight is not None else out.meta["val"].dtype
+            if ni.kind == "layernorm" and not ni.internals and out.target is aten.layer_norm.default:
+                # BLOOM's embedding LayerNorm: layer_norm(x, w, b) -> linear(layer_norm(x), diag(w), b)
+                width = int(out.meta["val"].shape[-1])
+                g = _w64(gm, ni.weight) if ni.weight is not None else torch.ones(width, dtype=torch.float64)
+                set_module_parameter(gm, ni.name, ADAPTER_SUFFIX[1:], torch.diag(g).to(dtype))
+                bias = None
+                if ni.bias is not None:
+                    set_module_parameter(gm, ni.name, ADAPTER_SUFFIX[1:] + "_bias", _w64(gm, ni.bias).to(dtype))
+                with graph.inserting_before(out):
+                    plain = graph.call_function(aten.layer_norm.default, (out.args[0], out.args[1], None, None, ni.eps))
+                    weight = get_attr_node(gm, target)
+                    if ni.bias is not None:
+                        bias = get_attr_node(gm, target + "_bias")
+                    lin = graph.call_function(aten.linear.default, (plain, weight, bias) if bias is not None else (plain, weight))
+                plain.meta = {k: v for k, v in out.meta.items()}
+            else:
+                if ni.kind != "rmsnorm" or ni.internals or out.target is not aten.mul.Tensor or ni.weight is None:
+                    raise ConfigError(
+                        f"{gm.name}: the post-block norm {ni.name} is a {ni.kind} without a separate scale multiplication; "
+                        "only scaled RMSNorms and whole LayerNorms get adapters so far, so this architecture cannot be rotated."
+                    )
+                normed = next(a for a in out.args if isinstance(a, Node) and q._norm_scale(gm.gm, a) is None)
+                g = _w64(gm, ni.weight) + ni.offset
+                set_module_parameter(gm, ni.name, ADAPTER_SUFFIX[1:], torch.diag(g).to(dtype))
+                with graph.inserting_before(out):
+                    weight = get_attr_node(gm, target)
+                    lin = graph.call_function(aten.linear.default, (normed, weight))
             lin.meta = {k: v for k, v in out.meta.items()}
             out.replace_all_uses_with(lin)
             graph.erase_node(out)
             gm.state.adapters.append(ni.name)
             add_export_blocker(
-                gm, f"{ni.name}: the post-block norm's scale became a {g.numel()}x{g.numel()} adapter matrix, "
+                gm, f"{ni.name}: the norm's scale became a {g.numel()}x{g.numel()} adapter matrix, "
                 f"which transformers' {type(gm.model).__name__} has no place for"
             )
             count += 1

@@ -45,7 +45,6 @@ _EXPERTS = "expert weights are batched 3-D parameters, not nn.Linear: reported a
 #: these to fail with a clear error; the benchmark flags any cell that disagrees.
 GAPS: dict[tuple[str, str], str] = {
     **{("olmo2", c): _NO_PRE_NORM for c in _STREAM},
-    **{("bloom", c): "the stream starts at a LayerNorm of the embedding, not at the embedding; not built yet" for c in _STREAM},
     **{(f, c): _EXPERTS for f in ("mixtral", "qwen2_moe") for c in (*SOLVERS, "2:4")},
     **{(f, c): "the routed sum of the experts writes the stream; rotating expert weights is not built yet" for f in ("mixtral", "qwen2_moe") for c in _STREAM},
     **{(f, "onnx"): "torch.onnx cannot convert the data-dependent expert loop" for f in ("mixtral", "qwen2_moe")},

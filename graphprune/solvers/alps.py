@@ -89,7 +89,9 @@ _MAX_BACKOFFS = 4
 
 # (max_iter, pcg_iters, pcg_tol, switch_iter, stop_change) for default and fast mode.
 _DEFAULTS = {False: (300, 50, 1e-6, 30, 3e-4), True: (90, 10, 1e-4, 12, 3e-3)}
-_PCG_LOSS_TOL = 1e-5
+#: PCG's convergence stop: two iterations in a row each lowering the layer loss by less than
+#: this fraction of what remains (ALPS's refit, and the proximal solver's).
+PCG_LOSS_TOL = 1e-5
 
 
 def alps_prune(
@@ -104,7 +106,7 @@ def alps_prune(
     damp: float = 0.01,
     update_every: int = 3,
     pcg_tol: float | None = None,
-    pcg_loss_tol: float = _PCG_LOSS_TOL,
+    pcg_loss_tol: float = PCG_LOSS_TOL,
     per_row: bool = False,
     name: str = "weight",
     **options: Any,
@@ -367,25 +369,25 @@ class _CholeskyUpdate:
 
     def __init__(self, b0: Tensor, prep: _Prepared) -> None:
         self.prep, self.b0 = prep, b0
-        self.hn, self.b0h = prep.hn, b0 @ prep.hn
+        self.b0h = b0 @ prep.hn
         self.rho: float | None = None
-        self.lower = self.upper = prep.hn
+        self.factors: tuple[Tensor, Tensor] | None = None  # (L, Lᵀ) of Ĥ + ρ I for self.rho
         self.fallback: _EigenUpdate | None = None
 
     def __call__(self, u: Tensor, rho: float) -> Tensor:
         if self.fallback is not None:
             return self.fallback(u, rho)
-        if rho != self.rho:
-            a = self.hn.clone()
+        if rho != self.rho or self.factors is None:
+            a = self.prep.hn.clone()
             a.diagonal().add_(rho)
             lower, info = torch.linalg.cholesky_ex(a)
             if int(info) != 0:
                 self.fallback = _EigenUpdate(self.b0, *self.prep.eig())
                 return self.fallback(u, rho)
-            self.lower, self.upper = lower, lower.T.contiguous()
-            self.rho = rho
-        y = torch.linalg.solve_triangular(self.upper, u.add_(self.b0h), upper=True, left=False)  # Y Lᵀ = R
-        return torch.linalg.solve_triangular(self.lower, y, upper=False, left=False)  # B L = Y
+            self.factors, self.rho = (lower, lower.T.contiguous()), rho
+        lower, upper = self.factors
+        y = torch.linalg.solve_triangular(upper, u.add_(self.b0h), upper=True, left=False)  # Y Lᵀ = R
+        return torch.linalg.solve_triangular(lower, y, upper=False, left=False)  # B L = Y
 
 
 class _Projector:

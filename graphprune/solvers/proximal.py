@@ -78,13 +78,12 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ConfigError, SolverError
-from graphprune.solvers.alps import pcg_refit
+from graphprune.solvers.alps import PCG_LOSS_TOL, pcg_refit
 from graphprune.solvers.base import LayerStats, SolveResult, check_inputs, check_int, check_number, damp_diagonal, layer_hessian, solve_result, unit_diagonal
 from graphprune.solvers.refine import check_lr, lambda_max, masked_descent
 from graphprune.solvers.spec import SparsitySpec
 
 F64 = torch.float64
-_REFINE_LOSS_TOL = 1e-5  # the refit's stop, as ALPS's (see graphprune.solvers.alps)
 _SWEEPS = 64  # coordinate descent sweeps in the convex case before switching to Newton
 _NEWTON_ITERS = 30  # convex case; converged groups leave the active set early
 _ROOT_ITERS = 80  # bracketed root refinement (stops early once every bracket has converged)
@@ -538,7 +537,9 @@ def proximal_nm_prune(
     else:
         damp_diagonal(h, damp)
         scale = torch.ones(h.shape[0], dtype=h.dtype, device=h.device)
-    lmax = lambda_max(h.float()) if weight.dtype != F64 else lambda_max(h)
+    compute = F64 if weight.dtype == F64 else torch.float32
+    h_c = h.to(compute)
+    lmax = lambda_max(h_c)
     if lmax <= 0:
         raise SolverError(
             f"{name}: every input of this layer was zero during calibration; there is no loss to guide the "
@@ -547,10 +548,8 @@ def proximal_nm_prune(
     check_lr(name, lr, lmax)
     eta = lr if lr is not None else 1.0 / (2.0 * lmax)
 
-    compute = F64 if weight.dtype == F64 else torch.float32
     with torch.no_grad():
         w0 = (weight.detach().to(F64) * scale[None, :]).to(compute)
-        h_c = h.to(compute)
         rows, cols = w0.shape
         sigma = w0.square().mean(1).sqrt()
         sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
@@ -574,7 +573,7 @@ def proximal_nm_prune(
         pruned = w.masked_fill(~mask, 0)
         refined = 0
         if refine_steps and refine == "pcg":
-            pruned, pcg_info = pcg_refit(w0, mask, h_c, max_iter=refine_steps, init=pruned, loss_tol=_REFINE_LOSS_TOL)
+            pruned, pcg_info = pcg_refit(w0, mask, h_c, max_iter=refine_steps, init=pruned, loss_tol=PCG_LOSS_TOL)
             refined = pcg_info["iterations"]
         elif refine_steps:
             pruned = masked_descent(w0.to(F64), pruned.to(F64), mask, h, refine_steps, lr)

@@ -16,6 +16,7 @@ import torch
 from graphprune.errors import GraphPruneError
 from graphprune.exporters.hf import save_hf_folder
 from graphprune.graph.model import GraphModel
+from graphprune.graph.stream import find_stream
 from graphprune.models import load_model
 from graphprune.models.loader import ByteTokenizer
 from graphprune.models.tiny import random_tokens
@@ -93,6 +94,11 @@ def test_pca_rotation_keeps_the_logits_or_names_the_gap(captured) -> None:
         if name in ("gemma2", "gemma3"):  # post-block norms: one dense adapter each, and the folder is graph-only
             assert len(gm.state.adapters) == 4 and not set(gm.state.adapters) & {li.name for li in gm.block_linears()}
             assert any("adapter" in reason for reason in gm.state.export_blockers)
+        if name == "bloom":  # the embedding LayerNorm: an adapter starts the stream, the head is untied
+            assert gm.state.adapters == ["transformer.word_embeddings_layernorm"]
+            assert gm.get_attr(gm.lm_head.weight) is not gm.model.get_input_embeddings().weight
+            stream = find_stream(gm)
+            assert not stream.embeddings and len(stream.normed_embeddings) == 1 and stream.width == 64
     else:  # a known gap: a clear error naming the model, nothing changed
         with pytest.raises(GraphPruneError, match=f"tiny-{name}"):
             pm.run(gm)
