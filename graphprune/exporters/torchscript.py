@@ -4,7 +4,10 @@ The model is wrapped as :class:`~graphprune.exporters.common.LogitsOnly` and tra
 ``torch.jit.trace``. Kernels whose storage TorchScript can save (dense, CSR, BSR) stay
 as they are, so the file keeps the sparse weights; the others (2:4 semi-structured
 tensor subclasses) are lowered to dense ``nn.Linear`` while tracing. Batch and
-sequence length stay dynamic: the tracer records sizes as graph values.
+sequence length stay dynamic: the tracer records sizes as graph values. A custom
+``torch.autograd.Function`` in the model (BLOOM's GeLU) would be recorded as an opaque
+Python call that a TorchScript file cannot hold; while tracing (no gradients) its
+``forward`` runs inline instead, so the trace records the tensor operations it performs.
 
 The check runs ``torch.jit.load`` in a *fresh* Python process (``sys.executable``) that
 imports nothing but torch, so the file is proven self-contained, and compares its
@@ -19,7 +22,10 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -45,9 +51,54 @@ print(json.dumps({"diffs": diffs}))
 """
 
 
+class _ForwardOnlyContext:
+    """The ``ctx`` a custom autograd Function's ``forward`` gets when no backward will run:
+    what it saves for the backward is dropped."""
+
+    needs_input_grad: tuple[bool, ...] = ()
+    saved_tensors: tuple[Tensor, ...] = ()
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        pass
+
+    def mark_dirty(self, *tensors: Any) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Any) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+@contextmanager
+def autograd_functions_inlined() -> Iterator[None]:
+    """While gradients are off, ``Function.apply`` of every custom autograd Function runs
+    its ``forward`` directly (with a context that keeps nothing), so a trace sees the
+    tensor operations, not an opaque Python call. With gradients on nothing changes."""
+    base = torch.autograd.Function
+    original = base.__dict__["apply"]
+
+    def apply(cls: Any, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return original.__func__(cls, *args, **kwargs)
+        # the newer style defines setup_context and a forward without ctx
+        own_setup = any("setup_context" in vars(k) for k in cls.__mro__ if not k.__module__.startswith("torch."))
+        if own_setup:
+            return cls.forward(*args, **kwargs)
+        return cls.forward(_ForwardOnlyContext(), *args, **kwargs)
+
+    base.apply = classmethod(apply)  # type: ignore[assignment,method-assign]
+    try:
+        yield
+    finally:
+        base.apply = original  # type: ignore[method-assign]
+
+
 def trace_logits(model: nn.Module, example: Tensor) -> torch.jit.ScriptModule:
-    """``torch.jit.trace`` of ``LogitsOnly(model)`` (untraceable kernels lowered while tracing)."""
-    with eval_mode(model), torch.no_grad(), kernels_lowered(model, only_untraceable=True) as lowered:
+    """``torch.jit.trace`` of ``LogitsOnly(model)`` (untraceable kernels lowered and custom
+    autograd Functions inlined while tracing)."""
+    with eval_mode(model), torch.no_grad(), kernels_lowered(model, only_untraceable=True) as lowered, autograd_functions_inlined():
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # jit.trace deprecation and TracerWarnings

@@ -48,7 +48,6 @@ GAPS: dict[tuple[str, str], str] = {
     **{(f, c): _EXPERTS for f in ("mixtral", "qwen2_moe") for c in (*SOLVERS, "2:4")},
     **{(f, c): "the routed sum of the experts writes the stream; rotating expert weights is not built yet" for f in ("mixtral", "qwen2_moe") for c in _STREAM},
     **{(f, "onnx"): "torch.onnx cannot convert the data-dependent expert loop" for f in ("mixtral", "qwen2_moe")},
-    ("bloom", "torchscript"): "BLOOM's GeLU is a custom autograd Function, which a TorchScript file cannot hold (ONNX works)",
 }
 
 

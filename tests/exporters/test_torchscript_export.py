@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,62 @@ def test_unloadable_file_is_reported(tmp_path: Path) -> None:
     bad.write_bytes(b"not a torchscript archive")
     with pytest.raises(ExportError, match="fresh Python process"):
         ts_exporter.check_in_fresh_process(bad, [random_tokens(1, 2)], [torch.zeros(1, 2, 256)])
+
+
+class _ScaledTanh(torch.autograd.Function):  # the classic style: forward(ctx, ...)
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x)
+        return torch.tanh(x) * 2
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return grad * 2 * (1 - torch.tanh(x) ** 2)
+
+
+class _Shift(torch.autograd.Function):  # the newer style: forward without ctx, setup_context
+    @staticmethod
+    def forward(x, k):  # type: ignore[no-untyped-def]
+        return x + k
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # type: ignore[no-untyped-def]
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        return grad, None
+
+
+class _UsesFunctions(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Shift.apply(_ScaledTanh.apply(x), 0.5)
+
+
+def test_custom_autograd_functions_are_traced_inline() -> None:
+    """A custom autograd Function (BLOOM's GeLU is one) traces to its forward's tensor
+    operations, not to a Python call a TorchScript file cannot hold; outside the context,
+    and with gradients on, apply is the usual one (the backward still runs)."""
+    original = torch.autograd.Function.__dict__["apply"]
+    x = torch.randn(3, 5)
+    expected = torch.tanh(x) * 2 + 0.5
+    with torch.no_grad():
+        plain = torch.jit.trace(_UsesFunctions(), (x,), check_trace=False)
+    kinds = {n.kind() for n in plain.graph.nodes()}
+    assert "prim::PythonOp" in kinds  # what the tracer records without help: a file cannot hold it
+    with pytest.raises(RuntimeError):
+        torch.jit.save(plain, io.BytesIO())
+    with torch.no_grad(), ts_exporter.autograd_functions_inlined():
+        traced = torch.jit.trace(_UsesFunctions(), (x,), check_trace=False)
+    assert "prim::PythonOp" not in {n.kind() for n in traced.graph.nodes()}
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    traced = torch.jit.load(io.BytesIO(buffer.getvalue()))
+    y = torch.randn(4, 2)
+    assert torch.allclose(traced(y), torch.tanh(y) * 2 + 0.5) and torch.allclose(traced(x), expected)
+    leaf = x.clone().requires_grad_(True)
+    with ts_exporter.autograd_functions_inlined():
+        _UsesFunctions()(leaf).sum().backward()  # gradients on: the Function's own backward
+    assert torch.allclose(leaf.grad, 2 * (1 - torch.tanh(x) ** 2))
+    assert torch.autograd.Function.__dict__["apply"] is original  # restored on leaving
