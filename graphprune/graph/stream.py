@@ -35,8 +35,9 @@ from graphprune.graph.model import GraphModel
 
 aten = torch.ops.aten
 
-#: the attribute name of the adapter Linear that norm folding puts behind a post-norm
-ADAPTER_SUFFIX = ".adapter"
+#: the attribute of a post-norm's module holding the adapter Linear's weight that norm
+#: folding puts behind it (``<norm>.adapter``)
+ADAPTER_ATTR = "adapter"
 
 #: Operators that carry the stream value unchanged along its last axis.
 STREAM_OPS = frozenset(
@@ -206,7 +207,7 @@ def _from_embedding(gm: GraphModel, node: Node) -> bool:
 
 def _is_adapter(node: Node) -> bool:
     """``node`` is the Linear norm folding put behind a post-norm (its weight is an adapter)."""
-    return node.target is aten.linear.default and str(getattr(node.args[1], "target", "")).endswith(ADAPTER_SUFFIX)
+    return node.target is aten.linear.default and str(getattr(node.args[1], "target", "")).endswith(f".{ADAPTER_ATTR}")
 
 
 def _embedding_norm(gm: GraphModel, node: Node) -> q.NormInfo | None:
@@ -269,7 +270,6 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     norm_outputs = {ni.output: ni for ni in gm.norms if ni.input.name not in members}
 
     normed: list[tuple[Node, str]] = []
-    start_widths: list[int] = []  # the stream's width where a normed embedding starts it
 
     def source(src: Node, into: Node) -> None:
         src = _through(src)  # a converted writer output (Gemma2 casts its post-norm output back)
@@ -280,10 +280,6 @@ def find_stream(gm: GraphModel) -> ResidualStream:
             lookup = _through(scaled[0]) if scaled else lookup
             if all(e is not lookup for e, _ in normed):
                 normed.append((lookup, str(lookup.args[0].target)))  # type: ignore[union-attr]
-            if src in linears:  # the adapter (sliced with the stream), else the norm itself
-                start_widths.append(linears[src].out_features)
-            else:
-                start_widths.append(int(gm.get_attr(start.weight).shape[-1]) if start.weight else int(src.meta["val"].shape[-1]))
         post = norm_outputs.get(src)
         if post is not None:
             if all(p is not post for p in post_norms):
@@ -315,7 +311,11 @@ def find_stream(gm: GraphModel) -> ResidualStream:
                 source(src, node)
     if not embeddings and not normed:
         raise ConfigError(f"{gm.name}: no embedding lookup writes the residual stream; cannot rotate it.")
-    width = int(gm.get_attr(embeddings[0][1]).shape[1]) if embeddings else start_widths[0]
+    if embeddings:
+        width = int(gm.get_attr(embeddings[0][1]).shape[1])
+    else:  # a normed embedding starts the stream: its adapter (sliced with the stream) or its table
+        adapter = next((li for li in writers if _is_adapter(li.node)), None)
+        width = adapter.out_features if adapter is not None else int(gm.get_attr(normed[0][1]).shape[1])
     for li in writers:
         if li.out_features != width:
             raise ConfigError(f"{li.name} writes the stream with {li.out_features} outputs, but the stream is {width} wide.")

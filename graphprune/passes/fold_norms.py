@@ -36,7 +36,7 @@ from graphprune.graph import queries as q
 from graphprune.graph.capture import ROOT
 from graphprune.graph.edit import add_export_blocker, add_linear_bias, get_attr_node, own_weight_target, set_config, set_module_parameter
 from graphprune.graph.model import GraphModel
-from graphprune.graph.stream import ADAPTER_SUFFIX, ResidualStream, find_stream
+from graphprune.graph.stream import ADAPTER_ATTR, ResidualStream, find_stream
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
 
 log = logging.getLogger(__name__)
@@ -132,16 +132,16 @@ class FoldNormsPass(Pass):
         count = 0
         for ni in stream.post_norms:
             out = ni.output
-            target = f"{ROOT}.{ni.name}{ADAPTER_SUFFIX}"
+            target = f"{ROOT}.{ni.name}.{ADAPTER_ATTR}"
             dtype = gm.get_attr(ni.weight).dtype if ni.weight is not None else out.meta["val"].dtype
             if ni.kind == "layernorm" and not ni.internals and out.target is aten.layer_norm.default:
                 # BLOOM's embedding LayerNorm: layer_norm(x, w, b) -> linear(layer_norm(x), diag(w), b)
                 width = int(out.meta["val"].shape[-1])
                 g = _w64(gm, ni.weight) if ni.weight is not None else torch.ones(width, dtype=torch.float64)
-                set_module_parameter(gm, ni.name, ADAPTER_SUFFIX[1:], torch.diag(g).to(dtype))
+                set_module_parameter(gm, ni.name, ADAPTER_ATTR, torch.diag(g).to(dtype))
                 bias = None
                 if ni.bias is not None:
-                    set_module_parameter(gm, ni.name, ADAPTER_SUFFIX[1:] + "_bias", _w64(gm, ni.bias).to(dtype))
+                    set_module_parameter(gm, ni.name, f"{ADAPTER_ATTR}_bias", _w64(gm, ni.bias).to(dtype))
                 with graph.inserting_before(out):
                     plain = graph.call_function(aten.layer_norm.default, (out.args[0], out.args[1], None, None, ni.eps))
                     weight = get_attr_node(gm, target)
@@ -157,7 +157,7 @@ class FoldNormsPass(Pass):
                     )
                 normed = next(a for a in out.args if isinstance(a, Node) and q._norm_scale(gm.gm, a) is None)
                 g = _w64(gm, ni.weight) + ni.offset
-                set_module_parameter(gm, ni.name, ADAPTER_SUFFIX[1:], torch.diag(g).to(dtype))
+                set_module_parameter(gm, ni.name, ADAPTER_ATTR, torch.diag(g).to(dtype))
                 with graph.inserting_before(out):
                     weight = get_attr_node(gm, target)
                     lin = graph.call_function(aten.linear.default, (normed, weight))

@@ -31,6 +31,7 @@ from graphprune.distributed import Dist, current
 from graphprune.errors import ConfigError, SolverError
 from graphprune.graph.model import GraphModel, PackedMasks
 from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
+from graphprune.graph.stream import ADAPTER_ATTR
 from graphprune.graph.structures import ATTENTION_OPS
 from graphprune.kernels.packed import load_native
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
@@ -108,7 +109,7 @@ class StageIO(Protocol):
 def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
     """The decoder blocks' weight matrices the pass left alone, each with why."""
     routers = {li.param_name for li in gm.routers}
-    adapters = {f"{name}.adapter" for name in gm.state.adapters}
+    adapters = {f"{name}.{ADAPTER_ATTR}" for name in gm.state.adapters}
     linear_params = {li.param_name for li in gm.linears}
     out = []
     for name, p in gm.block_matrices().items():

@@ -19,8 +19,8 @@
 // Convex groups whose descent has not met its tolerance after kMaxSweeps sweeps (rare)
 // are flagged in `pending`; the Python operator computes them with projected Newton
 // steps. The answer carries the signs of z and its order (a stable sort: of equal
-// magnitudes the earlier input ranks first; a zero answer may be -0.0). z may be float32 or float64 (the output has
-// its dtype); the arithmetic is float64 throughout.
+// magnitudes the earlier input ranks first; a zero answer may be -0.0). z may be float32
+// or float64 (the output has its dtype); the arithmetic is float64 throughout.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
