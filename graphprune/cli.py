@@ -235,6 +235,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     print("  Linears grouped by shared input:")
     for g in summary["linear_groups"]:
         print(f"    {g['input']:>16} [{g['in_features']}] -> {', '.join(g['linears'])}")
+    if summary["experts"]:
+        print("  batched expert weights (each expert pruned as a Linear of its own):")
+        for e in summary["experts"]:
+            print(f"    {e['weight']}: {e['experts']} experts of [{e['shape'][0]}, {e['shape'][1]}]")
     return 0
 
 

@@ -232,6 +232,11 @@ class GraphModel:
         return [li for li in self.linears if li.block is not None and li.node not in routers and li.name not in adapters]
 
     @property
+    def experts(self) -> list[q.ExpertInfo]:
+        """Every expert of the decoder blocks' batched expert weights (one entry per expert)."""
+        return self._cached("experts", lambda: [e for e in q.find_experts(self.gm) if e.block is not None])
+
+    @property
     def routers(self) -> list[q.LinearInfo]:
         """Block Linears that score experts (their output reaches a top-k): kept dense."""
         return self._cached("routers", lambda: [li for li in self.linears if li.block is not None and q.is_router(li.node)])
@@ -254,6 +259,24 @@ class GraphModel:
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def matrix(self, info: q.LinearInfo | q.ExpertInfo) -> Tensor:
+        """The ``[out, in]`` weight of a Linear or of one expert (a view of the parameter)."""
+        param = self.get_attr(info.weight)
+        if isinstance(info, q.ExpertInfo):
+            return param[info.index] if info.transposed else param[info.index].T
+        return param
+
+    def set_matrix(self, info: q.LinearInfo | q.ExpertInfo, value: Tensor) -> None:
+        """Overwrite a Linear's or one expert's ``[out, in]`` weight in place."""
+        if not isinstance(info, q.ExpertInfo):
+            self.set_weight(info.weight, value)
+            return
+        view = self.matrix(info)
+        if tuple(view.shape) != tuple(value.shape):
+            raise GraphPruneError(f"{info.name}: new value has shape {tuple(value.shape)} but the expert's weight is {tuple(view.shape)}.")
+        with torch.no_grad():
+            view.copy_(value.to(view.dtype))
 
     def set_weight(self, target: str, value: Tensor) -> None:
         """Overwrite a weight in place (same shape), visible to the graph and the model."""
@@ -288,6 +311,10 @@ class GraphModel:
             "ops": ops,
             "linears": len(self.linears),
             "block_linears": len(self.block_linears()),
+            "experts": [
+                {"weight": q.strip_root(e.weight), "experts": e.experts, "shape": [e.out_features, e.in_features], "block": e.block}
+                for e in self.experts if e.index == 0
+            ],
             "linear_groups": groups,
             "norms": [{"name": n.name, "kind": n.kind, "block": n.block} for n in self.norms],
             "blocks": [{"index": b.index, "name": b.name, "linears": len(b.linears), "nodes": len(b.nodes)} for b in self.blocks],

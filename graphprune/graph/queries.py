@@ -12,6 +12,10 @@ list of module names, so any LLaMA-, OPT- or similar-shaped decoder works.
   Linear in between.
 * A **block** is a module on the ``nn_module_stack`` whose path ends in an integer
   index (an element of a ``ModuleList``) and that contains Linears -- a decoder layer.
+* An **expert** is one slice ``W[e]`` of a batched 3-D weight that a grouped matrix
+  product (``grouped_mm``: tokens sorted by expert, cumulative row offsets per expert)
+  multiplies with its expert's rows: transformers 5 keeps MoE experts this way, not as
+  ``nn.Linear``. Each expert is addressed like a Linear of its own.
 """
 from __future__ import annotations
 
@@ -73,6 +77,36 @@ class LinearInfo:
     @property
     def param_name(self) -> str:
         """The weight's name in the model's state dict."""
+        return strip_root(self.weight)
+
+
+@dataclass
+class ExpertInfo:
+    """One expert of a batched expert weight, seen as a Linear ``[out, in]`` of its own.
+
+    The grouped product ``node`` computes ``x[rows_e] @ B[e]`` for each expert ``e``, where
+    ``B`` is ``[experts, in, out]`` and expert ``e``'s rows of the sorted input ``input`` end
+    at ``offsets[e]``. ``B`` is the parameter ``weight`` itself or, when ``transposed``, its
+    ``transpose(-2, -1)`` (the parameter is stored ``[experts, out, in]``, as
+    ``nn.Linear`` weights are).
+    """
+
+    node: Node
+    name: str  # e.g. model.layers.0.mlp.experts.3.down_proj: the parameter's module, the expert, the parameter
+    weight: str  # get_attr target of the 3-D parameter
+    index: int  # the expert
+    input: Node  # the routed tokens, sorted by expert
+    offsets: Node  # cumulative row counts per expert
+    out_features: int
+    in_features: int
+    transposed: bool
+    experts: int  # experts in the parameter
+    block: int | None = None
+    bias: str | None = None
+
+    @property
+    def param_name(self) -> str:
+        """The 3-D parameter's name in the model's state dict."""
         return strip_root(self.weight)
 
 
@@ -143,6 +177,48 @@ def find_linears(gm: GraphModule) -> list[LinearInfo]:
             b = _get_attr_target(node.args[2]) if len(node.args) > 2 else None
             o, i = _attr_shape(gm, w)
             out.append(LinearInfo(node, module_path(node) or node.name, w, b, node.args[0], o, i, _block_of(node, blocks)))
+    return out
+
+
+def _is_grouped_mm(node: Node) -> bool:
+    """A grouped matrix product ``(input, weight[E, in, out], offsets)``: ``aten._grouped_mm``
+    or transformers' fallback operator of the same contract."""
+    return node.op == "call_function" and "grouped_mm" in str(node.target) and len(node.args) >= 3
+
+
+def _expert_weight(node: object) -> tuple[str, bool] | None:
+    """``(parameter target, transposed)`` for a grouped product's weight argument."""
+    if not isinstance(node, Node):
+        return None
+    if node.op == "get_attr":
+        return str(node.target), False
+    if node.target is aten.transpose.int and len(node.args) == 3 and {int(a) % 3 for a in node.args[1:]} == {1, 2}:  # type: ignore[arg-type]
+        target = _get_attr_target(node.args[0])
+        return (target, True) if target is not None else None
+    return None
+
+
+def find_experts(gm: GraphModule) -> list[ExpertInfo]:
+    """Every expert of every batched expert weight a grouped product reads, in graph order."""
+    blocks = {p: i for i, p in enumerate(find_blocks(gm))}
+    out = []
+    for node in gm.graph.nodes:
+        if not _is_grouped_mm(node):
+            continue
+        x, w, offsets = node.args[:3]
+        found = _expert_weight(w)
+        if found is None or not isinstance(x, Node) or not isinstance(offsets, Node):
+            continue
+        target, transposed = found
+        shape = _attr_shape(gm, target)
+        if len(shape) != 3:
+            continue
+        experts, a, b = shape
+        out_f, in_f = (a, b) if transposed else (b, a)
+        path, _, leaf = strip_root(target).rpartition(".")
+        for e in range(experts):
+            name = f"{path}.{e}.{leaf}" if path else f"{e}.{leaf}"
+            out.append(ExpertInfo(node, name, target, e, x, offsets, out_f, in_f, transposed, experts, _block_of(node, blocks)))
     return out
 
 

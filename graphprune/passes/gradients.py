@@ -2,7 +2,7 @@
 
 For every calibration sequence, one forward and backward pass of the *dense* model through
 the captured graph gives the gradient ``g_n`` of the mean next-token loss with respect to
-each observed block Linear weight; the pass accumulates ``Σ_n g_n²`` in float32 (the
+each observed block Linear weight (each expert's slice of a batched expert weight too); the pass accumulates ``Σ_n g_n²`` in float32 (the
 solver takes the square root: the per-weight ℓ2 norm of the gradients over samples).
 
 Sequences are processed one at a time, so memory holds one sample's activations plus one
@@ -22,7 +22,7 @@ from graphprune.distributed import Dist, current
 from graphprune.errors import SolverError
 from graphprune.graph.model import GraphModel
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop
-from graphprune.passes.observe import select_linears
+from graphprune.passes.observe import select_experts, select_linears
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,9 @@ class GradientStatsPass(Pass):
         tokens = ctx.calibration_tokens("the gradient pass", min_len=2)
         linears = select_linears(gm, self.include, self.exclude)
         params = {li.name: gm.get_attr(li.weight) for li in linears}
+        experts = select_experts(gm, self.include, self.exclude)
+        for e in experts:  # a batched expert parameter's gradient is accumulated whole, split below
+            params.setdefault(e.weight, gm.get_attr(e.weight))
         every: list[torch.Tensor] = list(gm.gm.parameters())
         saved = [p.requires_grad for p in every]
         acc = {name: torch.zeros(p.shape, dtype=torch.float32) for name, p in params.items()}
@@ -74,5 +77,10 @@ class GradientStatsPass(Pass):
         for name, a in acc.items():
             if not torch.isfinite(a).all():
                 raise SolverError(f"{name}: gradient statistics contain NaN/Inf; the loss overflowed.")
+        for e in experts:
+            whole = acc[e.weight]
+            acc[e.name] = (whole[e.index] if e.transposed else whole[e.index].T).contiguous()
+        for e in experts:
+            acc.pop(e.weight, None)
         gm.state.grad_sq = acc
         return PassResult(gm, modified=False, stats={"linears": len(acc), "samples": int(tokens.shape[0]), "seconds": round(time.perf_counter() - t0, 2)})

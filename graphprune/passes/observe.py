@@ -9,7 +9,10 @@
    ``XTX_BAND`` rows at a time (half the multiply-adds of the full product for wide inputs,
    and a transient of one band instead of a whole float32 + float64 copy of the matrix);
    the lower triangle is mirrored in when the statistics are read.
-3. RemoveObserversPass rewires the Linears to the original values and deletes the nodes.
+3. Unless ``experts=False``, each batched expert weight's routed input gets an
+   :class:`ExpertInputObserver` that splits the rows by expert (the grouped product's
+   offsets), so every expert has the statistics of the tokens routed to it only.
+4. RemoveObserversPass rewires the Linears to the original values and deletes the nodes.
 """
 from __future__ import annotations
 
@@ -42,6 +45,24 @@ def xtx_macs(n: int, tokens: int) -> int:
     return tokens * sum((j - i) * (n - i) for i, j in xtx_bands(n))
 
 
+def accumulate(flat: Tensor, col_sq: Tensor, col_sum: Tensor, xtx: Tensor | None) -> None:
+    """Add the rows ``flat [tokens, in]`` (float32) to the float64 accumulators, in place: column
+    squares, column sums and, when ``xtx`` is given, the upper triangle of ``XᵀX`` band by band."""
+    col_sq += flat.pow(2).sum(0).double()
+    col_sum += flat.sum(0).double()
+    if xtx is not None:
+        for i, j in xtx_bands(flat.shape[1]):
+            xtx[i:j, i:] += (flat[:, i:j].T @ flat[:, i:]).double()
+
+
+def mirror(xtx: Tensor) -> None:
+    """Copy the accumulated upper triangle of ``XᵀX`` into the lower one, band by band, in place."""
+    for i, j in xtx_bands(xtx.shape[-1]):
+        xtx[j:, i:j] = xtx[i:j, j:].T
+        diag = xtx[i:j, i:j]  # a float32 product's square is not exactly symmetric
+        diag.copy_(diag.triu() + diag.triu(1).T)
+
+
 class InputObserver(nn.Module):
     """Identity module that accumulates statistics of its input when enabled."""
 
@@ -68,11 +89,7 @@ class InputObserver(nn.Module):
             if self.col_sq.numel() != self.in_features:
                 self.reset()
             flat = x.detach().reshape(-1, x.shape[-1]).float()
-            self.col_sq += flat.pow(2).sum(0).double()
-            self.col_sum += flat.sum(0).double()
-            if self.xtx is not None:
-                for i, j in xtx_bands(flat.shape[1]):
-                    self.xtx[i:j, i:] += (flat[:, i:j].T @ flat[:, i:]).double()
+            accumulate(flat, self.col_sq, self.col_sum, self.xtx)
             self.count += flat.shape[0]
             self.seconds += time.perf_counter() - t0
         return x
@@ -95,14 +112,6 @@ class InputObserver(nn.Module):
         self.col_sq = self.col_sum = torch.zeros(0, dtype=torch.float64)
         self.xtx = None
 
-    def _mirror(self) -> None:
-        """Copy the accumulated upper triangle of ``XᵀX`` into the lower one, band by band, in place."""
-        assert self.xtx is not None
-        for i, j in xtx_bands(self.in_features):
-            self.xtx[j:, i:j] = self.xtx[i:j, j:].T
-            diag = self.xtx[i:j, i:j]  # a float32 product's square is not exactly symmetric
-            diag.copy_(diag.triu() + diag.triu(1).T)
-
     def stats(self, copy: bool = True) -> LayerStats:
         """The accumulated statistics. ``copy=False`` hands the observer's own tensors over (no
         second copy of ``XᵀX``); call :meth:`release` or :meth:`reset` before accumulating again."""
@@ -114,12 +123,97 @@ class InputObserver(nn.Module):
                 "check the model weights and use float32."
             )
         if self.xtx is not None:
-            self._mirror()
+            mirror(self.xtx)
         if not copy:
             return LayerStats(col_sq=self.col_sq, count=self.count, xtx=self.xtx, col_sum=self.col_sum)
         return LayerStats(
             col_sq=self.col_sq.clone(), count=self.count, xtx=None if self.xtx is None else self.xtx.clone(), col_sum=self.col_sum.clone()
         )
+
+
+class ExpertInputObserver(nn.Module):
+    """Identity on the routed tokens of a grouped expert product that accumulates each
+    expert's statistics from the rows routed to it (and only those).
+
+    Called as ``observer(x, offsets)``: ``x`` holds the tokens sorted by expert, expert ``e``'s
+    rows end at ``offsets[e]``. ``count`` is the rows seen over all experts, ``counts`` per expert.
+    """
+
+    _is_impure = True
+
+    def __init__(self, name: str, in_features: int, experts: int, hessian: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features = in_features
+        self.experts = experts
+        self.hessian = hessian
+        self.enabled = False
+        self.release()
+
+    def reset(self) -> None:
+        e, n = self.experts, self.in_features
+        self.count = 0
+        self.seconds = 0.0
+        self.counts = torch.zeros(e, dtype=torch.int64)
+        self.col_sq = torch.zeros(e, n, dtype=torch.float64)
+        self.col_sum = torch.zeros(e, n, dtype=torch.float64)
+        self.xtx: Tensor | None = torch.zeros(e, n, n, dtype=torch.float64) if self.hessian else None
+        self._mirrored = False
+
+    def release(self) -> None:
+        self.count = 0
+        self.counts = torch.zeros(0, dtype=torch.int64)
+        self.col_sq = self.col_sum = torch.zeros(0, dtype=torch.float64)
+        self.xtx = None
+        self._mirrored = False
+
+    def forward(self, x: Tensor, offsets: Tensor) -> Tensor:
+        if self.enabled:
+            t0 = time.perf_counter()
+            if self.counts.numel() != self.experts:
+                self.reset()
+            flat = x.detach().reshape(-1, x.shape[-1]).float()
+            start = 0
+            for e, end in enumerate(offsets.tolist()[: self.experts]):
+                end = int(round(end))
+                if end > start:
+                    accumulate(flat[start:end], self.col_sq[e], self.col_sum[e], None if self.xtx is None else self.xtx[e])
+                    self.counts[e] += end - start
+                start = max(start, end)
+            self.count += flat.shape[0]
+            self.seconds += time.perf_counter() - t0
+        return x
+
+    def all_reduce(self, dist: Any) -> None:
+        """Sum the accumulators over the ranks of ``dist``."""
+        if not dist.active:
+            return
+        if self.counts.numel() != self.experts:
+            self.reset()
+        for t in (self.col_sq, self.col_sum, *(() if self.xtx is None else (self.xtx,))):
+            dist.all_reduce_(t)
+        self.counts = torch.tensor([int(dist.all_reduce_float(float(c))) for c in self.counts.tolist()], dtype=torch.int64)
+        self.count = int(dist.all_reduce_float(float(self.count)))
+
+    def stats(self, expert: int) -> LayerStats | None:
+        """Expert ``expert``'s statistics (views of the accumulators), or None when no
+        calibration token was routed to it."""
+        if self.count == 0:
+            raise SolverError(f"observer {self.name} saw no calibration tokens; the stage was not calibrated.")
+        if not torch.isfinite(self.col_sq).all():
+            raise SolverError(
+                f"calibration statistics of {self.name} contain NaN/Inf: the activations overflowed; "
+                "check the model weights and use float32."
+            )
+        if self.xtx is not None and not self._mirrored:
+            for e in range(self.experts):
+                mirror(self.xtx[e])
+            self._mirrored = True
+        count = int(self.counts[expert])
+        if count == 0:
+            return None
+        xtx = None if self.xtx is None else self.xtx[expert]
+        return LayerStats(col_sq=self.col_sq[expert], count=count, xtx=xtx, col_sum=self.col_sum[expert])
 
 
 def through_observers(gm: GraphModel) -> Callable[[Node], Node]:
@@ -135,14 +229,20 @@ def through_observers(gm: GraphModel) -> Callable[[Node], Node]:
     return skip
 
 
+def _selected(name: str, include: Iterable[str], exclude: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in include) and not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+
 def select_linears(gm: GraphModel, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[q.LinearInfo]:
     """Block Linears whose names match an ``include`` glob and no ``exclude`` glob."""
     inc, exc = list(include), list(exclude)
-    return [
-        li
-        for li in gm.block_linears()
-        if any(fnmatch.fnmatchcase(li.name, p) for p in inc) and not any(fnmatch.fnmatchcase(li.name, p) for p in exc)
-    ]
+    return [li for li in gm.block_linears() if _selected(li.name, inc, exc)]
+
+
+def select_experts(gm: GraphModel, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> list[q.ExpertInfo]:
+    """Block experts (``model.layers.0.mlp.experts.3.down_proj``) matching the globs likewise."""
+    inc, exc = list(include), list(exclude)
+    return [e for e in gm.experts if _selected(e.name, inc, exc)]
 
 
 class InsertObserversPass(Pass):
@@ -153,10 +253,11 @@ class InsertObserversPass(Pass):
     preserves_function = True
     edits_weights = False  # the graph gains or loses identity modules; the weights stay
 
-    def __init__(self, hessian: bool = True, include: Iterable[str] = ("*",), exclude: Iterable[str] = ()) -> None:
+    def __init__(self, hessian: bool = True, include: Iterable[str] = ("*",), exclude: Iterable[str] = (), experts: bool = True) -> None:
         self.hessian = hessian
         self.include = tuple(include)
         self.exclude = tuple(exclude)
+        self.experts = experts  # also observe the batched experts, each expert on its own routed rows
 
     def run(self, gm: GraphModel, ctx: PassContext) -> PassResult:
         linears = select_linears(gm, self.include, self.exclude)
@@ -181,10 +282,38 @@ class InsertObserversPass(Pass):
                 li.node.replace_input_with(value, obs)
                 mapping[li.name] = attr
             added += 1
+        if self.experts:
+            added += self._observe_experts(gm, mapping)
         gm.state.observers = mapping
         gm.lint()
         gm.invalidate()
         return PassResult(gm, modified=added > 0, stats={"observers": added, "linears": len(linears)})
+
+    def _observe_experts(self, gm: GraphModel, mapping: dict[str, str]) -> int:
+        """One :class:`ExpertInputObserver` per routed input (and its offsets) of the selected experts."""
+        graph = gm.gm.graph
+        groups: dict[tuple[Node, Node], list[q.ExpertInfo]] = {}
+        for e in select_experts(gm, self.include, self.exclude):
+            groups.setdefault((e.input, e.offsets), []).append(e)
+        added = 0
+        for (value, offsets), group in groups.items():
+            if all(e.name in mapping for e in group):
+                continue
+            attr = f"{OBSERVER_PREFIX}{len([n for n in gm.gm._modules if n.startswith(OBSERVER_PREFIX)])}"
+            label = group[0].name.rsplit(".", 2)[0] + ".*." + group[0].name.rsplit(".", 1)[-1]
+            gm.gm.add_submodule(attr, ExpertInputObserver(label, group[0].in_features, group[0].experts, self.hessian))
+            first = group[0].node
+            with graph.inserting_before(first):
+                obs = graph.call_module(attr, (value, offsets))
+            obs.meta = dict(value.meta)
+            if "nn_module_stack" in first.meta:
+                obs.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+            for node in {e.node for e in group}:
+                node.replace_input_with(value, obs)
+            for e in group:
+                mapping[e.name] = attr
+            added += 1
+        return added
 
 
 class RemoveObserversPass(Pass):

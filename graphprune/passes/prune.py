@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from graphprune.distributed import Dist, current
 from graphprune.errors import ConfigError, SolverError
 from graphprune.graph.model import GraphModel, PackedMasks
+from graphprune.graph.queries import ExpertInfo
 from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
 from graphprune.graph.stream import ADAPTER_ATTR
 from graphprune.graph.structures import ATTENTION_OPS
@@ -37,8 +38,9 @@ from graphprune.kernels.packed import load_native
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
 from graphprune.passes.gradients import GradientStatsPass
 from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory
-from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for, xtx_macs
+from graphprune.passes.observe import InputObserver, InsertObserversPass, RemoveObserversPass, xtx_macs
 from graphprune.solvers import SparsitySpec, get_solver, reconstruction_error
+from graphprune.solvers.base import LayerStats
 from graphprune.solvers.refine import masked_gd_refine
 
 log = logging.getLogger(__name__)
@@ -106,23 +108,39 @@ class StageIO(Protocol):
     def leave(self, block: int, roots: list[torch.nn.Module]) -> None: ...  # after it is pruned and checkpointed
 
 
-def _not_pruned(gm: GraphModel, pruned: set[str]) -> list[dict[str, Any]]:
-    """The decoder blocks' weight matrices the pass left alone, each with why."""
+def _not_pruned(gm: GraphModel, done: set[str]) -> list[dict[str, Any]]:
+    """The decoder blocks' weight matrices the pass left alone (``done``: the Linears and
+    experts it pruned, by name), each with why. A batched expert parameter whose experts
+    were all pruned is done; one pruned in part lists each expert left alone."""
     routers = {li.param_name for li in gm.routers}
     adapters = {f"{name}.{ADAPTER_ATTR}" for name in gm.state.adapters}
-    linear_params = {li.param_name for li in gm.linears}
-    out = []
+    linears = {li.param_name: li.name for li in gm.linears}
+    experts: dict[str, list[Any]] = {}
+    for e in gm.experts:
+        experts.setdefault(e.param_name, []).append(e)
+    excluded = "excluded by the job's include/exclude or per-layer settings"
+    out: list[dict[str, Any]] = []
     for name, p in gm.block_matrices().items():
-        if name in pruned:
+        if name in experts:
+            left = [e for e in experts[name] if e.name not in done]
+            if len(left) < len(experts[name]):  # pruned in part: the experts left alone, one by one
+                out.extend({"name": e.name, "shape": [e.out_features, e.in_features], "reason": excluded} for e in left)
+                continue
+            if not left:
+                continue
+        elif name in linears and linears[name] in done:
             continue
         if name in routers:
             reason = "MoE router: kept dense (pruning it changes which experts run)"
         elif name in adapters:
             reason = "adapter of a post-block norm (added by norm folding): kept dense"
-        elif name in linear_params:
-            reason = "excluded by the job's include/exclude or per-layer settings"
+        elif name in linears or name in experts:
+            reason = excluded
         else:
-            reason = f"not an nn.Linear weight ({p.dim()}-D parameter, e.g. batched expert weights): graphprune cannot prune it yet"
+            reason = (
+                f"a {p.dim()}-D parameter that is neither an nn.Linear weight nor a batched expert weight read by "
+                "a grouped matrix product: graphprune cannot prune it"
+            )
         out.append({"name": name, "shape": list(p.shape), "reason": reason})
     return out
 
@@ -237,11 +255,16 @@ class SequentialPrunePass(Pass):
         tokens = ctx.calibration_tokens("sequential pruning")
         observed = gm.state.observers
         self.config.check_rules(list(observed))
+        units: dict[str, Any] = {li.name: li for li in gm.linears} | {e.name: e for e in gm.experts}
         for name in observed:
             spec = self.config.spec_for(name)
             if spec is not None:
-                li = next(li for li in gm.linears if li.name == name)
-                spec.check_shape((li.out_features, li.in_features), name)
+                unit = units[name]
+                spec.check_shape((unit.out_features, unit.in_features), name)
+        experts_of: dict[int, list[ExpertInfo]] = {}
+        for e in gm.experts:
+            if e.name in observed and e.block is not None:
+                experts_of.setdefault(e.block, []).append(e)
 
         dist = self.dist or current()
         staged = StagedGraph(gm)
@@ -271,7 +294,7 @@ class SequentialPrunePass(Pass):
             if io is not None:
                 io.enter(block_index, roots)
             block = gm.blocks[block_index]
-            targets = [li for li in block.linears if li.name in observed]
+            targets: list[Any] = [li for li in block.linears if li.name in observed] + experts_of.get(block_index, [])
             if resuming[0]:
                 rec = self.checkpoint.load(block_index) if self.checkpoint is not None else None
                 rec = dist.broadcast_object(rec)
@@ -288,7 +311,7 @@ class SequentialPrunePass(Pass):
                 resuming[0] = False
             first_layer = len(layers)
             pruned: dict[str, Tensor] = {}
-            obs = {observed[li.name]: observer_for(gm, li.name) for li in targets}
+            obs = {observed[li.name]: getattr(gm.gm, observed[li.name]) for li in targets}
             for o in obs.values():
                 o.reset()
                 o.enabled = True
@@ -304,9 +327,15 @@ class SequentialPrunePass(Pass):
             profile = stage_flops(gm, block.linears, obs, local_tokens, int(tokens.shape[1]))
             for o in obs.values():  # same order on every rank
                 o.all_reduce(dist)
-            stats_cache = {attr: o.stats(copy=False) for attr, o in obs.items()}
+            shared = {attr: o.stats(copy=False) for attr, o in obs.items() if isinstance(o, InputObserver)}
+            # an expert's statistics are those of its routed rows; None when no token reached it
+            stats_cache: dict[str, LayerStats | None] = {
+                li.name: obs[observed[li.name]].stats(li.index) if isinstance(li, ExpertInfo) else shared[observed[li.name]]
+                for li in targets
+            }
+            del shared
             if self.config.keep_stats:
-                gm.state.stats.update({li.name: stats_cache[observed[li.name]] for li in targets})
+                gm.state.stats.update({n: st for n, st in stats_cache.items() if st is not None})
             for o in obs.values():
                 o.release()
             todo = [li for li in targets if self.config.spec_for(li.name) is not None]
@@ -317,7 +346,7 @@ class SequentialPrunePass(Pass):
                 if dist.owner(index) != dist.rank:
                     continue  # another rank solves it; its result arrives by broadcast below
                 bar.set_postfix_str(li.name, refresh=False)  # the solver's progress within the block
-                new, mask, entry = self._solve(gm, li, stats_cache[observed[li.name]], block_index)
+                new, mask, entry = self._solve(gm, li, stats_cache[li.name], block_index)
                 results[li.name] = (new, mask)
                 mine.append(entry)
             for index, li in enumerate(todo):
@@ -328,7 +357,7 @@ class SequentialPrunePass(Pass):
                     mask = dist.broadcast_(mask.to(torch.uint8).contiguous(), dist.owner(index)).bool()
                 else:
                     new, mask = results[li.name]
-                gm.set_weight(li.weight, new)
+                gm.set_matrix(li, new)
                 masks[li.name] = mask  # packed a bit per weight
                 pruned[li.name] = new
             entries = {e["name"]: e for part in dist.gather_objects(mine) for e in part}
@@ -369,7 +398,7 @@ class SequentialPrunePass(Pass):
         numel = sum(e["shape"][0] * e["shape"][1] for e in layers)
         # every other weight matrix of the blocks counts as dense: nothing leaves the denominator
         done = {e["name"] for e in layers}
-        not_pruned = _not_pruned(gm, {li.param_name for li in gm.linears if li.name in done})
+        not_pruned = _not_pruned(gm, done)
         numel += sum(int(torch.Size(e["shape"]).numel()) for e in not_pruned)
         report = {
             "method": self.config.method,
@@ -387,20 +416,29 @@ class SequentialPrunePass(Pass):
         return PassResult(gm, modified=bool(layers), stats={"achieved_sparsity": report["achieved_sparsity"], "layers": len(layers)})
 
 
-    def _solve(self, gm: GraphModel, li: Any, stats: Any, block: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        """Prune one Linear from its statistics: ``(new weight, keep-mask, report entry)``."""
+    def _solve(self, gm: GraphModel, li: Any, stats: LayerStats | None, block: int) -> tuple[Tensor, Tensor, dict[str, Any]]:
+        """Prune one Linear (or expert) from its statistics: ``(new weight, keep-mask, report entry)``.
+
+        ``stats`` is None for an expert that no calibration token was routed to: with nothing
+        to fit, it is pruned by magnitude to the same target, and its entry says so.
+        """
         spec = self.config.spec_for(li.name)
         assert spec is not None
-        if self.solver.needs_grad:
-            stats.grad_sq = gm.state.grad_sq[li.name]
-        weight = gm.get_attr(li.weight).detach().clone()  # set_weight writes in place
+        weight = gm.matrix(li).detach().clone()  # set_matrix writes in place
         if not torch.isfinite(weight).all():
             bad = int((~torch.isfinite(weight)).sum())
             raise SolverError(f"{li.name}: the weight has {bad} NaN/Inf value(s) before pruning; the model file is corrupt.")
         t1 = time.perf_counter()
-        res = self.solver.fn(weight, stats, spec, name=li.name, **self.config.options)
+        unrouted = stats is None
+        if stats is None:
+            stats = LayerStats(col_sq=torch.zeros(li.in_features, dtype=torch.float64), count=0)
+            res = get_solver("magnitude").fn(weight, stats, spec, name=li.name)
+        else:
+            if self.solver.needs_grad:
+                stats.grad_sq = gm.state.grad_sq[li.name]
+            res = self.solver.fn(weight, stats, spec, name=li.name, **self.config.options)
         new = res.weight
-        refined = self.config.refine_steps > 0
+        refined = self.config.refine_steps > 0 and not unrouted
         if refined:
             new = masked_gd_refine(weight, new, res.mask, stats, steps=self.config.refine_steps)
         new = torch.where(res.mask, new, torch.zeros_like(new))
@@ -415,6 +453,9 @@ class SequentialPrunePass(Pass):
             "sparsity": float((new == 0).sum()) / new.numel(),
             "seconds": round(time.perf_counter() - t1, 4),
         }
+        if unrouted:
+            entry["note"] = "no calibration token was routed to this expert: pruned by magnitude"
+            return new, res.mask, entry
         if "error" in res.info and not refined:  # the solver already measured it
             entry["error"] = res.info["error"] / max(stats.count, 1)
             entry["rel_error"] = res.info["rel_error"]
@@ -456,7 +497,7 @@ def restore_stage(gm: GraphModel, targets: list[Any], rec: StageRecord, masks: P
                 f"the checkpoint's block {rec.block} holds {name}, which this model's block does not have "
                 "with that shape; delete the checkpoint folder or run without --resume."
             )
-        gm.set_weight(li.weight, weight)
+        gm.set_matrix(li, weight)
         masks[name] = rec.masks[name]  # packed: a copy
 
 
