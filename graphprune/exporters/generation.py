@@ -84,6 +84,7 @@ def _export_onnx_file(module: KVCacheLM, stage: Path) -> list[Path]:
     import onnx
 
     from graphprune.exporters.onnx import raw_bytes
+    from graphprune.exporters.onnx_ops import translation_table
 
     layout = module.layout
     batch, seq, past, total = (torch.export.Dim(n) for n in ("batch", "seq", "past", "total"))
@@ -103,6 +104,7 @@ def _export_onnx_file(module: KVCacheLM, stage: Path) -> list[Path]:
                 input_names=layout.input_names(),
                 output_names=layout.output_names(),
                 dynamic_shapes=dynamic,
+                custom_translation_table=translation_table(),
                 optimize=True,
                 verbose=False,
                 opset_version=EXPORT_OPSET,

@@ -42,6 +42,7 @@ from graphprune.exporters.common import (
     reference_logits,
     require_cpu,
 )
+from graphprune.exporters.onnx_ops import translation_table
 from graphprune.exporters.onnx_rewrite import pack_shared_input_matmuls
 from graphprune.exporters.onnx_sparse import sparsify_initializers
 from graphprune.exporters.quantize import INT8_RTOL, check_quantize, check_relative, quantize_int8, relative_error
@@ -68,6 +69,7 @@ def _torch_export(model: nn.Module, example: Tensor, optimize: bool = True) -> o
                 input_names=["input_ids"],
                 output_names=["logits"],
                 dynamic_shapes={"input_ids": {0: batch, 1: seq}},
+                custom_translation_table=translation_table(),
                 optimize=optimize,
                 verbose=False,
             )

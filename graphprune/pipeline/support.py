@@ -45,7 +45,6 @@ _NO_PRE_NORM = "Linears read the residual stream with no norm in between (no pre
 GAPS: dict[tuple[str, str], str] = {
     **{("olmo2", c): _NO_PRE_NORM for c in _STREAM},
     **{(f, c): "the routed sum of the experts writes the stream; rotating expert weights is not built yet" for f in ("mixtral", "qwen2_moe") for c in _STREAM},
-    **{(f, "onnx"): "torch.onnx cannot convert the data-dependent expert loop" for f in ("mixtral", "qwen2_moe")},
 }
 
 

@@ -182,3 +182,23 @@ def test_packing_shared_input_matmuls_keeps_logits(tmp_path) -> None:
     a = ort_session(tmp_path / "plain.onnx").run(["logits"], {"input_ids": ids.numpy()})[0]
     b = ort_session(tmp_path / "packed.onnx").run(["logits"], {"input_ids": ids.numpy()})[0]
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+
+
+def test_moe_experts_export_one_matmul_per_expert_on_its_rows(tmp_path: Path) -> None:
+    """transformers' grouped expert product becomes a Slice + MatMul per expert; onnxruntime
+    agrees with PyTorch, also on one token (two of the four experts get no row at all)."""
+    from graphprune.graph.linears import standard_linears
+    from graphprune.models.zoo import zoo_model
+
+    model = zoo_model("mixtral").eval()
+    standard_linears(model)
+    report = export_onnx(model, tmp_path / "moe.onnx", optimize=False)
+    proto = onnx.load(str(report.path))
+    kinds = [n.op_type for n in proto.graph.node]
+    assert kinds.count("MatMul") >= 2 * 2 * 4  # two grouped products per block, four experts each
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    for ids in (random_tokens(1, 1, seed=2), random_tokens(3, 9, seed=4)):
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits.numpy()
+        out = session.run(["logits"], {"input_ids": ids.numpy()})[0]
+        assert np.abs(out - ref).max() <= 1e-4
