@@ -12,10 +12,14 @@ every weight on either side of it:
   and learned positions in OPT);
 * **writers**: Linears whose output feeds a stream value (o_proj/down_proj, out_proj/fc2);
 * **norms** and their **readers**: every Linear that reads a norm's output (q/k/v,
-  gate/up, fc1, and the LM head behind the final norm).
+  gate/up, fc1, and the LM head behind the final norm);
+* **direct reads**: Linears that read a stream value itself, with no norm in between
+  (OLMo2 normalises a block's outputs, not its inputs: q/k/v read the stream). A rotation
+  passes through them like through any reader (``x·Q · (W·Q)ᵀ = x·Wᵀ``); slicing cuts their
+  columns without the norm's rescaling.
 
-Anything else touching the stream (a Linear reading it without a norm, a norm output
-read by something other than a Linear, an unknown operand of a residual add) raises a
+Anything else touching the stream (a norm output read by something other than a Linear,
+an unknown operand of a residual add, any other operator reading it) raises a
 :class:`~graphprune.errors.ConfigError` naming the node: rotating such a graph would be
 silently wrong.
 
@@ -69,6 +73,24 @@ class StreamNorm:
 
 
 @dataclass
+class DirectRead:
+    """A stream value read by Linears with no norm in between."""
+
+    value: Node
+    readers: list[q.LinearInfo] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        """A key for statistics (norms are keyed by their module path)."""
+        return f"stream:{self.value.name}"
+
+    @property
+    def block(self) -> int | None:
+        """The block of its first reader (the stage that reads it)."""
+        return self.readers[0].block if self.readers else None
+
+
+@dataclass
 class StreamScale:
     """A constant factor between a stream writer and the stream, ``mul(source, c)``.
 
@@ -108,6 +130,7 @@ class ResidualStream:
         normed_embeddings: ``(embedding node, table target)`` pairs that reach the stream
             only through such a norm (and its adapter): rotations leave their tables alone,
             but an LM head sharing one must be untied before it is rotated.
+        direct: stream values read by Linears with no norm in between, in graph order.
     """
 
     width: int
@@ -119,10 +142,12 @@ class ResidualStream:
     scales: list[StreamScale] = field(default_factory=list)
     post_norms: list[q.NormInfo] = field(default_factory=list)
     normed_embeddings: list[tuple[Node, str]] = field(default_factory=list)
+    direct: list[DirectRead] = field(default_factory=list)
 
     @property
     def readers(self) -> list[q.LinearInfo]:
-        return [li for sn in self.norms for li in sn.readers]
+        """Every Linear reading the stream: behind a norm or directly."""
+        return [li for sn in self.norms for li in sn.readers] + [li for dr in self.direct for li in dr.readers]
 
     @property
     def final_norm(self) -> StreamNorm | None:
@@ -343,24 +368,26 @@ def find_stream(gm: GraphModel) -> ResidualStream:
         stream_norms.append(sn)
 
     internals = {n for ni in norms for n in ni.internals}
-    for node in nodes:
+    direct: dict[Node, DirectRead] = {}
+    for node in nodes + [e for e, _ in embeddings]:  # an embedding's own output may be read too
         for user in node.users:
+            if user in linears and user not in reader_nodes and user.args[0] is node:
+                direct.setdefault(node, DirectRead(node)).readers.append(linears[user])
+                continue
+            if node.op == "call_function" and node.target is aten.embedding.default:
+                continue  # its other users are stream operators, checked above
             if user.name in members or user.op == "output" or user in internals:
                 continue
             if user.op == "call_function" and (user.target in _SHAPE_ONLY or user.target in _NORM_READS):
                 continue
             if user.target is aten.type_as.default and user.args[0] is not node:
                 continue  # read for its dtype only (Gemma's norms cast their output like their input)
-            if user.target is aten.linear.default:
-                raise ConfigError(
-                    f"{gm.name}: {q.module_path(user) or user.name} reads the residual stream ({node.name}) with no norm in between "
-                    "(a decoder without pre-norms, such as OLMo2); rotating such a stream is not supported yet."
-                )
             raise ConfigError(
                 f"{gm.name}: stream value {node.name} is read by {user.format_node()} "
                 f"({q.module_path(user) or 'no module'}) outside a norm; this architecture cannot be rotated."
             )
-    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms, normed)
+    reads = sorted(direct.values(), key=lambda dr: order[dr.readers[0].node])
+    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms, normed, reads)
 
 
 # ---------------------------------------------------------------------------- weight surgery

@@ -96,6 +96,11 @@ class FoldNormsPass(Pass):
         if len(kinds) > 1:
             raise ConfigError(f"{gm.name}: the stream mixes {sorted(kinds)}; folding needs one norm kind.")
         if kinds == {"layernorm"}:
+            if stream.direct:
+                raise ConfigError(
+                    f"{gm.name}: {stream.direct[0].readers[0].name} reads the LayerNorm stream with no norm in between; "
+                    "centring the stream would change what it reads. Such a model cannot be folded."
+                )
             # centring rewrites the embedding tables; a head sharing one must keep the original
             if untie_lm_head(gm, stream):
                 untied, stream = True, find_stream(gm)

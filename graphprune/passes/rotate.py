@@ -153,7 +153,7 @@ class LearnConfig:
 class StreamStats:
     """Calibration statistics around the stream: per block, norm outputs and writer inputs."""
 
-    norm_cov: dict[str, Tensor] = field(default_factory=dict)  # norm name -> XᵀX / n  [d, d]
+    norm_cov: dict[str, Tensor] = field(default_factory=dict)  # norm name (or DirectRead.name) -> XᵀX / n  [d, d]
     writer_cov: dict[str, Tensor] = field(default_factory=dict)  # writer name -> ZᵀZ / n
     tokens: int = 0
 
@@ -191,6 +191,9 @@ def collect_stream_stats(gm: GraphModel, stream: ResidualStream, tokens: Tensor,
     for sn in stream.norms:
         if sn.norm.block is not None:
             observe(f"norm:{sn.norm.name}", sn.norm.output, stream.width)
+    for dr in stream.direct:  # a stream value Linears read with no norm: its own statistics
+        if dr.block is not None:
+            observe(f"norm:{dr.name}", dr.value, stream.width)
     if writers:
         for li in stream.writers:
             if li.block is not None:
@@ -223,10 +226,12 @@ def build_problem(gm: GraphModel, stream: ResidualStream, stats: StreamStats) ->
     readers: dict[int, list[tuple[Tensor, list[Tensor]]]] = {}
     writers: dict[int, list[tuple[Tensor, Tensor]]] = {}
     for block in gm.blocks:
-        norms = [sn for sn in stream.norms if sn.norm.block == block.index and sn.norm.name in stats.norm_cov]
-        for j, sn in enumerate(norms):
-            ws = [gm.get_attr(li.weight).detach().float() for li in sn.readers]
-            readers.setdefault(j, []).append((stats.norm_cov[sn.norm.name].float(), ws))
+        # each place the block reads the stream: behind a norm, or directly
+        reads = [(sn.norm.name, sn.readers) for sn in stream.norms if sn.norm.block == block.index]
+        reads += [(dr.name, dr.readers) for dr in stream.direct if dr.block == block.index]
+        for j, (key, lis) in enumerate((k, r) for k, r in reads if k in stats.norm_cov):
+            ws = [gm.get_attr(li.weight).detach().float() for li in lis]
+            readers.setdefault(j, []).append((stats.norm_cov[key].float(), ws))
         outs = [li for li in stream.writers if li.block == block.index and li.name in stats.writer_cov]
         for j, li in enumerate(outs):
             writers.setdefault(j, []).append((gm.get_attr(li.weight).detach().float(), stats.writer_cov[li.name].float()))

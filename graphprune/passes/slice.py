@@ -127,8 +127,10 @@ class SlicePass(Pass):
                 cut(li.bias, lambda b: b[:keep])
             if li.name in masks:
                 masks[li.name] = masks[li.name][:keep, :]
-        for li in stream.readers:
-            cut(li.weight, lambda w: w[:, :keep] * scale)
+        direct = {li.node for dr in stream.direct for li in dr.readers}
+        for li in stream.readers:  # a norm's readers take its rescaling; a direct reader reads the stream as it is
+            factor = 1.0 if li.node in direct else scale
+            cut(li.weight, lambda w, f=factor: w[:, :keep] * f)
             if li.name in masks:
                 masks[li.name] = masks[li.name][:, :keep]
         eps_scale = d / keep
@@ -141,8 +143,11 @@ class SlicePass(Pass):
             add.args = (add.args[0], float(add.args[1]) * eps_scale)  # type: ignore[arg-type]
         # Hugging Face norm modules: eps attribute; parameters the graph no longer reads
         # (LayerNorms rewritten into RMSNorm by FoldNormsPass) are sliced too
-        for mod in list(gm.model.modules()):
-            if "Norm" not in type(mod).__name__:
+        # norms off the stream (q/k norms inside attention, post-block norms before their adapter)
+        # keep their width and eps, even when it equals the stream's (OLMo2's q_norm is d wide)
+        off_stream = {ni.name for ni in gm.norms} - {sn.norm.name for sn in stream.norms}
+        for path, mod in list(gm.model.named_modules()):
+            if "Norm" not in type(mod).__name__ or path in off_stream:
                 continue
             for attr in ("variance_epsilon", "eps"):
                 if isinstance(getattr(mod, attr, None), float):

@@ -39,11 +39,9 @@ CORE = ("capture", "wanda", "pca", "onnx")
 
 
 _STREAM = (*ROTATIONS, "slice")
-_NO_PRE_NORM = "Linears read the residual stream with no norm in between (no pre-norms); rotating such a stream is not built yet"
 #: What does not work yet, and why: (family, capability) -> reason. The tests expect exactly
 #: these to fail with a clear error; the benchmark flags any cell that disagrees.
 GAPS: dict[tuple[str, str], str] = {
-    **{("olmo2", c): _NO_PRE_NORM for c in _STREAM},
     **{(f, c): "the routed sum of the experts writes the stream; rotating expert weights is not built yet" for f in ("mixtral", "qwen2_moe") for c in _STREAM},
 }
 

@@ -81,6 +81,23 @@ def test_slicing_equals_zeroing_the_dropped_dimensions(tiny_gm: GraphModel, toke
     _check_slice_matches_zeroing(_rotated(tiny_gm), tokens)
 
 
+def test_slicing_a_stream_read_without_norms_equals_zeroing(tokens: torch.Tensor) -> None:
+    """OLMo2 normalises block outputs, not inputs: q/k/v and gate/up read the stream itself.
+    They are rotated like any reader and sliced without a norm's rescaling (a rescaled direct
+    reader would break the equality with zeroing)."""
+    from graphprune.models.zoo import zoo_model
+
+    gm = GraphModel.capture(zoo_model("olmo2"), name="tiny-olmo2")
+    reference = gm(tokens)
+    gm = _rotated(gm)
+    assert relative_diff(gm(tokens), reference) <= 1e-4
+    stream = find_stream(gm)
+    direct = {li.name.split(".", 3)[-1] for dr in stream.direct for li in dr.readers}
+    assert len(stream.direct) == 4 and direct == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
+    assert [sn.norm.name for sn in stream.norms] == ["model.norm"]  # the only norm on the stream: the final one
+    _check_slice_matches_zeroing(gm, tokens)
+
+
 def test_slicing_unties_a_head_that_folding_left_tied(tiny_gm: GraphModel, tiny_name: str, tokens: torch.Tensor) -> None:
     if tiny_name != "tiny-llama":
         pytest.skip("only the LLaMA model ties its head")
