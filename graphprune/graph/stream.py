@@ -70,6 +70,8 @@ class StreamNorm:
 
     norm: q.NormInfo
     readers: list[q.LinearInfo] = field(default_factory=list)
+    #: MoE experts reading the norm's output (the tokens routed to each, gathered by row)
+    experts: list[q.ExpertInfo] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +133,8 @@ class ResidualStream:
             only through such a norm (and its adapter): rotations leave their tables alone,
             but an LM head sharing one must be untied before it is rotated.
         direct: stream values read by Linears with no norm in between, in graph order.
+        expert_writers: MoE experts whose outputs, weighted per token and summed over the
+            experts each token was routed to, are added into the stream.
     """
 
     width: int
@@ -143,6 +147,11 @@ class ResidualStream:
     post_norms: list[q.NormInfo] = field(default_factory=list)
     normed_embeddings: list[tuple[Node, str]] = field(default_factory=list)
     direct: list[DirectRead] = field(default_factory=list)
+    expert_writers: list[q.ExpertInfo] = field(default_factory=list)
+
+    @property
+    def expert_readers(self) -> list[q.ExpertInfo]:
+        return [e for sn in self.norms for e in sn.experts]
 
     @property
     def readers(self) -> list[q.LinearInfo]:
@@ -244,6 +253,52 @@ def _embedding_norm(gm: GraphModel, node: Node) -> q.NormInfo | None:
     return next((ni for ni in gm.norms if ni.output is node and _from_embedding(gm, ni.input)), None)
 
 
+def _row_gather(node: Node) -> bool:
+    """``x[rows]``: an index on the first axis only, of a value with a last axis to keep."""
+    indices = node.args[1] if len(node.args) > 1 else None
+    rank = _rank(node.args[0]) if isinstance(node.args[0], Node) else None
+    return node.target is aten.index.Tensor and isinstance(indices, (list, tuple)) and len(indices) == 1 and (rank or 0) >= 2
+
+
+def _routed_sources(node: Node, writers: set[Node]) -> list[Node] | None:
+    """The writers (Linears, grouped expert products) whose outputs ``node`` combines by
+    operations on whole rows only -- a per-token weight (``x·g`` with ``g [..., 1]``), a
+    gather or a sum over tokens, reshapes that keep the last axis, sums of such values --
+    which is how an MoE block adds its experts' outputs into the stream. None when anything
+    else is on the way."""
+    found: list[Node] = []
+    todo, seen = [node], set()
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in writers:
+            found.append(n)
+            continue
+        if n.op != "call_function":
+            return None
+        val = n.meta.get("val")
+        if n.target in q._TRANSPARENT or _keeps_last_axis(n) or _row_gather(n):
+            todo.append(n.args[0])  # type: ignore[arg-type]
+        elif n.target is aten.sum.dim_IntList and isinstance(val, torch.Tensor) and val.dim() > 0:
+            rank = _rank(n.args[0])  # type: ignore[arg-type]
+            if rank is None or any(int(d) % rank == rank - 1 for d in n.args[1]):  # type: ignore[union-attr, arg-type]
+                return None  # a sum over the features mixes them
+            todo.append(n.args[0])  # type: ignore[arg-type]
+        elif n.target is aten.mul.Tensor and len(n.args) == 2 and all(isinstance(a, Node) for a in n.args):
+            a, b = n.args
+            weights = [x for x in (a, b) if isinstance(x.meta.get("val"), torch.Tensor) and x.meta["val"].shape[-1] == 1]  # type: ignore[union-attr]
+            if len(weights) != 1:
+                return None
+            todo.append(b if weights[0] is a else a)  # type: ignore[arg-type]
+        elif n.target in (aten.add.Tensor, aten.add_.Tensor) and len(n.args) == 2 and all(isinstance(a, Node) for a in n.args):
+            todo.extend(n.args)  # type: ignore[arg-type]
+        else:
+            return None
+    return found
+
+
 def find_stream(gm: GraphModel) -> ResidualStream:
     """Discover the residual stream of ``gm``'s graph (see the module docstring).
 
@@ -287,7 +342,11 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     nodes = sorted((by_name[n] for n in members), key=order.__getitem__)
 
     linears = {li.node: li for li in gm.linears}
+    experts: dict[Node, list[q.ExpertInfo]] = {}
+    for e in gm.experts:
+        experts.setdefault(e.node, []).append(e)
     writers: list[q.LinearInfo] = []
+    expert_writers: list[q.ExpertInfo] = []
     embeddings: list[tuple[Node, str]] = []
 
     scales: list[StreamScale] = []
@@ -321,6 +380,13 @@ def find_stream(gm: GraphModel) -> ResidualStream:
         elif _is_lookup(src):
             if all(e is not src for e, _ in embeddings):
                 embeddings.append((src, str(src.args[0].target)))  # type: ignore[union-attr]
+        elif (routed := _routed_sources(src, set(linears) | set(experts))) is not None:
+            for n in routed:  # an MoE block: its experts (and a shared expert) write the stream
+                if n in linears:
+                    if all(w.node is not n for w in writers):
+                        writers.append(linears[n])
+                elif all(e.node is not n for e in expert_writers):
+                    expert_writers.extend(experts[n])
         else:
             raise ConfigError(
                 f"{gm.name}: {src.format_node()} ({q.module_path(src) or 'no module'}) feeds the residual stream "
@@ -341,21 +407,26 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     else:  # a normed embedding starts the stream: its adapter (sliced with the stream) or its table
         adapter = next((li for li in writers if _is_adapter(li.node)), None)
         width = adapter.out_features if adapter is not None else int(gm.get_attr(normed[0][1]).shape[1])
-    for li in writers:
-        if li.out_features != width:
-            raise ConfigError(f"{li.name} writes the stream with {li.out_features} outputs, but the stream is {width} wide.")
+    for name, out in [(li.name, li.out_features) for li in writers] + [(e.name, e.out_features) for e in expert_writers]:
+        if out != width:
+            raise ConfigError(f"{name} writes the stream with {out} outputs, but the stream is {width} wide.")
 
     stream_norms: list[StreamNorm] = []
     reader_nodes: set[Node] = set()
     for ni in norms:
         sn = StreamNorm(ni)
         frontier = list(ni.output.users)
+        walked = {ni.output}  # the norm's output and what carries its rows on (the tokens routed to experts)
         while frontier:
             user = frontier.pop()
             if user in linears and _reshaped(user.args[0]) is ni.output:  # type: ignore[arg-type]
                 sn.readers.append(linears[user])
                 reader_nodes.add(user)
-            elif user.op == "call_function" and (user.target in q._TRANSPARENT or _keeps_last_axis(user)):
+            elif user in experts and _reshaped(user.args[0]) in walked:  # type: ignore[arg-type]
+                if all(e.node is not user for e in sn.experts):
+                    sn.experts.extend(experts[user])
+            elif user.op == "call_function" and (user.target in q._TRANSPARENT or _keeps_last_axis(user) or _row_gather(user)):
+                walked.add(user)
                 frontier.extend(user.users)
             elif user.op == "call_function" and user.target in _SHAPE_ONLY:
                 continue
@@ -387,7 +458,7 @@ def find_stream(gm: GraphModel) -> ResidualStream:
                 f"({q.module_path(user) or 'no module'}) outside a norm; this architecture cannot be rotated."
             )
     reads = sorted(direct.values(), key=lambda dr: order[dr.readers[0].node])
-    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms, normed, reads)
+    return ResidualStream(width, nodes, embeddings, writers, stream_norms, gm.lm_head, scales, post_norms, normed, reads, expert_writers)
 
 
 # ---------------------------------------------------------------------------- weight surgery

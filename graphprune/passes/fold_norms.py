@@ -96,6 +96,8 @@ class FoldNormsPass(Pass):
         if len(kinds) > 1:
             raise ConfigError(f"{gm.name}: the stream mixes {sorted(kinds)}; folding needs one norm kind.")
         if kinds == {"layernorm"}:
+            if stream.expert_writers:
+                raise ConfigError(f"{gm.name}: centring a LayerNorm stream that MoE experts write is not supported.")
             if stream.direct:
                 raise ConfigError(
                     f"{gm.name}: {stream.direct[0].readers[0].name} reads the LayerNorm stream with no norm in between; "
@@ -108,7 +110,7 @@ class FoldNormsPass(Pass):
         untied = self._untie_head(gm, stream) or untied
         folded = 0
         for sn in stream.norms:
-            folded += self._fold(gm, sn.norm, sn.readers)
+            folded += self._fold(gm, sn.norm, sn.readers, sn.experts)
         rewritten = self._layernorm_to_rms(gm, stream) if kinds == {"layernorm"} else 0
         if kinds == {"layernorm"}:
             gm.state.stream_centred = True
@@ -252,13 +254,18 @@ class FoldNormsPass(Pass):
 
     # -------------------------------------------------------------- 2. fold scale and bias
     @staticmethod
-    def _fold(gm: GraphModel, norm: q.NormInfo, readers: list[q.LinearInfo]) -> int:
+    def _fold(gm: GraphModel, norm: q.NormInfo, readers: list[q.LinearInfo], experts: list[q.ExpertInfo]) -> int:
         g = _w64(gm, norm.weight) + norm.offset if norm.weight is not None else None
         beta = _w64(gm, norm.bias) if norm.bias is not None else None
         if beta is not None and not beta.any():
             beta = None
         if g is None and beta is None:
             return 0
+        if beta is not None and experts:
+            raise ConfigError(f"{gm.name}: {norm.name} has a bias, and the MoE experts reading it have none to take it; cannot fold it.")
+        for e in experts:  # each expert's slice of the batched weight, like a reader Linear
+            if g is not None:
+                gm.set_matrix(e, gm.matrix(e).detach().double() * g)
         for li in readers:
             w = _w64(gm, li.weight)
             if beta is not None:

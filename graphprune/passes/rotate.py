@@ -6,7 +6,10 @@ style) is absorbed as
 
 1. embeddings (token, position): ``E -> E·Q`` (the stream becomes ``x·Q``);
 2. writers: ``W -> Qᵀ·W``, ``b -> Qᵀ·b`` (they add ``Qᵀ``-rotated outputs);
-3. readers, including the LM head: ``W -> W·Q`` (``(xQ)(WQ)ᵀ = xWᵀ``).
+3. readers, including the LM head: ``W -> W·Q`` (``(xQ)(WQ)ᵀ = xWᵀ``); MoE experts held
+   as batched weights likewise, each expert's ``[out, in]`` slice as a reader (gate/up, on
+   the tokens routed to it) or a writer (down, its per-token weighted outputs summed into
+   the stream); the router is an ordinary reader, so its choices do not change.
 
 No new nodes and no new modules: the graph and the Hugging Face model keep their
 architecture, only weight values change, and the logits do not (checked by the manager).
@@ -40,7 +43,9 @@ Sources of ``Q`` (all float64, :mod:`graphprune.solvers.rotation`):
   (PCA + Wanda 50 %: 20.65 on the protocol text but 115.9 on news prose against plain
   Wanda's 84.0), while PCA decorrelates the readers' inputs and so removes the
   correlations the Hessian solvers compensate with (SparseGPT 50 % after a PCA rotation
-  has a 20 % higher layer-wise error than without rotation).
+  has a 20 % higher layer-wise error than without rotation). MoE experts are rotated with
+  the rest but are not terms of the objective (their statistics are per expert, on routed
+  tokens only); the router, the shared expert and the attention Linears are.
 
 Calibration statistics come from identity observers on the norm outputs (and, for
 ``"learned"``, on the writers' inputs), executed stage by stage with the
@@ -288,7 +293,12 @@ def apply_rotation(gm: GraphModel, stream: ResidualStream, rot: Tensor) -> int:
         update(li.weight, "out", lambda w: r.T @ w)
         if li.bias is not None:
             update(li.bias, "out", lambda b: b @ r)
-    return len(done)
+    # MoE experts: each expert's [out, in] slice of the batched weight, like a reader or a writer
+    for e in stream.expert_readers:
+        gm.set_matrix(e, gm.matrix(e).detach().double() @ r)
+    for e in stream.expert_writers:
+        gm.set_matrix(e, r.T @ gm.matrix(e).detach().double())
+    return len(done) + len({e.weight for e in (*stream.expert_readers, *stream.expert_writers)})
 
 
 class RotatePass(Pass):

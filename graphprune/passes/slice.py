@@ -133,6 +133,18 @@ class SlicePass(Pass):
             cut(li.weight, lambda w, f=factor: w[:, :keep] * f)
             if li.name in masks:
                 masks[li.name] = masks[li.name][:, :keep]
+        # MoE experts: the batched weight [experts, out, in] (or [experts, in, out]) cut along the
+        # axis that meets the stream, each expert's mask with it
+        for e in stream.expert_readers:
+            axis = 2 if e.transposed else 1
+            cut(e.weight, lambda w, a=axis: w.narrow(a, 0, keep) * scale)
+            if e.name in masks:
+                masks[e.name] = masks[e.name][:, :keep]
+        for e in stream.expert_writers:
+            axis = 1 if e.transposed else 2
+            cut(e.weight, lambda w, a=axis: w.narrow(a, 0, keep).clone())
+            if e.name in masks:
+                masks[e.name] = masks[e.name][:keep, :]
         eps_scale = d / keep
         for sn in stream.norms:
             norm = sn.norm
@@ -164,6 +176,17 @@ class SlicePass(Pass):
                 if user.target in q._TRANSPARENT or user.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
                     reshaped.append(user)
                     frontier.append(user)
+        # and on the way from the experts' outputs to the stream (Mixtral views them [tokens, k, d])
+        members = set(stream.nodes)
+        frontier = list({e.node for e in stream.expert_writers})
+        seen: set[Any] = set()
+        while frontier:
+            for user in frontier.pop().users:
+                if user in members or user in seen or user.op != "call_function":
+                    continue
+                seen.add(user)
+                reshaped.append(user)
+                frontier.append(user)
         for node in reshaped:
             if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
                 shape = list(node.args[1])  # type: ignore[arg-type]

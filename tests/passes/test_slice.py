@@ -63,6 +63,8 @@ def _check_slice_matches_zeroing(gm: GraphModel, tokens: torch.Tensor) -> GraphM
             reference.get_attr(li.weight)[keep:, :] = 0
             if li.bias is not None:
                 reference.get_attr(li.bias)[keep:] = 0
+        for e in stream.expert_writers:  # an expert's [out, in] view of the batched weight
+            reference.matrix(e)[keep:, :] = 0
     expected = reference(tokens)
     gm = PassManager([SlicePass(0.25)], _ctx()).run(gm)
     assert Prop.SLICED in gm.props
@@ -71,6 +73,7 @@ def _check_slice_matches_zeroing(gm: GraphModel, tokens: torch.Tensor) -> GraphM
     assert stream.width == keep
     assert all(li.in_features == keep for li in stream.readers)
     assert all(li.out_features == keep for li in stream.writers)
+    assert all(e.in_features == keep for e in stream.expert_readers) and all(e.out_features == keep for e in stream.expert_writers)
     info = gm.state.slicing
     assert info["parameters_after"] < info["parameters_before"] == parameter_count(reference.model)
     assert 0 < info["kept_energy"] <= 1
@@ -96,6 +99,24 @@ def test_slicing_a_stream_read_without_norms_equals_zeroing(tokens: torch.Tensor
     assert len(stream.direct) == 4 and direct == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"}
     assert [sn.norm.name for sn in stream.norms] == ["model.norm"]  # the only norm on the stream: the final one
     _check_slice_matches_zeroing(gm, tokens)
+
+
+def test_slicing_moe_experts_equals_zeroing(tokens: torch.Tensor) -> None:
+    """Qwen2-MoE: routed experts read the normed stream through a row gather and write it
+    through per-token weights and a sum over the chosen experts, beside a gated shared
+    expert. Rotation passes through every expert (the router, a reader, keeps its choices)
+    and slicing cuts each batched weight along the stream's axis."""
+    from graphprune.models.zoo import zoo_model
+
+    gm = GraphModel.capture(zoo_model("qwen2_moe"), name="tiny-qwen2_moe")
+    reference = gm(tokens)
+    gm = _rotated(gm)
+    assert relative_diff(gm(tokens), reference) <= 1e-4
+    stream = find_stream(gm)
+    assert len(stream.expert_readers) == len(stream.expert_writers) == 2 * 4  # 4 experts in each of 2 blocks
+    assert {li.name.rsplit(".", 1)[-1] for li in stream.writers} == {"o_proj", "down_proj"}  # the shared expert's
+    sliced = _check_slice_matches_zeroing(gm, tokens)
+    assert tuple(sliced.model.model.layers[0].mlp.experts.gate_up_proj.shape) == (4, 64, sliced_width(64, 0.25))
 
 
 def test_slicing_unties_a_head_that_folding_left_tied(tiny_gm: GraphModel, tiny_name: str, tokens: torch.Tensor) -> None:
