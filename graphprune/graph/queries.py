@@ -102,7 +102,6 @@ class ExpertInfo:
     transposed: bool
     experts: int  # experts in the parameter
     block: int | None = None
-    bias: str | None = None
 
     @property
     def param_name(self) -> str:

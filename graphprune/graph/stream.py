@@ -345,6 +345,7 @@ def find_stream(gm: GraphModel) -> ResidualStream:
     experts: dict[Node, list[q.ExpertInfo]] = {}
     for e in gm.experts:
         experts.setdefault(e.node, []).append(e)
+    writer_nodes = set(linears) | set(experts)  # what can write the stream behind row operations
     writers: list[q.LinearInfo] = []
     expert_writers: list[q.ExpertInfo] = []
     embeddings: list[tuple[Node, str]] = []
@@ -380,7 +381,7 @@ def find_stream(gm: GraphModel) -> ResidualStream:
         elif _is_lookup(src):
             if all(e is not src for e, _ in embeddings):
                 embeddings.append((src, str(src.args[0].target)))  # type: ignore[union-attr]
-        elif (routed := _routed_sources(src, set(linears) | set(experts))) is not None:
+        elif (routed := _routed_sources(src, writer_nodes)) is not None:
             for n in routed:  # an MoE block: its experts (and a shared expert) write the stream
                 if n in linears:
                     if all(w.node is not n for w in writers):

@@ -77,10 +77,9 @@ class GradientStatsPass(Pass):
         for name, a in acc.items():
             if not torch.isfinite(a).all():
                 raise SolverError(f"{name}: gradient statistics contain NaN/Inf; the loss overflowed.")
+        wholes = {e.weight: acc.pop(e.weight) for e in experts}  # each batched parameter, split per expert
         for e in experts:
-            whole = acc[e.weight]
+            whole = wholes[e.weight]
             acc[e.name] = (whole[e.index] if e.transposed else whole[e.index].T).contiguous()
-        for e in experts:
-            acc.pop(e.weight, None)
         gm.state.grad_sq = acc
         return PassResult(gm, modified=False, stats={"linears": len(acc), "samples": int(tokens.shape[0]), "seconds": round(time.perf_counter() - t0, 2)})

@@ -63,6 +63,17 @@ def mirror(xtx: Tensor) -> None:
         diag.copy_(diag.triu() + diag.triu(1).T)
 
 
+def check_accumulated(name: str, count: int, col_sq: Tensor) -> None:
+    """Refuse statistics an observer never fed, or that overflowed."""
+    if count == 0:
+        raise SolverError(f"observer {name} saw no calibration tokens; the stage was not calibrated.")
+    if not torch.isfinite(col_sq).all():
+        raise SolverError(
+            f"calibration statistics of {name} contain NaN/Inf: the activations overflowed; "
+            "check the model weights and use float32."
+        )
+
+
 class InputObserver(nn.Module):
     """Identity module that accumulates statistics of its input when enabled."""
 
@@ -115,13 +126,7 @@ class InputObserver(nn.Module):
     def stats(self, copy: bool = True) -> LayerStats:
         """The accumulated statistics. ``copy=False`` hands the observer's own tensors over (no
         second copy of ``XᵀX``); call :meth:`release` or :meth:`reset` before accumulating again."""
-        if self.count == 0:
-            raise SolverError(f"observer {self.name} saw no calibration tokens; the stage was not calibrated.")
-        if not torch.isfinite(self.col_sq).all():
-            raise SolverError(
-                f"calibration statistics of {self.name} contain NaN/Inf: the activations overflowed; "
-                "check the model weights and use float32."
-            )
+        check_accumulated(self.name, self.count, self.col_sq)
         if self.xtx is not None:
             mirror(self.xtx)
         if not copy:
@@ -198,13 +203,7 @@ class ExpertInputObserver(nn.Module):
     def stats(self, expert: int) -> LayerStats | None:
         """Expert ``expert``'s statistics (views of the accumulators), or None when no
         calibration token was routed to it."""
-        if self.count == 0:
-            raise SolverError(f"observer {self.name} saw no calibration tokens; the stage was not calibrated.")
-        if not torch.isfinite(self.col_sq).all():
-            raise SolverError(
-                f"calibration statistics of {self.name} contain NaN/Inf: the activations overflowed; "
-                "check the model weights and use float32."
-            )
+        check_accumulated(self.name, self.count, self.col_sq)
         if self.xtx is not None and not self._mirrored:
             for e in range(self.experts):
                 mirror(self.xtx[e])
@@ -245,6 +244,19 @@ def select_experts(gm: GraphModel, include: Iterable[str] = ("*",), exclude: Ite
     return [e for e in gm.experts if _selected(e.name, inc, exc)]
 
 
+def _insert_observer(gm: GraphModel, module: nn.Module, first: Node, args: tuple[Node, ...]) -> tuple[str, Node]:
+    """Add ``module`` as the next ``gp_observer_<i>`` and call it on ``args`` right before
+    ``first`` (its first reader, whose block it is attributed to); returns ``(attr, node)``."""
+    attr = f"{OBSERVER_PREFIX}{len([n for n in gm.gm._modules if n.startswith(OBSERVER_PREFIX)])}"
+    gm.gm.add_submodule(attr, module)
+    with gm.gm.graph.inserting_before(first):
+        obs = gm.gm.graph.call_module(attr, args)
+    obs.meta = dict(args[0].meta)
+    if "nn_module_stack" in first.meta:
+        obs.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+    return attr, obs
+
+
 class InsertObserversPass(Pass):
     """Insert one observer per distinct input value of the selected Linears."""
 
@@ -268,16 +280,10 @@ class InsertObserversPass(Pass):
         for value, group in q.group_by_input(linears).items():
             if all(li.name in mapping for li in group):
                 continue
-            attr = f"{OBSERVER_PREFIX}{len([n for n in gm.gm._modules if n.startswith(OBSERVER_PREFIX)])}"
-            gm.gm.add_submodule(attr, InputObserver(group[0].name, group[0].in_features, self.hessian))
             # placed at, and attributed to, the first reader: a Linear reading a value made in an
             # earlier block (OLMo2's q/k/v read the stream itself) is observed in its own block's stage
             first = min((li.node for li in group), key=order.__getitem__)
-            with graph.inserting_before(first):
-                obs = graph.call_module(attr, (value,))
-            obs.meta = dict(value.meta)
-            if "nn_module_stack" in first.meta:
-                obs.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+            attr, obs = _insert_observer(gm, InputObserver(group[0].name, group[0].in_features, self.hessian), first, (value,))
             for li in group:
                 li.node.replace_input_with(value, obs)
                 mapping[li.name] = attr
@@ -291,7 +297,6 @@ class InsertObserversPass(Pass):
 
     def _observe_experts(self, gm: GraphModel, mapping: dict[str, str]) -> int:
         """One :class:`ExpertInputObserver` per routed input (and its offsets) of the selected experts."""
-        graph = gm.gm.graph
         groups: dict[tuple[Node, Node], list[q.ExpertInfo]] = {}
         for e in select_experts(gm, self.include, self.exclude):
             groups.setdefault((e.input, e.offsets), []).append(e)
@@ -299,15 +304,9 @@ class InsertObserversPass(Pass):
         for (value, offsets), group in groups.items():
             if all(e.name in mapping for e in group):
                 continue
-            attr = f"{OBSERVER_PREFIX}{len([n for n in gm.gm._modules if n.startswith(OBSERVER_PREFIX)])}"
             label = group[0].name.rsplit(".", 2)[0] + ".*." + group[0].name.rsplit(".", 1)[-1]
-            gm.gm.add_submodule(attr, ExpertInputObserver(label, group[0].in_features, group[0].experts, self.hessian))
-            first = group[0].node
-            with graph.inserting_before(first):
-                obs = graph.call_module(attr, (value, offsets))
-            obs.meta = dict(value.meta)
-            if "nn_module_stack" in first.meta:
-                obs.meta["nn_module_stack"] = first.meta["nn_module_stack"]
+            module = ExpertInputObserver(label, group[0].in_features, group[0].experts, self.hessian)
+            attr, obs = _insert_observer(gm, module, group[0].node, (value, offsets))
             for node in {e.node for e in group}:
                 node.replace_input_with(value, obs)
             for e in group:
