@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(p)
     _add_text(p, evaluating=True)
     p.add_argument("--eval-len", type=int, default=512, help="window length (default 512)")
+    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="score only the first N windows of each text: a quick check, not the protocol figure (default: every window)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument(
         "--tokenizer", default=None, metavar="DIR|MODEL",
@@ -79,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-len", type=int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--eval-text", nargs="*", default=(), metavar="FILE|NAME",
                    help="texts --eval scores (default: the --text files, else pydoc and news)")
+    p.add_argument("--eval-windows", type=int, default=None, metavar="N",
+                   help="--eval scores only the first N windows of each text: a quick check, not the protocol figure (default: every window)")
     p.add_argument("--out", default=None, help="output model folder (default out/<model>-<method>-<sparsity>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job from its checkpoint")
@@ -245,14 +249,19 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from graphprune.pipeline import EvalJob, run_eval
 
-    job = EvalJob(args.model, args.text, args.eval_len, args.batch_size, args.trust_remote_code, tokenizer=args.tokenizer)
+    job = EvalJob(args.model, args.text, args.eval_len, args.batch_size, args.trust_remote_code, tokenizer=args.tokenizer,
+                  eval_windows=args.eval_windows)
     res = run_eval(job, progress=not args.quiet)
     if not _is_main():
         return 0  # rank 0 reports
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        texts = "; ".join(f"{name} {r['ppl']:.3f} over {r['tokens']} tokens" for name, r in res["texts"].items())
+        texts = "; ".join(
+            f"{name} {r['ppl']:.3f} over {r['tokens']} tokens"
+            + (f" (first {r['windows']} of {r['windows_total']} windows: not the protocol figure)" if r["windows"] < r["windows_total"] else "")
+            for name, r in res["texts"].items()
+        )
         print(f"{res['model']}: perplexity {texts} ({res['seconds']:.1f}s)")
     return 0
 
@@ -287,6 +296,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         evaluate=args.eval,
         eval_len=args.eval_len,
         eval_text=args.eval_text,
+        eval_windows=args.eval_windows,
         trust_remote_code=args.trust_remote_code,
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
@@ -343,6 +353,8 @@ def _report_json(args: argparse.Namespace, rep: dict[str, Any]) -> bool:
 def _summary(rep: dict[str, Any]) -> str:
     if "eval" in rep:
         ppl = ", perplexity " + ", ".join(f"{name} {r['ppl']:.3f}" for name, r in rep["eval"].items())
+        if "eval_windows" in rep:
+            ppl += f" (first {rep['eval_windows']} windows per text: not the protocol figure)"
     else:
         ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
     return f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}"

@@ -23,7 +23,7 @@ from graphprune.pipeline.jobs import PruneJob
 log = logging.getLogger(__name__)
 
 # PruneJob fields that do not change the pruned weights
-OUTPUT_ONLY = frozenset({"out", "overwrite", "evaluate", "eval_len", "resume", "checkpoint", "checkpoint_dir", "text", "lazy"})
+OUTPUT_ONLY = frozenset({"out", "overwrite", "evaluate", "eval_len", "eval_text", "eval_windows", "resume", "checkpoint", "checkpoint_dir", "text", "lazy"})
 
 
 def _settings(job: PruneJob) -> dict[str, Any]:

@@ -36,6 +36,12 @@ def check_model_spec(spec: str) -> None:
         )
 
 
+def check_eval_windows(windows: int | None) -> None:
+    """``--eval-windows``: a positive count, or None for every window (the protocol)."""
+    if windows is not None and (isinstance(windows, bool) or not isinstance(windows, int) or windows < 1):
+        raise ConfigError(f"--eval-windows takes a positive number of windows per text, got {windows!r}; omit it to score every window (the protocol).")
+
+
 @dataclass
 class EvalJob:
     """Everything ``graphprune eval`` needs."""
@@ -45,6 +51,7 @@ class EvalJob:
     eval_len: int = 512
     batch_size: int = 4
     trust_remote_code: bool = False
+    eval_windows: int | None = None  # score only the first N windows of each text (a quick check, not the protocol figure)
     #: for an exported file (``.onnx``, ``.pt``): where its tokenizer is (a folder with
     #: tokenizer files, or a model ``load_model`` takes); default the file's own folder
     tokenizer: str | None = None
@@ -73,6 +80,7 @@ class PruneJob:
     evaluate: bool = False
     eval_len: int = 512
     eval_text: Sequence[str] = ()  # texts to evaluate on (default: the --text files, else pydoc and news)
+    eval_windows: int | None = None  # score only the first N windows of each text (a quick check, not the protocol figure)
     trust_remote_code: bool = False
     checkpoint: bool = True  # save each finished stage (in checkpoint_dir or <out>.ckpt) until the output is written
     checkpoint_dir: str | None = None
@@ -101,6 +109,7 @@ class PruneJob:
         from graphprune.data import BUILTIN_TEXTS, calibration_shares, unknown_text_message
 
         specs = list(self.text) + (list(self.eval_text) if self.evaluate else [])
+        check_eval_windows(self.eval_windows)
         for spec in specs:
             if not Path(spec).is_file() and str(spec) not in BUILTIN_TEXTS:
                 raise ConfigError(unknown_text_message(spec))

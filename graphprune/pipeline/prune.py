@@ -38,7 +38,7 @@ from graphprune.passes.rotate import LearnConfig, RotatePass
 from graphprune.passes.slice import SlicePass
 from graphprune.passes.structured import structured_pass
 from graphprune.pipeline.checkpoints import open_checkpoint
-from graphprune.pipeline.jobs import EvalJob, PruneJob
+from graphprune.pipeline.jobs import EvalJob, PruneJob, check_eval_windows
 from graphprune.solvers import SolverInfo, SparsitySpec, get_solver
 
 log = logging.getLogger(__name__)
@@ -97,23 +97,29 @@ def evaluate_texts(
     length: int,
     batch_size: int = 4,
     progress: bool = False,
+    max_windows: int | None = None,
 ) -> dict[str, Any]:
     """Protocol perplexity on each text's evaluation split (sharded across ranks under torchrun).
 
+    ``max_windows`` scores only the first that many windows of each text: a quick check whose
+    figure is not the protocol's (the protocol scores every window).
+
     Returns the first text's ``ppl``, ``nll`` and ``tokens`` at the top level (the headline
-    figure) and every text's under ``texts``: ``{name: {"ppl", "nll", "tokens"}}``.
+    figure) and every text's under ``texts``: ``{name: {"ppl", "nll", "tokens", "windows",
+    "windows_total"}}``.
     """
     windows = TextSplits.from_texts(tokenizer, load_texts(specs)).eval_windows(length)
     dist = current()
     texts: dict[str, dict[str, Any]] = {}
     seconds = 0.0
-    for name, w in windows.items():
+    for name, every in windows.items():
+        w = every if max_windows is None else every[:max_windows]
         if dist.active:
             res = sharded_perplexity(logits_fn, w, dist, progress=progress and dist.is_main)
         else:
             res = perplexity(logits_fn, w, batch_size=batch_size, progress=progress)
         seconds += res["seconds"]
-        texts[name] = {"ppl": res["ppl"], "nll": res["nll"], "tokens": res["tokens"]}
+        texts[name] = {"ppl": res["ppl"], "nll": res["nll"], "tokens": res["tokens"], "windows": int(w.shape[0]), "windows_total": int(every.shape[0])}
     first = next(iter(texts.values()))
     return {**first, "seconds": seconds, "texts": texts}
 
@@ -124,6 +130,7 @@ EXPORTED_SUFFIXES = (".onnx", ".pt")
 def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
     """Perplexity of a model per the protocol (a model, an exported ``.onnx`` / ``.pt`` logits
     file, or a generation export folder)."""
+    check_eval_windows(job.eval_windows)
     if Path(job.model).suffix in EXPORTED_SUFFIXES:
         return _eval_file(job, progress)
     if is_generation_folder(job.model):
@@ -137,7 +144,7 @@ def run_eval(job: EvalJob, progress: bool = True) -> dict[str, Any]:
         return model(input_ids=ids, use_cache=False).logits
 
     with torch.no_grad():
-        res = evaluate_texts(logits, loaded.tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress)
+        res = evaluate_texts(logits, loaded.tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress, job.eval_windows)
     return {"model": loaded.name, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
 
 
@@ -166,7 +173,7 @@ def _eval_generation(job: EvalJob, progress: bool) -> dict[str, Any]:
         return torch.stack(out, dim=1)
 
     with torch.no_grad():
-        res = evaluate_texts(logits_fn, tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress)
+        res = evaluate_texts(logits_fn, tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress, job.eval_windows)
     runtime = "onnxruntime (CPUExecutionProvider)" if desc["format"] == "onnx" else "torch.jit.load"
     return {"model": folder.name, "runtime": f"{runtime}, token by token with the KV cache", **res,
             "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
@@ -215,7 +222,7 @@ def _eval_file(job: EvalJob, progress: bool) -> dict[str, Any]:
 
         runtime = "torch.jit.load"
     with torch.no_grad():
-        res = evaluate_texts(logits_fn, tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress)
+        res = evaluate_texts(logits_fn, tokenizer, eval_text_specs(job.text), job.eval_len, job.batch_size, progress, job.eval_windows)
     return {"model": path.name, "runtime": runtime, **res, "seconds": time.perf_counter() - t0, "eval_seconds": res["seconds"]}
 
 
@@ -304,9 +311,11 @@ def run_prune(
             report["structured"] = gm.state.structured
         if job.evaluate:
             release_free_memory()  # the calibration activations and statistics are gone
-            res = evaluate_texts(gm, loaded.tokenizer, eval_text_specs(job.text, job.eval_text), job.eval_len, 4, progress)
+            res = evaluate_texts(gm, loaded.tokenizer, eval_text_specs(job.text, job.eval_text), job.eval_len, 4, progress, job.eval_windows)
             report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2),
-                           "eval": {name: {"ppl": r["ppl"], "tokens": r["tokens"]} for name, r in res["texts"].items()}})
+                           "eval": {name: {k: r[k] for k in ("ppl", "tokens", "windows", "windows_total")} for name, r in res["texts"].items()}})
+            if job.eval_windows is not None:
+                report["eval_windows"] = job.eval_windows  # a quick check on the first windows, not the protocol figure
         if dist.active:
             report["processes"] = dist.world
         report["total_seconds"] = round(time.perf_counter() - t0, 2)

@@ -145,6 +145,7 @@ class Recipe(RecipeModel):
         if self.eval is not None:
             fields["eval_len"] = self.eval.length
             fields["eval_text"] = tuple(self.eval.texts)
+            fields["eval_windows"] = self.eval.windows
         if self.rotate is not None:
             fields.update(rotation=self.rotate.method, rotation_options=dict(self.rotate.options), rotation_samples=self.rotate.samples)
         if self.slice:
@@ -180,7 +181,7 @@ class Recipe(RecipeModel):
                 "method": job.method, "sparsity": job.sparsity, "pattern": job.pattern, "overrides": dict(job.overrides),
                 "options": dict(job.options), "refine": refine, "layer_errors": job.layer_errors,
             },
-            "eval": {"length": job.eval_len, "texts": list(job.eval_text)} if job.evaluate else None,
+            "eval": {"length": job.eval_len, "texts": list(job.eval_text), "windows": job.eval_windows} if job.evaluate else None,
             "output": {"dir": job.out, "overwrite": job.overwrite, "checkpoint": job.checkpoint, "checkpoint_dir": job.checkpoint_dir, "lazy": job.lazy},
         }
 
@@ -218,7 +219,7 @@ class Recipe(RecipeModel):
         """The recipe of a Python pipeline job, plus other sections (``export=..., bench=...``: models or plain data)."""
         recipe = cls.from_dict({**cls.job_sections(job), **sections}, "<PruneJob>")
         back, wanted = asdict(recipe.to_job()), asdict(job)
-        ignored = {"resume"} | (set() if job.evaluate else {"eval_len", "eval_text"})  # a run-time flag; an unused setting
+        ignored = {"resume"} | (set() if job.evaluate else {"eval_len", "eval_text", "eval_windows"})  # a run-time flag; an unused setting
         lost = sorted(k for k in wanted if k not in ignored and back[k] != wanted[k])
         if lost:
             raise RecipeError(f"the recipe schema cannot express PruneJob field(s) {lost}; add a section for them (docs/RECIPES.md).")

@@ -115,6 +115,9 @@ class Eval(RecipeModel):
     texts: Annotated[list[str], OneOrMore] = Field(
         default_factory=list, description="texts to score: files or built-in names (default: the recipe's text, else pydoc and news)"
     )
+    windows: int | None = Field(
+        None, ge=1, description="score only the first N windows of each text: a quick check, not the protocol figure (default: every window)"
+    )
 
 
 class Output(RecipeModel):

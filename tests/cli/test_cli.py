@@ -31,6 +31,23 @@ def test_eval_json(capsys, text_file) -> None:
     assert {"ppl", "tokens", "seconds"} <= set(res) and res["ppl"] > 1 and res["tokens"] > 0
 
 
+def test_eval_windows_scores_a_prefix_of_each_split(capsys, text_file) -> None:
+    from graphprune.data import TextSplits, load_texts
+    from graphprune.eval import perplexity
+    from graphprune.models import load_model
+
+    assert main(["eval", "--model", "tiny-opt", "--text", text_file, "--eval-len", "128", "--eval-windows", "2", "--json", "-q"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    (name, part), = res["texts"].items()
+    assert part["windows"] == 2 and part["windows_total"] > 2 and part["tokens"] == 2 * 127
+    loaded = load_model("tiny-opt")
+    windows = TextSplits.from_texts(loaded.tokenizer, load_texts([text_file])).eval_windows(128)[name]
+    direct = perplexity(lambda ids: loaded.model(input_ids=ids, use_cache=False).logits, windows[:2])
+    assert part["ppl"] == pytest.approx(direct["ppl"], rel=1e-6)
+    assert main(["eval", "--model", "tiny-opt", "--text", text_file, "--eval-len", "128", "-q"]) == 0
+    assert "not the protocol figure" not in capsys.readouterr().out  # every window: the protocol figure, no caveat
+
+
 def test_prune_writes_a_loadable_folder(tmp_path, capsys, text_file) -> None:
     out = tmp_path / "pruned"
     args = ["prune", "--model", "tiny-llama", "--method", "sparsegpt", "--pattern", "2:4", "--text", text_file, "--calib-samples", "8",
@@ -60,6 +77,8 @@ def test_prune_writes_a_loadable_folder(tmp_path, capsys, text_file) -> None:
         (["eval", "--model", "/no/such/model"], "not found"),
         (["prune", "--model", "tiny-llama", "--sparsity", "0.5", "--calib-len", "100000"], "exceeds tiny-llama's context of 1024"),
         (["prune", "--model", "tiny-llama", "--sparsity", "0.5", "--text", "SHORT"], "fewer than one segment"),
+        (["prune", "--model", "tiny-llama", "--sparsity", "0.5", "--eval", "--eval-windows", "0"], "--eval-windows takes a positive number"),
+        (["eval", "--model", "tiny-llama", "--eval-windows", "-1"], "--eval-windows takes a positive number"),
     ],
 )
 def test_user_errors_are_one_line(args, message, capsys, tmp_path) -> None:
