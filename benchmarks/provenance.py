@@ -73,8 +73,8 @@ class Run:
         self.load_start = load_average()
 
     def stamp(self, row: dict[str, Any], cli: str | None = None) -> dict[str, Any]:
-        """``row`` plus commit, UTC date, load average at the run's start and now, and the
-        command; ``cli`` is the equivalent ``graphprune`` command (the same code path)."""
+        """``row`` plus commit, UTC date, load average at the run's start and now, the
+        command, and torch's thread count when torch is loaded; ``cli`` is the equivalent ``graphprune`` command (the same code path)."""
         info: dict[str, Any] = {
             "commit": self.commit,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -82,6 +82,8 @@ class Run:
             "command": self.command,
             "versions": versions(),
         }
+        if "torch" in sys.modules:  # float reductions, and so the last digits of a figure, follow the thread count
+            info["torch_threads"] = sys.modules["torch"].get_num_threads()
         if cli:
             info["cli"] = cli
         return {**row, "provenance": info}

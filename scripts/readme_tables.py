@@ -74,7 +74,8 @@ def prune_quality() -> str:
         r24 = rows.get(f"{key} 2:4")
         cells.append(f"{r24['prune_seconds']:.0f}" if r24 else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    commits = sorted({_short_commit(r) for r in rows.values()})
+    shown = [rows[f"{key} {p}"] for key in METHODS for p in PATTERNS if f"{key} {p}" in rows]
+    commits = sorted({_short_commit(r) for r in shown})
     lines += [
         "",
         f"Perplexity on the protocol text / on the second text, news prose nothing is fitted on (dense {dense['ppl']:.3f} / "
