@@ -11,8 +11,11 @@ python -m pip install -q -e ".[test]"
 python -m ruff check graphprune tests benchmarks scripts
 python -m mypy
 python scripts/readme_tables.py --check
+# one pytest-xdist worker per core, at most 4 (tests/conftest.py shares the cores' torch threads
+# out among them); "-n 0" after the command runs everything in one process
+workers=$(python -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 set +e
-python -m pytest -q "$@"
+python -m pytest -q -n "$workers" "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

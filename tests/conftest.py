@@ -1,12 +1,17 @@
 """Shared fixtures: tiny models (function scope: passes mutate them) and the default model (slow)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from graphprune.models.tiny import random_tokens, tiny_llama, tiny_opt
 
-torch.set_num_threads(2)
+# One torch thread per core; under pytest-xdist (scripts/test.sh) the cores are shared out
+# among the workers, so that together they never run more threads than there are cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
 
 TINY = {"tiny-llama": tiny_llama, "tiny-opt": tiny_opt}
 
