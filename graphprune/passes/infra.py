@@ -68,7 +68,11 @@ def _malloc_trim() -> Any:
         return None
 
 
-def release_free_memory() -> None:
+#: :func:`release_free_memory` does nothing when told that less than this was freed.
+RELEASE_MIN_BYTES = 4 * 1024 * 1024
+
+
+def release_free_memory(scale_bytes: int | None = None) -> None:
     """Give memory the process no longer uses back to the operating system.
 
     Called between calibration stages and before evaluation. Two things keep freed memory
@@ -78,7 +82,14 @@ def release_free_memory() -> None:
     that size, so a stage-wise prune leaves hundreds of MiB of free but resident heap behind.
     ``malloc_trim(0)`` returns those pages; where the C library has no such call only the
     collector runs.
+
+    ``scale_bytes``: the size of what the caller just dropped (e.g. a stage's weights, which
+    its statistics and activations scale with). Below :data:`RELEASE_MIN_BYTES` nothing is
+    done: a full collection walks every live object of the process (a second or more in a
+    process holding many objects), which pays only when there is memory worth returning.
     """
+    if scale_bytes is not None and scale_bytes < RELEASE_MIN_BYTES:
+        return
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:

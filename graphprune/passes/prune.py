@@ -383,7 +383,8 @@ class SequentialPrunePass(Pass):
                 self.checkpoint.save(StageRecord(block_index, pruned, {n: masks[n] for n in pruned}, layers[first_layer:], info))
             if io is not None:
                 io.leave(block_index, roots)
-            release_free_memory()  # this stage's statistics and old activations are garbage now
+            # this stage's statistics and old activations are garbage now (they scale with its weights)
+            release_free_memory(4 * sum(li.out_features * li.in_features for li in targets))
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(block_index, len(staged.block_stages), info)

@@ -226,7 +226,8 @@ class StructuredPrunePass(Pass):
                     layers.append(self._apply(gm, staged, g, stats, widths[g.name]))
             forward()
             info = {"block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
-            release_free_memory()  # the removed rows, statistics and old activations are garbage now
+            # the removed rows, statistics and old activations are garbage now (they scale with the block's weights)
+            release_free_memory(4 * block_params[int(stage.block or 0)])
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(int(stage.block or 0), len(staged.block_stages), info)

@@ -276,7 +276,8 @@ def run_prune(
     t_load = time.perf_counter()
     parameters_before = parameter_count(loaded.model)
     gm = GraphModel.capture(loaded.model, name=loaded.name)
-    release_free_memory()  # the tracer's temporaries
+    model_bytes = 4 * parameters_before  # what the freed temporaries below scale with
+    release_free_memory(model_bytes)  # the tracer's temporaries
     t_capture = time.perf_counter()
     # lazy: the weights exist one block at a time, so no whole-model probe forward can verify passes
     ctx = PassContext(seed=job.seed, verify=not job.lazy, progress=progress, calibration=calib)
@@ -310,7 +311,7 @@ def run_prune(
         if gm.state.structured is not None:
             report["structured"] = gm.state.structured
         if job.evaluate:
-            release_free_memory()  # the calibration activations and statistics are gone
+            release_free_memory(model_bytes)  # the calibration activations and statistics are gone
             res = evaluate_texts(gm, loaded.tokenizer, eval_text_specs(job.text, job.eval_text), job.eval_len, 4, progress, job.eval_windows)
             report.update({"ppl": res["ppl"], "eval_tokens": res["tokens"], "eval_seconds": round(res["seconds"], 2),
                            "eval": {name: {k: r[k] for k in ("ppl", "tokens", "windows", "windows_total")} for name, r in res["texts"].items()}})
@@ -327,7 +328,7 @@ def run_prune(
                 stage_io.finish(loaded.model, loaded.tokenizer, report)
         elif job.out is not None and dist.is_main:
             _check_exportable(gm)
-            release_free_memory()  # evaluation's logits
+            release_free_memory(model_bytes)  # evaluation's logits
             extra = (lambda tmp: finish(tmp, outcome)) if finish is not None else None
             save_hf_folder(loaded.model, loaded.tokenizer, job.out, overwrite=job.overwrite, extra_json={"report.json": report}, extra=extra)
     except BaseException:
