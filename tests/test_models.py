@@ -77,3 +77,20 @@ def test_the_cached_default_model_is_the_gguf_model(tmp_path, monkeypatch, caplo
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "not-a-dir"))
     assert load_model("smollm2-135m") is first
     assert "could not cache the built-in model" in caplog.text
+
+
+@pytest.mark.slow
+def test_lazy_loading_reads_the_built_in_model_from_its_cached_folder(monkeypatch) -> None:
+    from graphprune.models import loader
+    from graphprune.models.lazy import load_lazy
+
+    monkeypatch.delenv(loader.NO_MODEL_CACHE_ENV, raising=False)
+    skeleton, source = load_lazy("smollm2-135m")  # converts first when the cache is empty
+    assert (skeleton.name, skeleton.source) == ("smollm2-135m", "hf-lazy")
+    assert all(p.is_meta for p in skeleton.model.parameters())
+    names = {n for n, _ in skeleton.model.named_parameters()}
+    # 9 tensors per block (7 Linears, 2 norms), the embedding table (the head is tied to it), the final norm
+    assert names <= source.names() and len(names) == 30 * 9 + 2
+    monkeypatch.setenv(loader.NO_MODEL_CACHE_ENV, "1")
+    with pytest.raises(ModelLoadError, match="graphprune convert --model smollm2-135m"):
+        load_lazy("smollm2-135m")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from graphprune.errors import ModelLoadError
-from graphprune.models.loader import LoadedModel, load_tokenizer
+from graphprune.models.loader import DEFAULT_MODEL, NO_MODEL_CACHE_ENV, LoadedModel, default_model_folder, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -73,13 +73,22 @@ class SafetensorsSource:
 
 
 def load_lazy(spec: str, *, trust_remote_code: bool = False) -> tuple[LoadedModel, SafetensorsSource]:
-    """A meta-device skeleton of the model folder ``spec`` and the source of its weights.
+    """A meta-device skeleton of the model folder ``spec`` (or of the built-in model's cached
+    folder) and the source of its weights.
 
     Raises:
         ModelLoadError: ``spec`` is not a model folder with safetensors weights, or the
             weights do not cover every parameter of the model its config describes.
     """
-    folder = Path(spec)
+    folder, name = Path(spec), None
+    if spec.strip().lower() in (DEFAULT_MODEL, "default"):  # the built-in model: its cached conversion
+        cached = default_model_folder()
+        if cached is None:
+            raise ModelLoadError(
+                f"lazy loading reads the built-in model from its cached folder, and the cache is off ({NO_MODEL_CACHE_ENV}) "
+                f"or cannot be written; write a folder with `graphprune convert --model {DEFAULT_MODEL} --out DIR` and pass --model DIR."
+            )
+        folder, name = cached, DEFAULT_MODEL
     if not (folder.is_dir() and (folder / "config.json").is_file()):
         raise ModelLoadError(
             f"lazy loading needs a Hugging Face model folder with config.json and safetensors, got {spec!r}; "
@@ -106,4 +115,4 @@ def load_lazy(spec: str, *, trust_remote_code: bool = False) -> tuple[LoadedMode
         )
     tokenizer = load_tokenizer(folder, trust_remote_code)
     log.info("lazy skeleton of %s: %d parameters on the meta device", folder, len(names))
-    return LoadedModel(model, tokenizer, folder.name, "hf-lazy"), source
+    return LoadedModel(model, tokenizer, name or folder.name, "hf-lazy"), source

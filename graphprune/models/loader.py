@@ -103,7 +103,7 @@ def _load_default() -> LoadedModel:
     atomically (written beside it, then renamed); a cache that cannot be written is
     reported once and skipped; ``GRAPHPRUNE_NO_MODEL_CACHE=1`` turns the cache off."""
     path = smollm2_gguf_path()
-    if os.environ.get(NO_MODEL_CACHE_ENV, "").strip().lower() in {"1", "true", "yes"}:
+    if not _cache_enabled():
         return _load_gguf(path, DEFAULT_MODEL, "builtin")
     folder = default_model_cache(path)
     if (folder / "config.json").is_file():
@@ -116,6 +116,21 @@ def _load_default() -> LoadedModel:
     loaded = _load_gguf(path, DEFAULT_MODEL, "builtin")
     _write_cache(loaded, folder)
     return loaded
+
+
+def _cache_enabled() -> bool:
+    return os.environ.get(NO_MODEL_CACHE_ENV, "").strip().lower() not in {"1", "true", "yes"}
+
+
+def default_model_folder() -> Path | None:
+    """The built-in model as a model folder (its cached conversion, written now if it is not
+    there yet), or None when the cache is off or cannot be written."""
+    if not _cache_enabled():
+        return None
+    folder = default_model_cache(smollm2_gguf_path())
+    if not (folder / "config.json").is_file():
+        _load_default()  # converts the GGUF file and caches the folder
+    return folder if (folder / "config.json").is_file() else None
 
 
 def _write_cache(loaded: LoadedModel, folder: Path) -> None:
