@@ -257,13 +257,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        texts = "; ".join(
-            f"{name} {r['ppl']:.3f} over {r['tokens']} tokens"
-            + (f" (first {r['windows']} of {r['windows_total']} windows: not the protocol figure)" if r["windows"] < r["windows_total"] else "")
-            for name, r in res["texts"].items()
-        )
+        texts = "; ".join(f"{name} {r['ppl']:.3f} over {r['tokens']} tokens{_partial(r)}" for name, r in res["texts"].items())
         print(f"{res['model']}: perplexity {texts} ({res['seconds']:.1f}s)")
     return 0
+
+
+def _partial(text_result: dict[str, Any]) -> str:
+    """The caveat after a perplexity that scored only the first windows of its text (``--eval-windows``)."""
+    shown, total = text_result.get("windows"), text_result.get("windows_total")
+    if shown is None or total is None or shown >= total:
+        return ""
+    return f" (first {shown} of {total} windows: not the protocol figure)"
 
 
 def _is_main() -> bool:
@@ -352,9 +356,7 @@ def _report_json(args: argparse.Namespace, rep: dict[str, Any]) -> bool:
 
 def _summary(rep: dict[str, Any]) -> str:
     if "eval" in rep:
-        ppl = ", perplexity " + ", ".join(f"{name} {r['ppl']:.3f}" for name, r in rep["eval"].items())
-        if "eval_windows" in rep:
-            ppl += f" (first {rep['eval_windows']} windows per text: not the protocol figure)"
+        ppl = ", perplexity " + ", ".join(f"{name} {r['ppl']:.3f}{_partial(r)}" for name, r in rep["eval"].items())
     else:
         ppl = f", perplexity {rep['ppl']:.3f}" if "ppl" in rep else ""
     return f"{rep['model']}: {rep['method']} {rep['pattern']} -> sparsity {rep['achieved_sparsity']:.4f}{ppl}"
