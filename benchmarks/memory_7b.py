@@ -85,11 +85,11 @@ def formula(shape: dict[str, int], vocab: int, samples: int, length: int, batch:
     heads = shape["num_attention_heads"]
     kv = shape["num_key_value_heads"] * (h // heads)
     tokens = samples * length
+    micro = batch * length
     block = (h * (h + 2 * kv) + h * h + 2 * h * m + m * h + 2 * h) * 4
     # Hessians: q/k/v share one (h x h), o one (h x h), gate/up one (h x h), down one (m x m)
     stats = (3 * h * h + m * m) * 8
-    activations = 2 * tokens * h * 4  # the stage's input and output hidden states
-    micro = batch * length
+    activations = (tokens + micro) * h * 4  # the stage's hidden states: the inputs, replaced batch by batch by the outputs
     intermediates = (3 * micro * m + 2 * batch * heads * length * length) * 4  # one micro-batch: MLP and attention scores
     # SparseGPT on down_proj: float64 H copy and its inverse factor, float32 weight and its working copy
     solver = 2 * m * m * 8 + 2 * h * m * 4

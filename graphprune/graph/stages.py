@@ -97,7 +97,7 @@ class StageForward(Protocol):
     """What a stage callback is given: runs the stage on every micro-batch (see
     :meth:`StageRunner.run`)."""
 
-    def __call__(self, observe_only: bool = False) -> list[Any]: ...
+    def __call__(self, observe_only: bool = False, last: bool = False) -> list[Any]: ...
 
 
 class StageRunner:
@@ -144,7 +144,10 @@ class StageRunner:
         ``forward(observe_only=True)`` runs only what the stage's observers read (a calibration
         forward: in a decoder block everything after the input of its last observed Linear, the
         down projection and the residual add, is skipped) and returns no outputs; a stage
-        callback must end with a plain ``forward()``.
+        callback must end with a plain ``forward()``. ``forward(last=True)`` declares that call
+        the stage's last: each micro-batch's inputs that no later stage reads are dropped as
+        soon as its outputs exist, so the stage's inputs and outputs are not both held whole
+        (one activation buffer less at the peak); the stage cannot run again after it.
 
         Returns the per-batch graph outputs, or None when stopping before the epilogue.
         """
@@ -177,12 +180,21 @@ class StageRunner:
 
         def make_forward(node: Node, stage: Stage) -> StageForward:
             observer: list[torch.fx.Interpreter] = []  # built at the first observe-only call, gone with the stage
+            finished: list[bool] = []  # set by a call with last=True
 
-            def forward(observe_only: bool = False) -> list[Any]:
+            def forward(observe_only: bool = False, last: bool = False) -> list[Any]:
+                if finished:
+                    raise RuntimeError(f"stage {stage.index} ran again after its last forward released its inputs")
                 env.pop(node, None)  # a repeated call: the previous outputs are superseded
                 observing = observe_only and not node.kwargs
                 if observing and not observer:
                     observer.append(self.observer_interpreter(stage))
+                # per-batch inputs read by no later node: each batch's is dropped once its outputs exist
+                spent = [env[a] for a in node.all_input_nodes if last_use.get(a) is node and isinstance(env.get(a), _PerBatch)]
+                if last and not observing:
+                    finished.append(True)
+                else:
+                    spent = []
                 outs = []
                 for i in range(n):
                     args = fetch(node.args, i)
@@ -193,6 +205,9 @@ class StageRunner:
                             observer[0].env.clear()  # the observers' unused outputs would otherwise stay
                         continue
                     outs.append(stage.module(*args, **fetch(node.kwargs, i)))
+                    del args
+                    for values in spent:
+                        values[i] = None
                 if observing:
                     return []
                 env[node] = _PerBatch(outs)
@@ -218,7 +233,7 @@ class StageRunner:
                     if node not in env:
                         raise RuntimeError(f"stage callback for stage {stage.index} did not run the stage")
                 else:
-                    forward()
+                    forward(last=True)
             elif node.op == "output":
                 return [fetch(node.args, i)[0] for i in range(n)]
             else:  # pragma: no cover - split graphs only hold the kinds above

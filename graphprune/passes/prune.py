@@ -301,7 +301,7 @@ class SequentialPrunePass(Pass):
                 if rec is not None:
                     restore_stage(gm, targets, rec, masks)
                     layers.extend(rec.layers)
-                    forward()  # recompute the (already pruned) outputs for the next stage
+                    forward(last=True)  # recompute the (already pruned) outputs for the next stage
                     stages.append({**rec.stage, "resumed": True})
                     if io is not None:
                         io.leave(block_index, roots)
@@ -365,7 +365,7 @@ class SequentialPrunePass(Pass):
             del stats_cache
             t_solve = time.perf_counter() - t_solve
             t_prop = time.perf_counter()
-            forward()  # pruned outputs feed the next stage
+            forward(last=True)  # pruned outputs feed the next stage; each batch's inputs go as it is done
             t_prop = time.perf_counter() - t_prop
             info: dict[str, Any] = {
                 "stage": stage.index, "block": block_index, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1),

@@ -204,7 +204,7 @@ class StructuredPrunePass(Pass):
             t0 = time.perf_counter()
             todo = by_block.get(int(stage.block or 0), []) if stage.block is not None else []
             if not todo:
-                forward()
+                forward(last=True)
                 bar.update(1)
                 return
             obs = [observer_for(gm, g.consumer.name) for g in todo]
@@ -224,7 +224,7 @@ class StructuredPrunePass(Pass):
                     layers.append(self._apply_heads(gm, staged, stage, g, stats, plans[g.name]))
                 else:
                     layers.append(self._apply(gm, staged, g, stats, widths[g.name]))
-            forward()
+            forward(last=True)
             info = {"block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
             # the removed rows, statistics and old activations are garbage now (they scale with the block's weights)
             release_free_memory(4 * block_params[int(stage.block or 0)])
@@ -280,7 +280,7 @@ class StructuredPrunePass(Pass):
         try:
 
             def observe(stage: Stage, forward: StageForward) -> None:
-                forward()
+                forward(last=True)
 
             StageRunner(staged, batches).run(observe)
         finally:

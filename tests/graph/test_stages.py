@@ -1,6 +1,8 @@
 """Stage-by-stage execution: the observe-only calibration forward against the full one."""
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -64,3 +66,48 @@ def test_a_stage_callback_that_only_observes_is_refused(tiny_gm) -> None:
     gm = PassManager([InsertObserversPass(hessian=False)], PassContext(progress=False)).run(tiny_gm)
     with pytest.raises(RuntimeError, match="did not run the stage"):
         StageRunner(StagedGraph(gm), [random_tokens(2, 16, seed=1)]).run(lambda stage, forward: forward(observe_only=True))
+
+
+def _run_recording_block_inputs(gm, calib: torch.Tensor, last: bool) -> tuple[list, list[bool], list[bool]]:
+    """Run every stage with ``forward(last=last)``; for each micro-batch after the first, whether
+    the hidden state block 0 was fed for the previous one was still alive when it started."""
+    width = gm.model.config.hidden_size
+    staged = StagedGraph(gm)
+    fed: list[weakref.ref] = []
+    alive_at_next: list[bool] = []
+    refused: list[bool] = []
+
+    def record(module, args) -> None:
+        hidden = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dim() == 3 and a.shape[-1] == width)
+        if fed:
+            alive_at_next.append(fed[-1]() is not None)
+        fed.append(weakref.ref(hidden))
+
+    def stage(stage, forward) -> None:
+        forward(last=last)
+        if last and stage.block == 0:
+            with pytest.raises(RuntimeError, match="ran again after its last forward"):
+                forward()
+            refused.append(True)
+
+    handle = staged.block_stages[0].module.register_forward_pre_hook(record)
+    try:
+        outs = StageRunner(staged, list(calib.split(2))).run(stage, stop_before_epilogue=False)
+    finally:
+        handle.remove()
+    assert outs is not None
+    return outs, alive_at_next, refused
+
+
+def test_the_last_forward_drops_each_batchs_inputs_as_it_goes(tiny_gm) -> None:
+    """``forward(last=True)`` gives the outputs of a plain forward, and when a block stage
+    starts its micro-batch i+1, the hidden state it was fed for batch i is already gone (a
+    plain forward keeps every batch's input until the stage is done); the stage cannot run
+    again after its last forward."""
+    calib = random_tokens(6, 16, seed=4)
+    reference = _logits(tiny_gm(calib))
+    for last in (True, False):
+        outs, alive_at_next, refused = _run_recording_block_inputs(tiny_gm, calib, last)
+        torch.testing.assert_close(torch.cat([_logits(o) for o in outs]), reference, rtol=1e-5, atol=1e-5)
+        assert alive_at_next == ([False, False] if last else [True, True])  # three micro-batches
+        assert refused == ([True] if last else [])
