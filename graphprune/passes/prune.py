@@ -37,7 +37,7 @@ from graphprune.graph.structures import ATTENTION_OPS
 from graphprune.kernels.packed import load_native
 from graphprune.passes.checkpoint import StageCheckpoint, StageRecord
 from graphprune.passes.gradients import GradientStatsPass
-from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory, trim_heap
 from graphprune.passes.observe import InputObserver, InsertObserversPass, RemoveObserversPass, xtx_macs
 from graphprune.solvers import SparsitySpec, get_solver, reconstruction_error
 from graphprune.solvers.base import LayerStats
@@ -322,6 +322,8 @@ class SequentialPrunePass(Pass):
                 for o in obs.values():
                     o.enabled = False
             t_fwd = time.perf_counter() - t_fwd
+            weight_bytes = 4 * sum(li.out_features * li.in_features for li in targets)
+            trim_heap(weight_bytes)  # the statistics forward's transients, before the solvers allocate
             stats_seconds = sum(o.seconds for o in obs.values())
             local_tokens = next(iter(obs.values())).count if obs else 0
             profile = stage_flops(gm, block.linears, obs, local_tokens, int(tokens.shape[1]))
@@ -364,6 +366,7 @@ class SequentialPrunePass(Pass):
             layers.extend(entries[li.name] for li in todo)
             del stats_cache
             t_solve = time.perf_counter() - t_solve
+            trim_heap(weight_bytes)  # the solvers' workspaces, before the propagation allocates
             t_prop = time.perf_counter()
             forward(last=True)  # pruned outputs feed the next stage; each batch's inputs go as it is done
             t_prop = time.perf_counter() - t_prop
@@ -384,7 +387,7 @@ class SequentialPrunePass(Pass):
             if io is not None:
                 io.leave(block_index, roots)
             # this stage's statistics and old activations are garbage now (they scale with its weights)
-            release_free_memory(4 * sum(li.out_features * li.in_features for li in targets))
+            release_free_memory(weight_bytes)
             bar.update(1)
             if self.on_stage is not None:
                 self.on_stage(block_index, len(staged.block_stages), info)

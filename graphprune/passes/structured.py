@@ -52,7 +52,7 @@ from graphprune.graph.model import GraphModel
 from graphprune.graph.stages import Stage, StagedGraph, StageForward, StageRunner
 from graphprune.graph.structures import ChannelGroup, HeadGroup, find_channel_groups, find_head_groups
 from graphprune.models.shapes import SHAPES_FILE
-from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory
+from graphprune.passes.infra import Pass, PassContext, PassResult, Prop, Sequential, peak_rss_mb, release_free_memory, trim_heap
 from graphprune.passes.observe import InsertObserversPass, RemoveObserversPass, observer_for, through_observers
 from graphprune.solvers.structured import channel_scores, get_structured
 
@@ -216,6 +216,7 @@ class StructuredPrunePass(Pass):
             finally:
                 for o in obs:
                     o.enabled = False
+            trim_heap(4 * block_params[int(stage.block or 0)])  # the statistics forward's transients
             for g, o in zip(todo, obs, strict=True):
                 stats = o.stats(copy=False)
                 o.release()
@@ -224,6 +225,7 @@ class StructuredPrunePass(Pass):
                     layers.append(self._apply_heads(gm, staged, stage, g, stats, plans[g.name]))
                 else:
                     layers.append(self._apply(gm, staged, g, stats, widths[g.name]))
+            trim_heap(4 * block_params[int(stage.block or 0)])  # the solvers' workspaces, before the propagation
             forward(last=True)
             info = {"block": stage.block, "seconds": round(time.perf_counter() - t0, 3), "peak_rss_mb": round(peak_rss_mb(), 1)}
             # the removed rows, statistics and old activations are garbage now (they scale with the block's weights)

@@ -284,3 +284,23 @@ def test_a_graph_only_pass_is_rolled_back_without_a_copy_of_the_weights(tiny_gm,
     assert [n.name for n in gm.gm.graph.nodes] == nodes  # the observers the failed pass inserted are gone
     assert {n: p.data_ptr() for n, p in gm.model.named_parameters()} == storage
     assert torch.equal(gm(tokens), logits)
+
+
+def test_memory_release_runs_the_collector_and_the_trim_only_for_what_is_worth_it(monkeypatch) -> None:
+    """``release_free_memory`` collects cycles and trims the heap, ``trim_heap`` only trims; both
+    do nothing when told less than RELEASE_MIN_BYTES was freed, and no size means always."""
+    import graphprune.passes.infra as infra
+
+    calls: list[str] = []
+    monkeypatch.setattr(infra, "_malloc_trim", lambda: lambda pad: calls.append(f"trim {pad}"))
+    monkeypatch.setattr(infra.gc, "collect", lambda: calls.append("collect"))
+    small, big = infra.RELEASE_MIN_BYTES - 1, infra.RELEASE_MIN_BYTES
+    infra.release_free_memory(small)
+    infra.trim_heap(small)
+    assert calls == []
+    infra.trim_heap(big)
+    assert calls == ["trim 0"]
+    infra.release_free_memory(big)
+    infra.release_free_memory()
+    infra.trim_heap()
+    assert calls == ["trim 0", "collect", "trim 0", "collect", "trim 0", "trim 0"]
