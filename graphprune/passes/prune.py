@@ -351,6 +351,7 @@ class SequentialPrunePass(Pass):
                 new, mask, entry = self._solve(gm, li, stats_cache[li.name], block_index)
                 results[li.name] = (new, mask)
                 mine.append(entry)
+                trim_heap(8 * li.in_features**2)  # its float64 in x in workspaces, before the next solve's
             for index, li in enumerate(todo):
                 if dist.active:
                     shape = (li.out_features, li.in_features)

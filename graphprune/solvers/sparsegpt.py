@@ -139,7 +139,10 @@ def sparsegpt_prune(
             h.diagonal()[dead] = 1.0
             wt[dead] = 0
         u, damp, frac, retries = _inverse_hessian_factor(h, percdamp, name)
-        keep_t = _sweep(wt, u.to(compute), spec, blocksize)
+        del h, diag  # the sweep reads the factor only; each in x in buffer held is one more at the solve's peak
+        u = u.to(compute)
+        keep_t = _sweep(wt, u, spec, blocksize)
+        del u
         mask = keep_t.t().contiguous()
         pruned = wt.t().to(weight.dtype).contiguous()
 
@@ -162,12 +165,18 @@ def _inverse_hessian_factor(h: Tensor, percdamp: float, name: str) -> tuple[Tens
         # With J the reversal permutation and J(H + λI)J = L̃L̃ᵀ, the factor is
         # U = J L̃⁻¹ J: one Cholesky and one triangular solve, ~1.5x faster on CPU
         # than inverting H (cholesky_inverse) and factoring the inverse again.
+        # At most three in x in buffers live at once (h and two more): on a 1536-wide input
+        # each is 18 MiB of float64, and the solve is a stage's memory peak.
         hd = h.flip(0, 1)
         hd.diagonal().add_(damp)
         low, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-            u = torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
+            inv = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            torch.linalg.solve_triangular(low, inv, upper=False, out=inv)  # L̃⁻¹, in place
+            del low
+            u = inv.flip(0, 1)
+            del inv
             if bool(torch.isfinite(u).all()):
                 if retry:
                     log.warning("%s: Hessian needed damping %g x mean(diag H) (asked for %g).", name, frac, percdamp)
