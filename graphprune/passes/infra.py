@@ -97,7 +97,7 @@ def release_free_memory(scale_bytes: int | None = None) -> None:
 def trim_heap(scale_bytes: int | None = None) -> None:
     """``malloc_trim(0)`` alone, without the cyclic collector: for points inside a stage where
     what was freed holds no reference cycles (a forward's transients, between the statistics
-    pass and the solve, and between the solve and the propagation). Trimming there keeps the
+    pass and the solve, after each Linear's solve, and before the propagation). Trimming there keeps the
     heap's free holes from adding to the peak: on the default model it lowers a SparseGPT
     prune's peak RSS by about 120 MiB at a cost of milliseconds. Below
     :data:`RELEASE_MIN_BYTES` of ``scale_bytes`` nothing is done."""
