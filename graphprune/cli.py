@@ -77,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-len", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument(
+        "--calib-dtype", choices=["float32", "bfloat16"], default="float32",
+        help="dtype of the calibration forwards (bfloat16: autocast, faster on CPUs with AVX-512 BF16 or AMX; statistics and solvers stay float32/float64)",
+    )
     p.add_argument("--eval", action="store_true", help="also report perplexity per the protocol")
     p.add_argument("--eval-len", type=int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--eval-text", nargs="*", default=(), metavar="FILE|NAME",
@@ -294,6 +298,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         calib_len=args.calib_len,
         seed=args.seed,
         batch_size=args.batch_size,
+        calib_dtype=args.calib_dtype,
         text=args.text,
         text_weights=args.text_weights,
         overwrite=args.overwrite,

@@ -13,6 +13,7 @@ is fed the outputs of the already-pruned stage i-1 and is pruned before stage i+
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 from dataclasses import dataclass
@@ -106,11 +107,23 @@ class StageRunner:
     Args:
         staged: the split graph.
         batches: token-id micro-batches ``[b, L]`` fed to the graph's input.
+        compute_dtype: run the block stages under autocast to this dtype (``torch.bfloat16``:
+            reduced-precision calibration forwards); ``None`` runs them as the weights are. The
+            prologue (embedding, rotary tables, masks) always runs in the weights' dtype, and
+            calibration observers disable autocast for their own accumulation.
     """
 
-    def __init__(self, staged: StagedGraph, batches: Sequence[Tensor]) -> None:
+    def __init__(self, staged: StagedGraph, batches: Sequence[Tensor], compute_dtype: torch.dtype | None = None) -> None:
         self.staged = staged
         self.batches = list(batches)
+        self.compute_dtype = compute_dtype
+
+    def _precision(self, stage: Stage) -> Any:
+        """The autocast context a stage's forward runs in (a no-op one for the prologue and epilogue,
+        or without a compute dtype)."""
+        if self.compute_dtype is None or stage.kind != "block" or not self.batches:
+            return contextlib.nullcontext()
+        return torch.autocast(self.batches[0].device.type, dtype=self.compute_dtype)
 
     @staticmethod
     def observer_interpreter(stage: Stage) -> torch.fx.Interpreter:
@@ -200,11 +213,13 @@ class StageRunner:
                     args = fetch(node.args, i)
                     if observing:
                         try:
-                            observer[0].run(*args)
+                            with self._precision(stage):
+                                observer[0].run(*args)
                         finally:
                             observer[0].env.clear()  # the observers' unused outputs would otherwise stay
                         continue
-                    outs.append(stage.module(*args, **fetch(node.kwargs, i)))
+                    with self._precision(stage):
+                        outs.append(stage.module(*args, **fetch(node.kwargs, i)))
                     del args
                     for values in spent:
                         values[i] = None

@@ -47,7 +47,14 @@ def xtx_macs(n: int, tokens: int) -> int:
 
 def accumulate(flat: Tensor, col_sq: Tensor, col_sum: Tensor, xtx: Tensor | None) -> None:
     """Add the rows ``flat [tokens, in]`` (float32) to the float64 accumulators, in place: column
-    squares, column sums and, when ``xtx`` is given, the upper triangle of ``XᵀX`` band by band."""
+    squares, column sums and, when ``xtx`` is given, the upper triangle of ``XᵀX`` band by band.
+    Autocast is off here: under reduced-precision calibration forwards the statistics are still
+    float32 products summed in float64."""
+    with torch.autocast(flat.device.type, enabled=False):
+        _accumulate(flat.float(), col_sq, col_sum, xtx)
+
+
+def _accumulate(flat: Tensor, col_sq: Tensor, col_sum: Tensor, xtx: Tensor | None) -> None:
     col_sq += flat.pow(2).sum(0).double()
     col_sum += flat.sum(0).double()
     if xtx is not None:

@@ -65,6 +65,9 @@ class PruneConfig:
         refine_steps: masked gradient steps after the solver (0 = none).
         batch_size: calibration sequences per forward pass.
         keep_stats: keep the statistics of every Linear in ``gm.state.stats``.
+        calib_dtype: ``"float32"`` (default) or ``"bfloat16"``: the dtype the block stages'
+            calibration forwards compute in (:func:`calibration_compute_dtype`). Weights,
+            statistics and solvers stay float32/float64 either way.
     """
 
     method: str
@@ -74,6 +77,10 @@ class PruneConfig:
     refine_steps: int = 0
     batch_size: int = 8
     keep_stats: bool = False  # keep each observer's LayerStats in gm.state.stats (tests, analysis)
+    calib_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        calibration_compute_dtype(self.calib_dtype)  # an unknown name fails before anything runs
 
     def spec_for(self, name: str) -> SparsitySpec | None:
         for rule in self.rules:
@@ -92,6 +99,48 @@ class PruneConfig:
                 f"override {rule.pattern!r} matches none of the {len(names)} prunable Linears; "
                 f"nearest: {', '.join(near[:6])} (globs match the full module path, e.g. '*.down_proj')."
             )
+
+
+#: ``--calib-dtype`` names -> the autocast dtype of the calibration forwards (None: as the weights are)
+CALIB_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+_WARNED_BF16: list[bool] = []
+
+
+def calibration_compute_dtype(name: str) -> torch.dtype | None:
+    """The autocast dtype of ``--calib-dtype name`` (None for float32), validated.
+
+    ``bfloat16`` runs each decoder block's calibration forwards (the statistics forward and the
+    propagation of the pruned block) under CPU/CUDA autocast: the Linears and attention compute
+    in bfloat16 from the float32 weights, while norms, softmax and the residual stream stay
+    float32, the observers accumulate ``XᵀX`` and the column norms from the activations in
+    float32 products summed in float64, and the solvers run as usual. On a CPU without native
+    bfloat16 arithmetic (AVX-512 BF16 or AMX) it is emulated and usually slower than float32,
+    which is logged once.
+    """
+    if name not in CALIB_DTYPES:
+        raise ConfigError(f"unknown calibration dtype {name!r}; use one of {', '.join(CALIB_DTYPES)} (e.g. --calib-dtype bfloat16).")
+    dtype = CALIB_DTYPES[name]
+    if dtype is torch.bfloat16 and not _WARNED_BF16 and not native_bf16_cpu():
+        _WARNED_BF16.append(True)
+        log.warning(
+            "--calib-dtype bfloat16: this CPU has no native bfloat16 arithmetic (AVX-512 BF16 or AMX); "
+            "the calibration forwards will emulate it and are likely slower than float32."
+        )
+    return dtype
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this x86 CPU advertises bfloat16 dot products (``avx512_bf16`` or ``amx_bf16``);
+    False where that cannot be read (not Linux, not x86)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        return False
+    return False
 
 
 class StageIO(Protocol):
@@ -396,7 +445,7 @@ class SequentialPrunePass(Pass):
         if io is not None:
             io.begin(roots)
         try:
-            StageRunner(staged, batches).run(prune_stage)
+            StageRunner(staged, batches, calibration_compute_dtype(self.config.calib_dtype)).run(prune_stage)
         finally:
             bar.close()
         total = sum(e["sparsity"] * e["shape"][0] * e["shape"][1] for e in layers)
@@ -412,6 +461,7 @@ class SequentialPrunePass(Pass):
             "achieved_sparsity": total / numel if numel else 0.0,
             "not_pruned": not_pruned,
             "calibration": list(tokens.shape),
+            "calibration_dtype": self.config.calib_dtype,
             "layers": layers,
             "stages": stages,
             "calibration_profile": profile_totals(stages),

@@ -73,6 +73,7 @@ class PruneJob:
     calib_len: int = 512
     seed: int = 0
     batch_size: int = 8
+    calib_dtype: str = "float32"  # dtype of the block stages' calibration forwards: float32 or bfloat16 (autocast)
     text: Sequence[str] = ()  # calibration texts: files or built-in names (default: the protocol text, pydoc)
     text_weights: Sequence[float] = ()  # share of the calibration segments per text (default: equal shares)
     out: str | None = None

@@ -33,7 +33,7 @@ from graphprune.models.loader import check_finite, load_tokenizer
 from graphprune.passes.checkpoint import StageCheckpoint
 from graphprune.passes.fold_norms import FoldNormsPass
 from graphprune.passes.infra import Pass, PassContext, PassManager, peak_rss_mb, release_free_memory
-from graphprune.passes.prune import LayerRule, PruneConfig, StageIO, parse_rules, prune_pass
+from graphprune.passes.prune import LayerRule, PruneConfig, StageIO, calibration_compute_dtype, parse_rules, prune_pass
 from graphprune.passes.rotate import LearnConfig, RotatePass
 from graphprune.passes.slice import SlicePass
 from graphprune.passes.structured import structured_pass
@@ -63,6 +63,7 @@ class PrunePlan:
         prunes = job.prunes()
         spec = job.spec() if prunes else SparsitySpec(0.0)
         solver = get_solver(job.method)  # unknown method -> clear error before loading anything
+        calibration_compute_dtype(job.calib_dtype)
         job.check_texts()
         return cls(rotation, prunes, spec, parse_rules(job.overrides, spec), solver)
 
@@ -376,7 +377,7 @@ def build_passes(
             structured_pass(job.structured, job.structured_method, batch_size=job.batch_size, budget=job.structured_budget, units=job.structured_units)
         )
     if plan.prunes:
-        config = PruneConfig(job.method, plan.spec, plan.rules, dict(job.options), job.refine_steps, job.batch_size)
+        config = PruneConfig(job.method, plan.spec, plan.rules, dict(job.options), job.refine_steps, job.batch_size, calib_dtype=job.calib_dtype)
         # XᵀX only where something reads it: the solver, masked-gradient refinement, or the report's layer errors
         hessian = plan.solver.needs_hessian or job.refine_steps > 0 or job.layer_errors
         passes.append(prune_pass(config, hessian=hessian, on_stage=on_stage, checkpoint=checkpoint, stage_io=stage_io))

@@ -127,6 +127,7 @@ class Recipe(RecipeModel):
             "calib_len": c.length,
             "seed": c.seed,
             "batch_size": c.batch_size,
+            "calib_dtype": c.dtype,
             "text_weights": tuple(c.text_weights),
             "method": p.method,
             "sparsity": p.sparsity,
@@ -168,7 +169,7 @@ class Recipe(RecipeModel):
             "text": list(job.text),
             "calibration": {
                 "samples": job.calib_samples, "length": job.calib_len, "seed": job.seed, "batch_size": job.batch_size,
-                "text_weights": list(job.text_weights),
+                "dtype": job.calib_dtype, "text_weights": list(job.text_weights),
             },
             "rotate": rotate,
             "slice": job.slicing,

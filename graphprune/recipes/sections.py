@@ -41,6 +41,9 @@ class Calibration(RecipeModel):
     length: int = Field(512, ge=2, description="tokens per sequence")
     seed: int = Field(0, description="seed of the sampling offsets (and of the tiny test models)")
     batch_size: int = Field(8, ge=1, description="sequences per forward pass")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="dtype of the calibration forwards (bfloat16: autocast; statistics and solvers stay float32/float64)"
+    )
     text_weights: Annotated[list[float], OneOrMore] = Field(
         default_factory=list, description="share of the segments drawn from each text (default: equal shares)"
     )

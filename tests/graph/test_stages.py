@@ -5,6 +5,7 @@ import weakref
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from graphprune.graph.stages import StagedGraph, StageRunner
@@ -111,3 +112,78 @@ def test_the_last_forward_drops_each_batchs_inputs_as_it_goes(tiny_gm) -> None:
         torch.testing.assert_close(torch.cat([_logits(o) for o in outs]), reference, rtol=1e-5, atol=1e-5)
         assert alive_at_next == ([False, False] if last else [True, True])  # three micro-batches
         assert refused == ([True] if last else [])
+
+
+def test_a_bfloat16_compute_dtype_runs_the_block_linears_in_bfloat16_and_keeps_the_statistics_float32(tiny_gm) -> None:
+    """``compute_dtype=bfloat16``: every block Linear computes in bfloat16 (its output dtype), the
+    prologue does not, the observers' ``XᵀX`` is the float32 product of exactly what they saw
+    (a bfloat16 product would be ~1e-3 off), and the logits move by bfloat16 rounding only."""
+    gm = PassManager([InsertObserversPass(hessian=True)], PassContext(progress=False)).run(tiny_gm)
+    calib = random_tokens(4, 24, seed=5)
+    reference = _logits(gm(calib))
+    seen_inputs: dict[str, list[torch.Tensor]] = {}
+    block_linears = {li.name for b in gm.blocks for li in b.linears}
+    shapes = {(li.in_features, li.out_features) for b in gm.blocks for li in b.linears}
+    observers = {id(observer_for(gm, name)): observer_for(gm, name) for name in block_linears}
+    assert 48 not in {i for i, _ in shapes}  # the products below are told apart by their [tokens, in] operand
+
+    def record(module, args, output) -> None:
+        if id(module) in observers and module.enabled:
+            seen_inputs.setdefault(module.name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]).clone())
+
+    class LinearDtypes(TorchDispatchMode):
+        """The output dtype of every product of a [tokens, in] activation with a block Linear's weight."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.dtypes: list[torch.dtype] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                a, b = args[-2], args[-1]
+                if (a.shape[-1], b.shape[-1]) in shapes and b.shape[0] == a.shape[-1]:
+                    self.dtypes.append(out.dtype)
+            return out
+
+    prologue_dtypes: set[torch.dtype] = set()
+    staged = StagedGraph(gm)
+
+    def prologue(module, args, output) -> None:  # embeddings, rotary tables, masks
+        flat = output if isinstance(output, (tuple, list)) else [output]
+        prologue_dtypes.update(t.dtype for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+    def stage(stage, forward) -> None:
+        obs = {id(o): o for o in observers.values()}
+        block_obs = [o for o in obs.values() if any(observer_for(gm, li.name) is o for li in gm.blocks[stage.block].linears)]
+        for o in block_obs:
+            o.reset()
+            o.enabled = True
+        forward(observe_only=True)
+        for o in block_obs:
+            o.enabled = False
+            st = o.stats()
+            x = torch.cat(seen_inputs.pop(o.name)).double()
+            assert st.count == x.shape[0]
+            torch.testing.assert_close(st.xtx, x.T @ x, rtol=1e-6, atol=1e-6 * float((x * x).sum(0).max()))
+            torch.testing.assert_close(st.col_sq, (x * x).sum(0), rtol=1e-6, atol=0)
+        forward(last=True)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    emb = staged.stages[0].module.register_forward_hook(prologue)
+    try:
+        with LinearDtypes() as products:
+            outs = StageRunner(staged, list(calib.split(2)), compute_dtype=torch.bfloat16).run(stage, stop_before_epilogue=False)
+    finally:
+        hook.remove()
+        emb.remove()
+    assert outs is not None
+    # per micro-batch: the statistics forward (all but the down projections) and the full propagation
+    linears_per_block = len(gm.blocks[0].linears)
+    assert len(products.dtypes) >= 2 * len(gm.blocks) * (2 * linears_per_block - 1), len(products.dtypes)
+    assert set(products.dtypes) == {torch.bfloat16}
+    assert prologue_dtypes == {torch.float32}
+    logits = torch.cat([_logits(o) for o in outs])
+    assert logits.dtype == torch.float32
+    diff = float((logits - reference).abs().max() / reference.abs().max())
+    assert 0 < diff < 0.05, diff  # rounded, but not broken

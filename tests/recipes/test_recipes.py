@@ -62,6 +62,7 @@ _jobs = st.builds(
     calib_len=st.integers(2, 2048),
     seed=st.integers(0, 2**31),
     batch_size=st.integers(1, 16),
+    calib_dtype=st.sampled_from(["float32", "bfloat16"]),
     text=st.lists(st.sampled_from(["a.txt", "b/c.txt", "2:4.txt", "yes"]), max_size=2).map(tuple),
     out=st.one_of(st.none(), st.sampled_from(["out/x", "o u t"])),
     overwrite=st.booleans(),
