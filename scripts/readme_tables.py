@@ -6,6 +6,7 @@ this script rewrites what is between the markers from ``benchmarks/results/*.jso
 * ``prune_quality``: perplexity per method and pattern (``prune_quality.json``, ``dense.json``),
   with the commits the rows were measured at;
 * ``llmcompressor``: the interleaved whole-process side-by-side with llm-compressor (``llmcompressor.json``);
+* ``calib_dtype``: bfloat16 against float32 calibration forwards, one interleaved run (``calib_dtype.json``);
 * ``rotations``: rotations x solvers (``rotations.json``);
 * ``generalization``: every configuration measured on both texts, its perplexity on each
   relative to the dense model's (``prune_quality.json``, ``rotations.json``, ``dense.json``);
@@ -98,6 +99,30 @@ def llmcompressor() -> str:
     lines += ["", f"Whole processes, one interleaved run ({data['reps']} repetition(s), medians), measured {prov['date']} at commit "
               f"`{_short_commit(data)}`, load average {load['start'][0]:.2f} at the start and {load['end'][0]:.2f} at the end. "
               "Ratios are graphprune / llm-compressor."]
+    return "\n".join(lines)
+
+
+def calib_dtype() -> str:
+    data = _load("calib_dtype.json")
+    prov = data["provenance"]
+    load = prov["load_average"]
+    lines = [
+        "| configuration | whole process s, float32 -> bfloat16 | pipeline s, float32 -> bfloat16 | float32 ppl pydoc / news | bfloat16 ppl pydoc / news | change pydoc / news |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for key, s in data["summary"].items():
+        f, b, ch = s["float32"], s["bfloat16"], s["ppl_rel_change"]
+        lines.append(
+            f"| {key} | {f['wall_seconds']:.1f} -> {b['wall_seconds']:.1f} ({s['wall_speedup']:.2f}x) | "
+            f"{f['prune_seconds']:.1f} -> {b['prune_seconds']:.1f} ({s['pipeline_speedup']:.2f}x) | "
+            f"{f['ppl']['pydoc']:.3f} / {f['ppl']['news']:.3f} | {b['ppl']['pydoc']:.3f} / {b['ppl']['news']:.3f} | "
+            f"{ch['pydoc'] * 100:+.2f} % / {ch['news'] * 100:+.2f} % |"
+        )
+    lines += ["", f"Whole process: `graphprune prune ... --eval` from start to saved folder; pipeline: the report's `prune_seconds` "
+              f"(calibration forwards, statistics, solvers). One interleaved run ({data['reps']} repetition(s)), "
+              f"measured {prov['date']} at commit `{_short_commit(data)}`, load average {load['start'][0]:.2f} at the start and "
+              f"{load['end'][0]:.2f} at the end; peak matmul rate in the same run {data['peak_gflops']['float32']} GFLOP/s float32, "
+              f"{data['peak_gflops']['bfloat16']} GFLOP/s bfloat16 (native bfloat16: {'yes' if data['native_bf16'] else 'no'})."]
     return "\n".join(lines)
 
 
@@ -341,6 +366,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "prune_quality": prune_quality,
     "generalization": generalization,
     "llmcompressor": llmcompressor,
+    "calib_dtype": calib_dtype,
     "rotations": rotations,
     "latency": latency,
     "decode": decode,
