@@ -68,7 +68,6 @@ def last_json(text: str) -> dict[str, Any]:
 
 def drive(args: argparse.Namespace) -> None:
     import torch
-
     from provenance import Run, load_average, measured_process  # benchmarks/provenance.py (this script's folder is on sys.path)
 
     sys.path.insert(0, str(ROOT))

@@ -107,7 +107,8 @@ def calib_dtype() -> str:
     prov = data["provenance"]
     load = prov["load_average"]
     lines = [
-        "| configuration | whole process s, float32 -> bfloat16 | pipeline s, float32 -> bfloat16 | float32 ppl pydoc / news | bfloat16 ppl pydoc / news | change pydoc / news |",
+        "| configuration | whole process s, float32 -> bfloat16 | pipeline s, float32 -> bfloat16 | float32 ppl pydoc / news "
+        "| bfloat16 ppl pydoc / news | change pydoc / news |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for key, s in data["summary"].items():
