@@ -84,6 +84,8 @@ class Run:
         }
         if "torch" in sys.modules:  # float reductions, and so the last digits of a figure, follow the thread count
             info["torch_threads"] = sys.modules["torch"].get_num_threads()
+            # ... and the CPU's matmul kernels (AVX2 and AVX-512 round float32 differently)
+            info["cpu_capability"] = sys.modules["torch"].backends.cpu.get_cpu_capability()
         if cli:
             info["cli"] = cli
         return {**row, "provenance": info}
