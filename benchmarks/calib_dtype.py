@@ -60,15 +60,9 @@ def peak_rates(size: int = 2048, reps: int = 5) -> dict[str, float]:
     return out
 
 
-def last_json(text: str) -> dict[str, Any]:
-    """The JSON report ``graphprune prune --json`` prints last (an indented object)."""
-    start = text.rfind("\n{")
-    return json.loads(text[start + 1 if start >= 0 else text.find("{"):])
-
-
 def drive(args: argparse.Namespace) -> None:
     import torch
-    from provenance import Run, load_average, measured_process  # benchmarks/provenance.py (this script's folder is on sys.path)
+    from provenance import Run, last_json, load_average, measured_process  # benchmarks/provenance.py (this script's folder is on sys.path)
 
     sys.path.insert(0, str(ROOT))
     from graphprune.passes.prune import native_bf16_cpu

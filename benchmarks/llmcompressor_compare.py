@@ -105,22 +105,8 @@ def worker(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def last_json(text: str) -> dict[str, Any]:
-    """The last complete JSON object printed on stdout (llm-compressor logs before it; graphprune's
-    ``--json`` prints an indented object)."""
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                return json.loads(line)
-            except ValueError:
-                break
-    start = text.rfind("\n{")
-    return json.loads(text[start + 1 if start >= 0 else text.find("{"):])
-
-
 def drive(args: argparse.Namespace) -> None:
-    from provenance import Run, load_average, measured_process  # benchmarks/provenance.py (this script's folder is on sys.path)
+    from provenance import Run, last_json, load_average, measured_process  # benchmarks/provenance.py (this script's folder is on sys.path)
 
     configs = [parse_config(c) for c in args.configs]
     lc_python = Path(args.lc_python)

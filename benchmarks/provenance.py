@@ -7,6 +7,7 @@ that produced it and the conditions it ran under (docs/PROTOCOL.md, "Provenance"
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import shlex
 import subprocess
@@ -106,3 +107,17 @@ def measured_process(cmd: list[str], log: Path, cwd: Path = REPO) -> tuple[float
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}; its log {log} ends:\n{log.read_text()[-4000:]}")
     return wall, usage.ru_maxrss / 1024.0, out
+
+
+def last_json(text: str) -> dict[str, Any]:
+    """The last complete JSON object printed on stdout (llm-compressor logs before it; graphprune's
+    ``--json`` prints an indented object)."""
+    for line in reversed(text.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{") and line.endswith("}"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                break
+    start = text.rfind("\n{")
+    return json.loads(text[start + 1 if start >= 0 else text.find("{"):])
